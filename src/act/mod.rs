@@ -1,0 +1,3 @@
+//! Effects: starting, stopping and adopting services.
+
+pub mod native;

@@ -1,0 +1,8 @@
+//! gpu-manager: keeps the GPU services of one host started and stopped so that what the
+//! pipeline wants now fits in VRAM. See DESIGN.md for the shape: observe, plan, act.
+
+pub mod act;
+pub mod config;
+pub mod desired;
+pub mod observe;
+pub mod plan;

@@ -1,0 +1,7 @@
+//! Observation: what is, as the GPU, Docker, /proc and health endpoints say it is.
+
+pub mod gpu;
+pub mod health;
+pub mod nvml;
+pub mod process;
+pub mod simulated;
