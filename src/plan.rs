@@ -1,1 +1,595 @@
-//! (being written)
+//! The planner: a pure function from (inventory, desired state, observation) to an
+//! ordered plan. No I/O, no clock: the same inputs always give the same plan, which is
+//! what lets the property tests below check every plan against the budget.
+//!
+//! Rules: the wanted set is trimmed by priority until it fits the budget (the rest is
+//! preempted or refused, with the reason); stops come before starts; the lowest priority
+//! stops first and the highest starts first.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::config::{Inventory, ServiceName, ServiceSpec};
+use crate::desired::{DesiredState, WantReason};
+
+/// The VRAM the planner may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    pub total_mb: u64,
+    pub reserve_mb: u64,
+    /// Memory held by no service: a desktop, a stray process, the driver.
+    pub external_mb: u64,
+}
+
+impl Budget {
+    pub fn usable_mb(&self) -> u64 {
+        self.total_mb
+            .saturating_sub(self.reserve_mb)
+            .saturating_sub(self.external_mb)
+    }
+}
+
+/// Whether a service occupies (or is about to occupy) VRAM now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    /// Running, starting, or unhealthy: it holds memory.
+    Running,
+    Stopped,
+}
+
+/// Whether the planner may start a service now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartGate {
+    Open,
+    /// Failed repeatedly, or backing off before a restart.
+    Closed {
+        reason: String,
+    },
+}
+
+/// What the planner needs to know of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub presence: Presence,
+    /// VRAM the GPU attributes to the service's processes, when a GPU is observed.
+    pub observed_mb: Option<u64>,
+    pub gate: StartGate,
+}
+
+impl ServiceView {
+    pub fn stopped() -> Self {
+        Self {
+            presence: Presence::Stopped,
+            observed_mb: None,
+            gate: StartGate::Open,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub budget: Budget,
+    /// Services missing here are taken as stopped.
+    pub services: BTreeMap<ServiceName, ServiceView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Stop,
+    Start,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Stop => "stop",
+            Op::Start => "start",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Action {
+    pub op: Op,
+    pub service: ServiceName,
+    /// What the step frees (stop) or needs (start), in MB.
+    pub vram_mb: u64,
+    pub reason: String,
+}
+
+/// The planner's verdict on one service of the inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Wanted and given room: it runs (or keeps running).
+    Run,
+    /// Not wanted: it is stopped (or stays stopped).
+    Idle,
+    /// Wanted, but higher-priority wanted services take the room.
+    Preempted { reason: String, shortfall_mb: u64 },
+    /// Wanted, but it cannot fit even with every lower-priority service stopped.
+    Refused { reason: String, shortfall_mb: u64 },
+    /// Wanted, but its start gate is closed (failed, or backing off).
+    Held { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub verdicts: BTreeMap<ServiceName, Verdict>,
+    pub budget: Budget,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    pub fn verdict(&self, name: &ServiceName) -> Option<&Verdict> {
+        self.verdicts.get(name)
+    }
+}
+
+/// The VRAM a service counts for: its declared need, or more if the GPU shows more.
+fn cost(spec: &ServiceSpec, view: &ServiceView) -> u64 {
+    match view.presence {
+        Presence::Running => spec.vram_mb.max(view.observed_mb.unwrap_or(0)),
+        Presence::Stopped => spec.vram_mb,
+    }
+}
+
+/// Computes the plan. Pure: no I/O, no clock.
+pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observation) -> Plan {
+    let wanted = desired.wanted(inventory);
+    let stopped = ServiceView::stopped();
+    let view_of = |name: &ServiceName| observed.services.get(name).unwrap_or(&stopped);
+    let usable = observed.budget.usable_mb();
+
+    // Greedy by priority (the inventory iterates highest first): each wanted service
+    // is kept if it fits in what the higher-priority kept services left.
+    let mut verdicts = BTreeMap::new();
+    let mut kept: Vec<(&ServiceSpec, u64)> = Vec::new();
+    let mut remaining = usable;
+    for spec in inventory.iter() {
+        let view = view_of(&spec.name);
+        let verdict = match (wanted.get(&spec.name), &view.gate) {
+            (None, _) => Verdict::Idle,
+            (Some(_), StartGate::Closed { reason }) if view.presence == Presence::Stopped => {
+                Verdict::Held {
+                    reason: reason.clone(),
+                }
+            }
+            (Some(_), _) => {
+                let need = cost(spec, view);
+                if need <= remaining {
+                    remaining -= need;
+                    kept.push((spec, need));
+                    Verdict::Run
+                } else {
+                    shortfall_verdict(spec, need, remaining, &kept, &observed.budget)
+                }
+            }
+        };
+        verdicts.insert(spec.name.clone(), verdict);
+    }
+
+    let mut actions = Vec::new();
+    // Stops: lowest priority first.
+    for spec in inventory.iter().collect::<Vec<_>>().into_iter().rev() {
+        let view = view_of(&spec.name);
+        if view.presence == Presence::Running && verdicts[&spec.name] != Verdict::Run {
+            actions.push(Action {
+                op: Op::Stop,
+                service: spec.name.clone(),
+                vram_mb: cost(spec, view),
+                reason: stop_reason(desired, &spec.name, &verdicts[&spec.name]),
+            });
+        }
+    }
+    // Starts: highest priority first.
+    for (spec, need) in &kept {
+        if view_of(&spec.name).presence == Presence::Stopped {
+            actions.push(Action {
+                op: Op::Start,
+                service: spec.name.clone(),
+                vram_mb: *need,
+                reason: start_reason(wanted[&spec.name]),
+            });
+        }
+    }
+    Plan {
+        actions,
+        verdicts,
+        budget: observed.budget,
+    }
+}
+
+fn shortfall_verdict(
+    spec: &ServiceSpec,
+    need: u64,
+    remaining: u64,
+    kept: &[(&ServiceSpec, u64)],
+    budget: &Budget,
+) -> Verdict {
+    let shortfall_mb = need - remaining;
+    let usable = budget.usable_mb();
+    let held_by_others = format!(
+        "{} MB external, {} MB reserve",
+        budget.external_mb, budget.reserve_mb
+    );
+    if need > usable {
+        return Verdict::Refused {
+            reason: format!(
+                "{} needs {need} MB but the GPU can give at most {usable} MB ({} MB total - {held_by_others}): {shortfall_mb} MB missing even with every other service stopped",
+                spec.name, budget.total_mb
+            ),
+            shortfall_mb,
+        };
+    }
+    let holders: Vec<String> = kept
+        .iter()
+        .map(|(s, mb)| format!("{} {mb} MB (priority {})", s.name, s.priority))
+        .collect();
+    Verdict::Preempted {
+        reason: format!(
+            "{} (priority {}) needs {need} MB, {shortfall_mb} MB more than is left: held by higher-priority {}, plus {held_by_others}",
+            spec.name,
+            spec.priority,
+            holders.join(", ")
+        ),
+        shortfall_mb,
+    }
+}
+
+fn start_reason(why: WantReason) -> String {
+    match why {
+        WantReason::Phase(phase) => format!("wanted by phase {phase}"),
+        WantReason::Pinned => "pinned".to_owned(),
+    }
+}
+
+fn stop_reason(desired: &DesiredState, name: &ServiceName, verdict: &Verdict) -> String {
+    match verdict {
+        Verdict::Preempted { reason, .. } | Verdict::Refused { reason, .. } => {
+            format!("preempted: {reason}")
+        }
+        Verdict::Held { reason } => reason.clone(),
+        Verdict::Run | Verdict::Idle if desired.held.contains(name) => "held stopped".to_owned(),
+        Verdict::Run | Verdict::Idle => match desired.phase {
+            Some(phase) => {
+                format!("not wanted: phase {phase} does not list it and it is not pinned")
+            }
+            None => "not wanted: no phase set and it is not pinned".to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CommandLine, NativeSpec, Runtime};
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn spec(name: &str, vram_mb: u64, priority: i64, phases: Vec<u32>) -> ServiceSpec {
+        ServiceSpec {
+            name: ServiceName::parse(name).unwrap(),
+            runtime: Runtime::Native(NativeSpec {
+                command: CommandLine::Shell("true".into()),
+                workdir: None,
+                env: Default::default(),
+                match_pattern: None,
+            }),
+            vram_mb,
+            priority,
+            phases,
+            health: None,
+            start_timeout: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::parse(s).unwrap()
+    }
+
+    /// The requirements' inventory.
+    fn mcn() -> Inventory {
+        Inventory::new(vec![
+            spec("comfyui", 20480, 100, vec![4]),
+            spec("cosyvoice", 4096, 50, vec![3]),
+            spec("vidi", 4096, 40, vec![2]),
+            spec("ollama", 18432, 10, vec![]),
+        ])
+    }
+
+    fn rtx4090(running: &[&str]) -> Observation {
+        Observation {
+            budget: Budget {
+                total_mb: 24576,
+                reserve_mb: 512,
+                external_mb: 1024,
+            },
+            services: running
+                .iter()
+                .map(|n| {
+                    (
+                        name(n),
+                        ServiceView {
+                            presence: Presence::Running,
+                            observed_mb: None,
+                            gate: StartGate::Open,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn phase(n: u32) -> DesiredState {
+        DesiredState {
+            phase: Some(n),
+            ..Default::default()
+        }
+    }
+
+    fn steps(plan: &Plan) -> Vec<String> {
+        plan.actions
+            .iter()
+            .map(|a| format!("{} {}", a.op, a.service))
+            .collect()
+    }
+
+    #[test]
+    fn ac1_phase_transitions_stop_then_start() {
+        let inv = mcn();
+        assert_eq!(steps(&plan(&inv, &phase(2), &rtx4090(&[]))), ["start vidi"]);
+        assert_eq!(
+            steps(&plan(&inv, &phase(3), &rtx4090(&["vidi"]))),
+            ["stop vidi", "start cosyvoice"]
+        );
+        assert_eq!(
+            steps(&plan(&inv, &phase(4), &rtx4090(&["cosyvoice"]))),
+            ["stop cosyvoice", "start comfyui"]
+        );
+    }
+
+    #[test]
+    fn ac3_pinning_comfyui_preempts_cosyvoice_but_pinned_ollama_loses() {
+        let inv = mcn();
+        let mut desired = phase(3);
+        desired.pin(&name("comfyui"));
+        desired.pin(&name("ollama"));
+        let plan = plan(&inv, &desired, &rtx4090(&["cosyvoice", "ollama"]));
+        assert_eq!(
+            steps(&plan),
+            ["stop ollama", "stop cosyvoice", "start comfyui"]
+        );
+        let Some(Verdict::Preempted { reason, .. }) = plan.verdict(&name("cosyvoice")) else {
+            panic!("cosyvoice should be preempted: {plan:?}");
+        };
+        assert!(reason.contains("comfyui 20480 MB"), "{reason}");
+        assert!(plan.actions[1].reason.starts_with("preempted"));
+    }
+
+    #[test]
+    fn a_service_too_big_for_the_gpu_is_refused_with_the_shortfall() {
+        let inv = Inventory::new(vec![spec("big", 23500, 1, vec![1])]);
+        let plan = plan(&inv, &phase(1), &rtx4090(&[]));
+        assert!(plan.is_empty());
+        let Some(Verdict::Refused {
+            reason,
+            shortfall_mb,
+        }) = plan.verdict(&name("big"))
+        else {
+            panic!("{plan:?}");
+        };
+        assert_eq!(*shortfall_mb, 23500 - (24576 - 512 - 1024));
+        assert!(reason.contains("1024 MB external"), "{reason}");
+    }
+
+    #[test]
+    fn held_services_stop_and_closed_gates_do_not_start() {
+        let inv = mcn();
+        let mut desired = phase(4);
+        desired.hold(&name("comfyui"));
+        let p = plan(&inv, &desired, &rtx4090(&["comfyui"]));
+        assert_eq!(steps(&p), ["stop comfyui"]);
+        assert_eq!(p.actions[0].reason, "held stopped");
+
+        let mut observed = rtx4090(&[]);
+        observed.services.insert(
+            name("comfyui"),
+            ServiceView {
+                presence: Presence::Stopped,
+                observed_mb: None,
+                gate: StartGate::Closed {
+                    reason: "failed 5 times".into(),
+                },
+            },
+        );
+        let p = plan(&inv, &phase(4), &observed);
+        assert!(p.is_empty());
+        assert!(matches!(
+            p.verdict(&name("comfyui")),
+            Some(Verdict::Held { .. })
+        ));
+    }
+
+    #[test]
+    fn observed_use_above_declared_counts() {
+        let inv = mcn();
+        let mut desired = phase(3);
+        desired.pin(&name("vidi"));
+        let mut observed = rtx4090(&["cosyvoice"]);
+        observed
+            .services
+            .get_mut(&name("cosyvoice"))
+            .unwrap()
+            .observed_mb = Some(20000);
+        let p = plan(&inv, &desired, &observed);
+        assert!(matches!(
+            p.verdict(&name("vidi")),
+            Some(Verdict::Preempted { .. })
+        ));
+        assert!(p.is_empty());
+    }
+
+    // ---- properties ----
+
+    fn arb_case() -> impl Strategy<Value = (Inventory, DesiredState, Observation)> {
+        let service = (
+            1u64..16_000,
+            0u32..4,
+            prop::bool::ANY,
+            prop::bool::ANY,
+            0u64..4000,
+            prop::bool::ANY,
+        );
+        (
+            prop::collection::vec(service, 1..8),
+            prop::option::of(0u32..4),
+            8_000u64..40_000,
+            0u64..2_000,
+            0u64..6_000,
+            prop::collection::vec(0usize..8, 0..3),
+            prop::collection::vec(0usize..8, 0..3),
+        )
+            .prop_map(|(services, phase, total, reserve, external, pins, holds)| {
+                let mut specs = Vec::new();
+                let mut views = BTreeMap::new();
+                for (i, (vram, ph, running, open, extra, has_phase)) in
+                    services.into_iter().enumerate()
+                {
+                    let n = format!("s{i}");
+                    let phases = if has_phase { vec![ph] } else { vec![] };
+                    specs.push(spec(&n, vram, i as i64 * 7 % 11 + i as i64 * 100, phases));
+                    views.insert(
+                        name(&n),
+                        ServiceView {
+                            presence: if running {
+                                Presence::Running
+                            } else {
+                                Presence::Stopped
+                            },
+                            observed_mb: running.then_some(vram + extra / 2),
+                            gate: if open {
+                                StartGate::Open
+                            } else {
+                                StartGate::Closed {
+                                    reason: "backoff".into(),
+                                }
+                            },
+                        },
+                    );
+                }
+                let count = specs.len();
+                let pick = |ix: Vec<usize>| -> Vec<ServiceName> {
+                    ix.into_iter()
+                        .map(|i| name(&format!("s{}", i % count)))
+                        .collect()
+                };
+                let desired = DesiredState {
+                    phase,
+                    pinned: pick(pins),
+                    held: pick(holds),
+                };
+                let observed = Observation {
+                    budget: Budget {
+                        total_mb: total,
+                        reserve_mb: reserve,
+                        external_mb: external,
+                    },
+                    services: views,
+                };
+                (Inventory::new(specs), desired, observed)
+            })
+    }
+
+    /// Applies a plan to the observation, checking the budget after every start.
+    fn simulate(inv: &Inventory, observed: &Observation, plan: &Plan) -> Result<(), String> {
+        let mut running: BTreeMap<ServiceName, u64> = inv
+            .iter()
+            .filter_map(|s| {
+                let v = observed.services.get(&s.name)?;
+                (v.presence == Presence::Running).then(|| (s.name.clone(), cost(s, v)))
+            })
+            .collect();
+        let usable = observed.budget.usable_mb();
+        let mut started = false;
+        for action in &plan.actions {
+            match action.op {
+                Op::Stop => {
+                    if started {
+                        return Err(format!("stop after a start: {action:?}"));
+                    }
+                    running
+                        .remove(&action.service)
+                        .ok_or("stop of a stopped service")?;
+                }
+                Op::Start => {
+                    started = true;
+                    if running
+                        .insert(action.service.clone(), action.vram_mb)
+                        .is_some()
+                    {
+                        return Err("start of a running service".into());
+                    }
+                    let sum: u64 = running.values().sum();
+                    if sum > usable {
+                        return Err(format!("after {action:?}: {sum} MB > usable {usable} MB"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn no_step_of_any_plan_exceeds_the_budget((inv, desired, observed) in arb_case()) {
+            let p = plan(&inv, &desired, &observed);
+            prop_assert!(simulate(&inv, &observed, &p).is_ok(), "{:?}", simulate(&inv, &observed, &p));
+        }
+
+        #[test]
+        fn plans_converge_and_order_by_priority((inv, desired, observed) in arb_case()) {
+            let p = plan(&inv, &desired, &observed);
+            let wanted = desired.wanted(&inv);
+            for spec in inv.iter() {
+                let verdict = &p.verdicts[&spec.name];
+                prop_assert_eq!(wanted.contains_key(&spec.name), verdict != &Verdict::Idle);
+            }
+            let priority = |a: &Action| inv.get(&a.service).unwrap().priority;
+            let stops: Vec<i64> = p.actions.iter().filter(|a| a.op == Op::Stop).map(priority).collect();
+            let starts: Vec<i64> = p.actions.iter().filter(|a| a.op == Op::Start).map(priority).collect();
+            prop_assert!(stops.windows(2).all(|w| w[0] < w[1]), "stops lowest first: {:?}", stops);
+            prop_assert!(starts.windows(2).all(|w| w[0] > w[1]), "starts highest first: {:?}", starts);
+            prop_assert_eq!(&p, &plan(&inv, &desired, &observed), "deterministic");
+        }
+
+        #[test]
+        fn applying_a_plan_reaches_a_fixed_point((inv, desired, mut observed) in arb_case()) {
+            // A service that uses more than it declared may be preempted, then fit again
+            // once stopped; the fixed point holds for services that keep their word.
+            for (name, view) in observed.services.iter_mut() {
+                let declared = inv.get(name).unwrap().vram_mb;
+                view.observed_mb = view.observed_mb.map(|mb| mb.min(declared));
+            }
+            let p = plan(&inv, &desired, &observed);
+            let mut after = observed.clone();
+            for action in &p.actions {
+                let view = after.services.entry(action.service.clone()).or_insert_with(ServiceView::stopped);
+                view.presence = match action.op { Op::Stop => Presence::Stopped, Op::Start => Presence::Running };
+                view.observed_mb = (action.op == Op::Start).then_some(action.vram_mb);
+            }
+            let again = plan(&inv, &desired, &after);
+            prop_assert!(again.is_empty(), "second plan not empty: {:?}", again.actions);
+        }
+    }
+}
