@@ -94,6 +94,10 @@ pub struct GpuConfig {
     pub nvml_library: Option<PathBuf>,
     /// A simulated GPU folder (DESIGN.md) instead of NVML: the demo uses it.
     pub simulated: Option<PathBuf>,
+    /// The GPU's size for budgeting when it cannot be observed (no NVML).
+    pub total_mb: Option<u64>,
+    /// How long to wait for the GPU to show a stopped service's memory free.
+    pub reclaim_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -238,6 +242,7 @@ const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_START_TIMEOUT_MS: u64 = 120_000;
 const DEFAULT_STOP_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_RESYNC_MS: u64 = 2_000;
+const DEFAULT_RECLAIM_TIMEOUT_MS: u64 = 30_000;
 
 // ---- the file as written (serde), before validation ----
 
@@ -284,6 +289,8 @@ struct RawGpu {
     reserve_mb: Option<u64>,
     nvml_library: Option<PathBuf>,
     simulated: Option<PathBuf>,
+    total_mb: Option<u64>,
+    reclaim_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -414,6 +421,10 @@ impl Config {
                 reserve_mb: raw.gpu.reserve_mb.unwrap_or(DEFAULT_RESERVE_MB),
                 nvml_library: raw.gpu.nvml_library.map(|p| base.join(p)),
                 simulated: raw.gpu.simulated.map(|p| base.join(p)),
+                total_mb: raw.gpu.total_mb,
+                reclaim_timeout: Duration::from_millis(
+                    raw.gpu.reclaim_timeout_ms.unwrap_or(DEFAULT_RECLAIM_TIMEOUT_MS),
+                ),
             },
             lease: LeaseConfig {
                 redis_url: raw.lease.redis_url,

@@ -3,6 +3,11 @@
 
 pub mod act;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod desired;
 pub mod observe;
+pub mod lease;
 pub mod plan;
+pub mod reconcile;
+pub mod status;

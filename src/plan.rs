@@ -135,6 +135,42 @@ impl Plan {
     }
 }
 
+/// A plan as text for people: the budget, the steps in order, and why the wanted
+/// services that will not run are left out.
+pub fn render(plan: &Plan) -> String {
+    let b = &plan.budget;
+    let mut out = format!(
+        "budget: {} MB usable = {} MB total - {} MB reserve - {} MB external\n",
+        b.usable_mb(),
+        b.total_mb,
+        b.reserve_mb,
+        b.external_mb
+    );
+    if plan.actions.is_empty() {
+        out.push_str("nothing to do: what runs is what is wanted\n");
+    }
+    for (step, action) in plan.actions.iter().enumerate() {
+        out.push_str(&format!(
+            "{}. {} {} ({} MB): {}\n",
+            step + 1,
+            action.op,
+            action.service,
+            action.vram_mb,
+            action.reason
+        ));
+    }
+    for (name, verdict) in &plan.verdicts {
+        let (label, reason) = match verdict {
+            Verdict::Preempted { reason, .. } => ("preempted", reason),
+            Verdict::Refused { reason, .. } => ("refused", reason),
+            Verdict::Held { reason } => ("held back", reason),
+            Verdict::Run | Verdict::Idle => continue,
+        };
+        out.push_str(&format!("{name} {label}: {reason}\n"));
+    }
+    out
+}
+
 /// The VRAM a service counts for: its declared need, or more if the GPU shows more.
 fn cost(spec: &ServiceSpec, view: &ServiceView) -> u64 {
     match view.presence {

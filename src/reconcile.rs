@@ -1,0 +1,902 @@
+//! The reconciler: ONE task owns all mutable state; file watches, process exits and
+//! health monitors only send it events. Each round it observes, asks the pure planner
+//! what to do, and acts under the lease: stops first, confirming through the GPU that the
+//! memory came back, then starts, waiting until each is healthy.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+use crate::act::instance::{Effects, Instance};
+use crate::act::ExitInfo;
+use crate::config::{Config, ServiceName, ServiceSpec};
+use crate::desired::{self, DesiredState};
+use crate::lease::InProcessLease;
+use crate::observe::gpu::{GpuSample, SharedGpu};
+use crate::observe::process::ProcessTable;
+use crate::plan::{self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict};
+use crate::status::{
+    now_ms, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState, ServiceStatus, Status, Vram,
+};
+
+/// Restarts back off 1 s, 2 s, 4 s... up to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// After this many failures in a row a service stays `failed` until the desired state
+/// changes.
+const MAX_CONSECUTIVE_FAILURES: u32 = 5;
+/// Consecutive failed probes before a ready service is declared unhealthy.
+const UNHEALTHY_AFTER: u32 = 3;
+/// How many past actions status keeps.
+const ACTION_HISTORY: usize = 50;
+
+/// What wakes the reconciler.
+#[derive(Debug)]
+pub enum Event {
+    /// The desired-state file may have changed.
+    DesiredFileChanged,
+    Exited {
+        service: ServiceName,
+        pid: u32,
+        exit: ExitInfo,
+    },
+    /// A ready service failed its health checks `UNHEALTHY_AFTER` times in a row.
+    Unhealthy {
+        service: ServiceName,
+        pid: u32,
+        error: String,
+    },
+}
+
+/// Where GPU observations come from, as said in logs and status.
+pub enum GpuSource {
+    Observed { gpu: SharedGpu, source: &'static str },
+    Unavailable { reason: String },
+}
+
+/// A finished action, for status and API answers.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ActionRecord {
+    pub op: String,
+    pub service: String,
+    pub reason: String,
+    pub generation: u64,
+    pub duration_ms: u64,
+    pub outcome: Result<String, String>,
+    pub finished_at_ms: u64,
+}
+
+/// The reconciler's own record of one service.
+struct Record {
+    state: ServiceState,
+    since_ms: u64,
+    instance: Option<Instance>,
+    monitor: Option<AbortHandle>,
+    last_error: Option<String>,
+    reason: Option<String>,
+    restarts: u32,
+    consecutive_failures: u32,
+    retry_at: Option<Instant>,
+    observed_mb: Option<u64>,
+    gpu_pids: Vec<u32>,
+}
+
+impl Record {
+    fn new() -> Self {
+        Self {
+            state: ServiceState::Stopped,
+            since_ms: now_ms(),
+            instance: None,
+            monitor: None,
+            last_error: None,
+            reason: None,
+            restarts: 0,
+            consecutive_failures: 0,
+            retry_at: None,
+            observed_mb: None,
+            gpu_pids: Vec::new(),
+        }
+    }
+
+    fn set_state(&mut self, state: ServiceState) {
+        if self.state != state {
+            tracing::info!(from = %self.state, to = %state, "service state");
+            self.state = state;
+            self.since_ms = now_ms();
+        }
+    }
+
+    fn stop_monitor(&mut self) {
+        if let Some(monitor) = self.monitor.take() {
+            monitor.abort();
+        }
+    }
+}
+
+/// The GPU as last observed, with every process attributed.
+#[derive(Default)]
+struct GpuView {
+    sample: Option<GpuSample>,
+    error: Option<String>,
+    owners: HashMap<u32, ServiceName>,
+    external_mb: u64,
+    reclaiming_mb: u64,
+}
+
+/// Handles for the rest of the daemon: send events, read status.
+#[derive(Clone)]
+pub struct ReconcilerHandle {
+    pub events: mpsc::Sender<Event>,
+    pub status: watch::Receiver<Status>,
+}
+
+pub struct Reconciler {
+    config: Arc<Config>,
+    gpu: GpuSource,
+    effects: Arc<Effects>,
+    lease: InProcessLease,
+    desired: Option<DesiredState>,
+    desired_error: Option<String>,
+    generation: u64,
+    converged_generation: u64,
+    records: BTreeMap<ServiceName, Record>,
+    gpu_view: GpuView,
+    last_plan: Option<Plan>,
+    history: Vec<ActionRecord>,
+    events_tx: mpsc::Sender<Event>,
+    events_rx: mpsc::Receiver<Event>,
+    status_tx: watch::Sender<Status>,
+}
+
+impl Reconciler {
+    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: Effects, lease: InProcessLease) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(256);
+        let (status_tx, _) = watch::channel(Status::default());
+        let records = config
+            .inventory
+            .iter()
+            .map(|s| (s.name.clone(), Record::new()))
+            .collect();
+        Self {
+            config,
+            gpu,
+            effects: Arc::new(effects),
+            lease,
+            desired: None,
+            desired_error: None,
+            generation: 0,
+            converged_generation: 0,
+            records,
+            gpu_view: GpuView::default(),
+            last_plan: None,
+            history: Vec::new(),
+            events_tx,
+            events_rx,
+            status_tx,
+        }
+    }
+
+    pub fn handle(&self) -> ReconcilerHandle {
+        ReconcilerHandle {
+            events: self.events_tx.clone(),
+            status: self.status_tx.subscribe(),
+        }
+    }
+
+    /// Runs until the process ends: adopt what runs, then reconcile on every trigger.
+    pub async fn run(mut self) {
+        let (file_tx, mut file_rx) = mpsc::channel(1);
+        let _watch = match desired::watch(&self.config.desired_state, file_tx) {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::error!(%error, "hand edits will only be seen at each resync");
+                None
+            }
+        };
+        let forward = self.events_tx.clone();
+        tokio::spawn(async move {
+            while file_rx.recv().await.is_some() {
+                if forward.send(Event::DesiredFileChanged).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        self.reload_desired();
+        self.adopt_running().await;
+        let mut resync = tokio::time::interval(self.config.resync);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                event = self.events_rx.recv() => match event {
+                    Some(event) => self.handle_event(event).await,
+                    None => return,
+                },
+                _ = resync.tick() => self.reload_desired(),
+            }
+            self.drain_events().await;
+        }
+    }
+
+    async fn drain_events(&mut self) {
+        while let Ok(event) = self.events_rx.try_recv() {
+            self.handle_event(event).await;
+        }
+    }
+
+    async fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::DesiredFileChanged => self.reload_desired(),
+            Event::Exited { service, pid, exit } => self.on_exit(&service, pid, exit),
+            Event::Unhealthy {
+                service,
+                pid,
+                error,
+            } => self.on_unhealthy(&service, pid, error).await,
+        }
+    }
+
+    /// Loads the desired-state file; a broken one is refused and the last good state
+    /// stays in force.
+    fn reload_desired(&mut self) {
+        match desired::load(&self.config.desired_state, &self.config.inventory) {
+            Ok(state) => {
+                self.desired_error = None;
+                if self.desired.as_ref() != Some(&state) {
+                    tracing::info!(phase = ?state.phase, pinned = ?state.pinned, held = ?state.held, "desired state accepted");
+                    self.accept_desired(state);
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                if self.desired_error.as_deref() != Some(message.as_str()) {
+                    tracing::warn!(%message, "desired state refused");
+                }
+                self.desired_error = Some(message);
+            }
+        }
+        self.publish();
+    }
+
+    fn accept_desired(&mut self, state: DesiredState) {
+        self.desired = Some(state);
+        self.generation += 1;
+        // A new desired state is a new chance for services that had failed.
+        for record in self.records.values_mut() {
+            record.consecutive_failures = 0;
+            record.retry_at = None;
+        }
+    }
+
+    fn spec(&self, name: &ServiceName) -> &ServiceSpec {
+        self.config
+            .inventory
+            .get(name)
+            .expect("records hold inventory services only")
+    }
+
+    fn record(&mut self, name: &ServiceName) -> &mut Record {
+        self.records
+            .get_mut(name)
+            .expect("records hold inventory services only")
+    }
+
+    /// The plan the daemon would follow now for `desired`, changing nothing: running
+    /// instances are found as adoption would find them, but left alone.
+    pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
+        for spec in self.config.inventory.iter() {
+            if let Some(instance) = self.effects.adopt(spec) {
+                let record = self.records.get_mut(&spec.name).expect("inventory service");
+                record.instance = Some(instance);
+                record.state = ServiceState::Ready;
+            }
+        }
+        let observation = self.observe().await;
+        plan::plan(&self.config.inventory, desired, &observation)
+    }
+
+    // ---- adoption ----
+
+    /// Adopts services left running by an earlier daemon instead of starting them twice.
+    async fn adopt_running(&mut self) {
+        let specs: Vec<ServiceSpec> = self.config.inventory.iter().cloned().collect();
+        for spec in specs {
+            let Some(instance) = self.effects.adopt(&spec) else {
+                continue;
+            };
+            tracing::info!(service = %spec.name, pid = ?instance.root_pid(), "adopted a running instance");
+            self.attach(&spec.name, instance.clone(), ServiceState::Starting);
+            self.publish();
+            match self.effects.wait_ready(&spec, &instance).await {
+                Ok(_) => self.mark_ready(&spec.name),
+                Err(error) => {
+                    let message = error.to_string();
+                    self.stop_instance(&spec, "adopted instance is not healthy").await;
+                    self.fail(&spec.name, message);
+                }
+            }
+        }
+    }
+
+    // ---- events ----
+
+    fn on_exit(&mut self, service: &ServiceName, pid: u32, exit: ExitInfo) {
+        let log = self.effects.last_log_lines(self.spec(service)).join("\n");
+        let record = self.record(service);
+        let current = record.instance.as_ref().and_then(Instance::root_pid);
+        if current != Some(pid) || record.state == ServiceState::Stopping {
+            return;
+        }
+        tracing::warn!(%service, pid, %exit, "service exited unexpectedly");
+        record.instance = None;
+        record.stop_monitor();
+        self.fail(service, format!("{service} {exit} unexpectedly; last log lines:\n{log}"));
+    }
+
+    async fn on_unhealthy(&mut self, service: &ServiceName, pid: u32, error: String) {
+        let record = self.record(service);
+        if record.instance.as_ref().and_then(Instance::root_pid) != Some(pid) {
+            return;
+        }
+        record.set_state(ServiceState::Unhealthy);
+        tracing::warn!(%service, %error, "unhealthy: restarting");
+        let spec = self.spec(service).clone();
+        self.stop_instance(&spec, "unhealthy").await;
+        self.fail(service, format!("{service} failed {UNHEALTHY_AFTER} health checks in a row: {error}"));
+    }
+
+    /// Records a failure and schedules a restart with exponential backoff, or gives up.
+    fn fail(&mut self, service: &ServiceName, message: String) {
+        let record = self.record(service);
+        record.consecutive_failures += 1;
+        record.last_error = Some(message);
+        record.set_state(ServiceState::Failed);
+        if record.consecutive_failures >= MAX_CONSECUTIVE_FAILURES {
+            record.retry_at = None;
+            record.reason = Some(format!(
+                "failed {} times in a row; change the desired state to try again",
+                record.consecutive_failures
+            ));
+        } else {
+            let backoff = Duration::from_secs(1 << (record.consecutive_failures - 1)).min(MAX_BACKOFF);
+            record.retry_at = Some(Instant::now() + backoff);
+            record.reason = Some(format!("restarting in {}s", backoff.as_secs()));
+        }
+        self.publish();
+    }
+
+    // ---- observe ----
+
+    async fn observe(&mut self) -> Observation {
+        let roots: HashMap<u32, ServiceName> = self
+            .records
+            .iter()
+            .filter_map(|(name, r)| Some((r.instance.as_ref()?.root_pid()?, name.clone())))
+            .collect();
+        self.gpu_view = match &self.gpu {
+            GpuSource::Observed { gpu, .. } => observe_gpu(gpu.clone(), roots).await,
+            GpuSource::Unavailable { reason } => GpuView {
+                error: Some(reason.clone()),
+                ..Default::default()
+            },
+        };
+        for record in self.records.values_mut() {
+            record.observed_mb = None;
+            record.gpu_pids.clear();
+        }
+        if let Some(sample) = &self.gpu_view.sample {
+            for process in &sample.processes {
+                if let Some(owner) = self.gpu_view.owners.get(&process.pid) {
+                    let record = self.records.get_mut(owner).expect("owner is a service");
+                    *record.observed_mb.get_or_insert(0) += process.used_mb;
+                    record.gpu_pids.push(process.pid);
+                }
+            }
+        }
+        let budget = self.budget();
+        let now = Instant::now();
+        let services = self
+            .records
+            .iter()
+            .map(|(name, record)| {
+                let presence = if record.instance.is_some() {
+                    Presence::Running
+                } else {
+                    Presence::Stopped
+                };
+                let gate = match (record.state, record.retry_at) {
+                    (ServiceState::Failed, Some(at)) if at > now => StartGate::Closed {
+                        reason: record.reason.clone().unwrap_or_default(),
+                    },
+                    (ServiceState::Failed, None) => StartGate::Closed {
+                        reason: record.reason.clone().unwrap_or_default(),
+                    },
+                    _ => StartGate::Open,
+                };
+                let view = ServiceView {
+                    presence,
+                    observed_mb: record.observed_mb,
+                    gate,
+                };
+                (name.clone(), view)
+            })
+            .collect();
+        Observation { budget, services }
+    }
+
+    fn budget(&self) -> Budget {
+        let reserve_mb = self.config.gpu.reserve_mb;
+        match &self.gpu_view.sample {
+            Some(sample) => Budget {
+                total_mb: sample.total_mb,
+                reserve_mb,
+                external_mb: self.gpu_view.external_mb,
+            },
+            None => Budget {
+                total_mb: self.config.gpu.total_mb.unwrap_or(0),
+                reserve_mb,
+                external_mb: 0,
+            },
+        }
+    }
+
+    // ---- plan and act ----
+
+    async fn reconcile(&mut self) {
+        let observation = self.observe().await;
+        let Some(desired) = self.desired.clone() else {
+            self.publish();
+            return;
+        };
+        let plan = plan::plan(&self.config.inventory, &desired, &observation);
+        self.apply_verdicts(&plan);
+        let actions = plan.actions.clone();
+        self.last_plan = Some(plan);
+        if actions.is_empty() {
+            self.converged_generation = self.generation;
+            self.publish();
+            return;
+        }
+        let generation = self.generation;
+        if let Err(error) = self.lease.acquire().await {
+            tracing::warn!(%error, "cannot act now");
+            self.publish();
+            return;
+        }
+        for action in actions {
+            self.execute(&action).await;
+            self.drain_events().await;
+            if self.generation != generation {
+                tracing::info!("desired state changed mid-transition: planning again");
+                break;
+            }
+        }
+        self.lease.release().await;
+        self.publish();
+    }
+
+    /// Shows plan verdicts on services that are stopped: preempted or refused with why.
+    fn apply_verdicts(&mut self, plan: &Plan) {
+        for (name, verdict) in &plan.verdicts {
+            let record = self.records.get_mut(name).expect("verdicts cover the inventory");
+            if record.instance.is_some() {
+                continue;
+            }
+            match verdict {
+                Verdict::Preempted { reason, .. } | Verdict::Refused { reason, .. } => {
+                    record.set_state(ServiceState::Preempted);
+                    record.reason = Some(reason.clone());
+                }
+                Verdict::Idle | Verdict::Run if record.state == ServiceState::Preempted => {
+                    record.set_state(ServiceState::Stopped);
+                    record.reason = None;
+                }
+                Verdict::Idle if record.state == ServiceState::Failed => {
+                    record.set_state(ServiceState::Stopped);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn execute(&mut self, action: &Action) {
+        let started = Instant::now();
+        let spec = self.spec(&action.service).clone();
+        tracing::info!(op = %action.op, service = %action.service, reason = %action.reason, "action");
+        let outcome = match action.op {
+            Op::Stop => self.stop_for_plan(&spec, action).await,
+            Op::Start => self.start_for_plan(&spec, action).await,
+        };
+        match &outcome {
+            Ok(detail) => tracing::info!(op = %action.op, service = %action.service, %detail, elapsed_ms = started.elapsed().as_millis() as u64, "done"),
+            Err(error) => tracing::error!(op = %action.op, service = %action.service, %error, "action failed"),
+        }
+        self.history.push(ActionRecord {
+            op: action.op.to_string(),
+            service: action.service.to_string(),
+            reason: action.reason.clone(),
+            generation: self.generation,
+            duration_ms: started.elapsed().as_millis() as u64,
+            outcome,
+            finished_at_ms: now_ms(),
+        });
+        if self.history.len() > ACTION_HISTORY {
+            self.history.remove(0);
+        }
+        self.publish();
+    }
+
+    async fn stop_for_plan(&mut self, spec: &ServiceSpec, action: &Action) -> Result<String, String> {
+        let gpu_pids = self.record(&spec.name).gpu_pids.clone();
+        self.stop_instance(spec, &action.reason).await?;
+        let record = self.record(&spec.name);
+        let preempted = action.reason.starts_with("preempted");
+        record.set_state(if preempted {
+            ServiceState::Preempted
+        } else {
+            ServiceState::Stopped
+        });
+        record.reason = Some(action.reason.clone());
+        self.wait_pids_gone(spec, &gpu_pids).await?;
+        Ok(format!("stopped; {} MB back", action.vram_mb))
+    }
+
+    /// Stops the instance (if any) and clears it from the record.
+    async fn stop_instance(&mut self, spec: &ServiceSpec, why: &str) -> Result<(), String> {
+        let record = self.record(&spec.name);
+        let Some(instance) = record.instance.clone() else {
+            return Ok(());
+        };
+        record.stop_monitor();
+        record.set_state(ServiceState::Stopping);
+        record.reason = Some(why.to_owned());
+        self.publish();
+        match self.effects.stop(spec, &instance).await {
+            Ok(report) => {
+                let record = self.record(&spec.name);
+                record.instance = None;
+                if report.forced {
+                    tracing::warn!(service = %spec.name, "did not stop on SIGTERM within its stop timeout: killed");
+                }
+                Ok(())
+            }
+            Err(error) => {
+                let message = error.to_string();
+                let record = self.record(&spec.name);
+                record.last_error = Some(message.clone());
+                Err(message)
+            }
+        }
+    }
+
+    /// Trusts the GPU, not the bookkeeping: a stop is done when the GPU no longer lists
+    /// the service's processes. Skipped when it held no GPU memory.
+    async fn wait_pids_gone(&mut self, spec: &ServiceSpec, pids: &[u32]) -> Result<(), String> {
+        let GpuSource::Observed { gpu, .. } = &self.gpu else {
+            return Ok(());
+        };
+        if pids.is_empty() {
+            return Ok(());
+        }
+        let gpu = gpu.clone();
+        let deadline = Instant::now() + self.config.gpu.reclaim_timeout;
+        loop {
+            let sample = sample_gpu(gpu.clone()).await?;
+            let left: Vec<_> = sample
+                .processes
+                .iter()
+                .filter(|p| pids.contains(&p.pid))
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let holders: Vec<String> = left
+                    .iter()
+                    .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
+                    .collect();
+                return Err(format!(
+                    "{} stopped but the GPU still lists its memory after {:?}: {}",
+                    spec.name,
+                    self.config.gpu.reclaim_timeout,
+                    holders.join(", ")
+                ));
+            }
+            tokio::time::sleep(RECLAIM_POLL).await;
+        }
+    }
+
+    /// Before a start: waits until the GPU shows enough free memory (a stop's memory
+    /// may still be in the driver's teardown), naming who holds it on timeout.
+    async fn wait_for_room(&mut self, spec: &ServiceSpec, need_mb: u64) -> Result<(), String> {
+        let GpuSource::Observed { gpu, .. } = &self.gpu else {
+            return Ok(());
+        };
+        let gpu = gpu.clone();
+        let reserve = self.config.gpu.reserve_mb;
+        let deadline = Instant::now() + self.config.gpu.reclaim_timeout;
+        loop {
+            let sample = sample_gpu(gpu.clone()).await?;
+            let room = sample.free_mb.saturating_sub(reserve);
+            if room >= need_mb {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let holders: Vec<String> = sample
+                    .processes
+                    .iter()
+                    .map(|p| {
+                        let owner = self
+                            .gpu_view
+                            .owners
+                            .get(&p.pid)
+                            .map(|s| s.to_string())
+                            .unwrap_or_else(|| "external".to_owned());
+                        format!("pid {} ({}, {owner}) {} MB", p.pid, process_name(p.pid), p.used_mb)
+                    })
+                    .collect();
+                return Err(format!(
+                    "cannot start {}: it needs {need_mb} MB but only {room} MB is free after {:?} ({} MB reserve); held by: {}",
+                    spec.name,
+                    self.config.gpu.reclaim_timeout,
+                    reserve,
+                    if holders.is_empty() { "no listed process".to_owned() } else { holders.join(", ") }
+                ));
+            }
+            tokio::time::sleep(RECLAIM_POLL).await;
+        }
+    }
+
+    async fn start_for_plan(&mut self, spec: &ServiceSpec, action: &Action) -> Result<String, String> {
+        if let Err(message) = self.wait_for_room(spec, action.vram_mb).await {
+            self.record(&spec.name).last_error = Some(message.clone());
+            self.record(&spec.name).set_state(ServiceState::Preempted);
+            return Err(message);
+        }
+        let instance = match self.effects.start(spec).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                let message = error.to_string();
+                self.fail(&spec.name, message.clone());
+                return Err(message);
+            }
+        };
+        let record = self.record(&spec.name);
+        if record.consecutive_failures > 0 || record.restarts > 0 || record.last_error.is_some() {
+            record.restarts += 1;
+        }
+        record.reason = Some(action.reason.clone());
+        self.attach(&spec.name, instance.clone(), ServiceState::Starting);
+        self.publish();
+        match self.effects.wait_ready(spec, &instance).await {
+            Ok(took) => {
+                self.mark_ready(&spec.name);
+                Ok(format!("ready after {} ms", took.as_millis()))
+            }
+            Err(error) => {
+                let message = error.to_string();
+                // Nothing is left half-started: a start that failed is stopped.
+                let _ = self.stop_instance(spec, "start failed").await;
+                self.fail(&spec.name, message.clone());
+                Err(message)
+            }
+        }
+    }
+
+    /// Takes ownership of a running instance: exit watch and state.
+    fn attach(&mut self, name: &ServiceName, instance: Instance, state: ServiceState) {
+        let events = self.events_tx.clone();
+        let service = name.clone();
+        let watched = instance.clone();
+        tokio::spawn(async move {
+            let exit = watched.wait_exit().await;
+            if let Some(pid) = watched.root_pid() {
+                let _ = events.send(Event::Exited { service, pid, exit }).await;
+            }
+        });
+        let record = self.record(name);
+        record.instance = Some(instance);
+        record.set_state(state);
+    }
+
+    /// A service became ready: reset failures and watch its health.
+    fn mark_ready(&mut self, name: &ServiceName) {
+        let spec = self.spec(name).clone();
+        let interval = self.config.resync;
+        let effects = self.effects.clone();
+        let events = self.events_tx.clone();
+        let record = self.record(name);
+        record.consecutive_failures = 0;
+        record.retry_at = None;
+        record.last_error = None;
+        record.set_state(ServiceState::Ready);
+        let pid = record.instance.as_ref().and_then(Instance::root_pid);
+        if let (Some(check), Some(pid)) = (spec.health.clone(), pid) {
+            let task = tokio::spawn(async move {
+                let mut failures = 0;
+                loop {
+                    tokio::time::sleep(interval).await;
+                    match effects.prober().probe(&check).await {
+                        Ok(()) => failures = 0,
+                        Err(error) => {
+                            failures += 1;
+                            if failures >= UNHEALTHY_AFTER {
+                                let error = error.to_string();
+                                let _ = events.send(Event::Unhealthy { service: spec.name.clone(), pid, error }).await;
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            record.monitor = Some(task.abort_handle());
+        }
+        self.publish();
+    }
+
+    // ---- status ----
+
+    fn publish(&self) {
+        let status = self.snapshot();
+        self.status_tx.send_replace(status);
+    }
+
+    fn snapshot(&self) -> Status {
+        let view = &self.gpu_view;
+        let budget = self.budget();
+        let vram = match &view.sample {
+            Some(sample) => Vram {
+                total_mb: sample.total_mb,
+                used_mb: sample.used_mb,
+                free_mb: sample.free_mb,
+                external_mb: view.external_mb,
+                reclaiming_mb: view.reclaiming_mb,
+                reserve_mb: budget.reserve_mb,
+            },
+            None => {
+                let used: u64 = self
+                    .config
+                    .inventory
+                    .iter()
+                    .filter(|s| self.records[&s.name].instance.is_some())
+                    .map(|s| s.vram_mb)
+                    .sum();
+                Vram {
+                    total_mb: budget.total_mb,
+                    used_mb: used,
+                    free_mb: budget.total_mb.saturating_sub(used),
+                    reserve_mb: budget.reserve_mb,
+                    ..Default::default()
+                }
+            }
+        };
+        let wanted = self
+            .desired
+            .as_ref()
+            .map(|d| d.wanted(&self.config.inventory))
+            .unwrap_or_default();
+        let services = self
+            .config
+            .inventory
+            .iter()
+            .map(|spec| {
+                let record = &self.records[&spec.name];
+                let container = match &spec.runtime {
+                    crate::config::Runtime::Docker(docker) => Some(docker.container.clone()),
+                    crate::config::Runtime::Native(_) => None,
+                };
+                let status = ServiceStatus {
+                    state: record.state,
+                    kind: spec.runtime.kind().to_owned(),
+                    priority: spec.priority,
+                    phases: spec.phases.clone(),
+                    declared_vram_mb: spec.vram_mb,
+                    observed_vram_mb: record.observed_mb,
+                    pids: record.instance.as_ref().and_then(Instance::root_pid).into_iter().collect(),
+                    container,
+                    wanted: wanted.contains_key(&spec.name),
+                    reason: record.reason.clone(),
+                    last_error: record.last_error.clone(),
+                    since_ms: record.since_ms,
+                    restarts: record.restarts,
+                };
+                (spec.name.to_string(), status)
+            })
+            .collect();
+        let gpu = GpuStatus {
+            source: match &self.gpu {
+                GpuSource::Observed { source, .. } => (*source).to_owned(),
+                GpuSource::Unavailable { .. } => "unavailable".to_owned(),
+            },
+            name: view.sample.as_ref().map(|s| s.name.clone()),
+            temperature_c: view.sample.as_ref().and_then(|s| s.temperature_c),
+            utilization_pct: view.sample.as_ref().and_then(|s| s.utilization_pct),
+            error: view.error.clone(),
+            processes: view
+                .sample
+                .iter()
+                .flat_map(|s| &s.processes)
+                .map(|p| GpuProcessStatus {
+                    pid: p.pid,
+                    used_mb: p.used_mb,
+                    service: view.owners.get(&p.pid).map(|s| s.to_string()),
+                })
+                .collect(),
+        };
+        let desired = self.desired.clone().unwrap_or_default();
+        Status {
+            vram,
+            services,
+            lock: self.lease.status(),
+            gpu,
+            desired: DesiredStatus {
+                phase: desired.phase,
+                pinned: desired.pinned.iter().map(|n| n.to_string()).collect(),
+                held: desired.held.iter().map(|n| n.to_string()).collect(),
+                generation: self.generation,
+                converged_generation: self.converged_generation,
+                error: self.desired_error.clone(),
+            },
+            recent_actions: self.history.clone(),
+            observed_at_ms: now_ms(),
+        }
+    }
+}
+
+/// How often reclaim and room waits re-read the GPU: an observation costs well under a
+/// millisecond, and every poll interval adds to the transition's latency.
+const RECLAIM_POLL: Duration = Duration::from_millis(10);
+
+async fn sample_gpu(gpu: SharedGpu) -> Result<GpuSample, String> {
+    tokio::task::spawn_blocking(move || gpu.sample())
+        .await
+        .map_err(|e| format!("GPU observation panicked: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
+/// One GPU observation with every process attributed to a service, external, or
+/// reclaiming (its process has exited; the driver has not freed its memory yet).
+async fn observe_gpu(gpu: SharedGpu, roots: HashMap<u32, ServiceName>) -> GpuView {
+    let result = tokio::task::spawn_blocking(move || {
+        let sample = gpu.sample().map_err(|e| e.to_string())?;
+        let table = ProcessTable::read().map_err(|e| format!("cannot read /proc: {e}"))?;
+        Ok::<_, String>((sample, table))
+    })
+    .await
+    .map_err(|e| format!("GPU observation panicked: {e}"))
+    .and_then(|r| r);
+    let (sample, table) = match result {
+        Ok(pair) => pair,
+        Err(error) => {
+            return GpuView {
+                error: Some(error),
+                ..Default::default()
+            }
+        }
+    };
+    let mut view = GpuView::default();
+    let mut listed_mb = 0;
+    for process in &sample.processes {
+        listed_mb += process.used_mb;
+        if let Some(owner) = table.root_among(process.pid, &roots) {
+            view.owners.insert(process.pid, owner.clone());
+        } else if table.get(process.pid).is_some_and(|p| !p.zombie) {
+            view.external_mb += process.used_mb;
+        } else {
+            view.reclaiming_mb += process.used_mb;
+        }
+    }
+    // Memory no listed process holds (a desktop, the driver) is external too.
+    view.external_mb += sample.used_mb.saturating_sub(listed_mb);
+    view.sample = Some(sample);
+    view
+}
+
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_owned())
+        .unwrap_or_else(|_| "exited".to_owned())
+}

@@ -1,0 +1,132 @@
+//! The status snapshot: the one serde model the reconciler publishes and the API, the
+//! metrics and the CLI read. Its core is the requirements' AC-2 shape
+//! (`vram`, `services.NAME.state`, `lock.holder`); the rest is for debugging.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Phase;
+use crate::reconcile::ActionRecord;
+
+/// A service's lifecycle state, as the contract names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    Stopped,
+    Starting,
+    Ready,
+    Unhealthy,
+    Stopping,
+    Preempted,
+    Failed,
+    /// Its backend (Docker) cannot be reached, so nobody knows.
+    Unknown,
+}
+
+impl fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub vram: Vram,
+    pub services: BTreeMap<String, ServiceStatus>,
+    pub lock: LockStatus,
+    pub gpu: GpuStatus,
+    pub desired: DesiredStatus,
+    /// The last actions taken, oldest first.
+    pub recent_actions: Vec<ActionRecord>,
+    /// Wall-clock time of this snapshot, milliseconds since the epoch.
+    pub observed_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Vram {
+    pub total_mb: u64,
+    pub used_mb: u64,
+    pub free_mb: u64,
+    /// Used by no service: a desktop, a stray process, the driver.
+    pub external_mb: u64,
+    /// Held by processes that have exited, until the driver frees it.
+    pub reclaiming_mb: u64,
+    pub reserve_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub state: ServiceState,
+    pub kind: String,
+    pub priority: i64,
+    pub phases: Vec<Phase>,
+    pub declared_vram_mb: u64,
+    pub observed_vram_mb: Option<u64>,
+    pub pids: Vec<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    pub wanted: bool,
+    /// Why it is in this state: a plan verdict or the last action's reason.
+    pub reason: Option<String>,
+    pub last_error: Option<String>,
+    pub since_ms: u64,
+    pub restarts: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LockStatus {
+    pub holder: Option<String>,
+    pub since_ms: Option<u64>,
+    /// "in-process" or "redis".
+    pub backend: String,
+    pub key: Option<String>,
+    pub reachable: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    /// "nvml", "simulated" or "unavailable".
+    pub source: String,
+    pub name: Option<String>,
+    pub temperature_c: Option<u32>,
+    pub utilization_pct: Option<u32>,
+    /// Why the GPU cannot be observed; budgets then come from declared sizes alone.
+    pub error: Option<String>,
+    pub processes: Vec<GpuProcessStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuProcessStatus {
+    pub pid: u32,
+    pub used_mb: u64,
+    /// The service whose process tree holds it; None: external.
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DesiredStatus {
+    pub phase: Option<Phase>,
+    pub pinned: Vec<String>,
+    pub held: Vec<String>,
+    /// Bumped every time a new desired state is accepted.
+    pub generation: u64,
+    /// The generation the services last converged on.
+    pub converged_generation: u64,
+    /// A refused edit: the state above stays in force.
+    pub error: Option<String>,
+}
+
+/// Milliseconds since the epoch, for timestamps people and tools can read.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
