@@ -1,0 +1,333 @@
+//! The integration-test harness: a simulated GPU folder, stand-in services with the
+//! requirements' sizes, a config, and the real `gpu-manager` binary reading the GPU
+//! through the fake libnvidia-ml (so the real nvml-wrapper path runs).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sim_gpu::{DeviceSpec, SimGpuDir};
+
+/// Generous: these machines are small and shared.
+pub const CONVERGE: Duration = Duration::from_secs(30);
+
+pub fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_gpu-manager"))
+        .parent()
+        .expect("binary folder")
+        .to_owned()
+}
+
+pub fn standin_binary() -> PathBuf {
+    let path = target_dir().join("gpu-standin");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+pub fn fake_nvml_library() -> PathBuf {
+    let path = target_dir().join("libnvidia_ml.so");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// One stand-in service of the inventory.
+#[derive(Clone, Debug)]
+pub struct Standin {
+    pub name: &'static str,
+    pub vram_mb: u64,
+    pub priority: i64,
+    pub phases: &'static str,
+    pub start_delay_ms: u64,
+    pub stop_delay_ms: u64,
+    pub extra_args: Vec<String>,
+    pub stop_timeout_ms: u64,
+    pub start_timeout_ms: u64,
+    pub port: u16,
+}
+
+impl Standin {
+    pub fn new(name: &'static str, vram_mb: u64, priority: i64, phases: &'static str) -> Self {
+        Self {
+            name,
+            vram_mb,
+            priority,
+            phases,
+            start_delay_ms: 300,
+            stop_delay_ms: 100,
+            extra_args: Vec::new(),
+            stop_timeout_ms: 5000,
+            start_timeout_ms: 15000,
+            port: free_port(),
+        }
+    }
+}
+
+/// The requirements' inventory: ComfyUI 20 GB p100 phase 4, CosyVoice 4 GB p50 phase 3,
+/// Vidi 4 GB p40 phase 2, Ollama 18 GB p10 no phase.
+pub fn mcn_inventory() -> Vec<Standin> {
+    vec![
+        Standin::new("comfyui", 20480, 100, "[4]"),
+        Standin::new("cosyvoice", 4096, 50, "[3]"),
+        Standin::new("vidi", 4096, 40, "[2]"),
+        Standin::new("ollama", 18432, 10, "[]"),
+    ]
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub gpu: SimGpuDir,
+    pub services: Vec<Standin>,
+    pub daemon: Option<Child>,
+    /// The config's `gpu:` block.
+    pub gpu_config: String,
+}
+
+impl Harness {
+    /// A 24 GB simulated GPU with a 1 GB desktop baseline and 300 ms reclaim.
+    pub fn new(services: Vec<Standin>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let gpu = SimGpuDir::create(
+            &dir.path().join("gpu"),
+            &DeviceSpec {
+                name: "Simulated RTX 4090".into(),
+                total_mb: 24576,
+                baseline_mb: 1024,
+                reclaim_ms: 300,
+                temperature_c: 50,
+                utilization_pct: 7,
+            },
+        )
+        .expect("simulated GPU");
+        let harness = Self {
+            dir,
+            gpu,
+            services,
+            daemon: None,
+            gpu_config: format!(
+                "{{ nvml_library: {:?}, reserve_mb: 512, reclaim_timeout_ms: 10000 }}",
+                fake_nvml_library()
+            ),
+        };
+        harness.write_config("");
+        harness.set_desired("phase: null\n");
+        harness
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("gpu-manager.yaml")
+    }
+
+    /// Writes the config; `extra` is appended at the top level (e.g. an `api:` block).
+    pub fn write_config(&self, extra: &str) {
+        let standin = standin_binary();
+        let mut text = format!(
+            "gpu: {}\n\
+             desired_state: desired-state/state.yaml\n\
+             state_dir: state\n\
+             resync_ms: 500\n{extra}\nservices:\n",
+            self.gpu_config
+        );
+        for s in &self.services {
+            let mut args = vec![
+                standin.display().to_string(),
+                "--name".into(),
+                s.name.into(),
+                "--vram-mb".into(),
+                s.vram_mb.to_string(),
+                "--port".into(),
+                s.port.to_string(),
+                "--start-delay-ms".into(),
+                s.start_delay_ms.to_string(),
+                "--stop-delay-ms".into(),
+                s.stop_delay_ms.to_string(),
+            ];
+            args.extend(s.extra_args.iter().cloned());
+            text.push_str(&format!(
+                "  {}:\n    kind: native\n    command: {:?}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n    vram_mb: {}\n    priority: {}\n    phases: {}\n    health: {{ url: \"http://127.0.0.1:{}/health\", timeout_ms: 1000 }}\n    start_timeout_ms: {}\n    stop_timeout_ms: {}\n",
+                s.name, args, self.gpu.path(), s.vram_mb, s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
+            ));
+        }
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// Replaces the desired-state file the way an editor would (write + rename).
+    pub fn set_desired(&self, yaml: &str) {
+        let path = self.path("desired-state/state.yaml");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let temp = self.path("desired-state/.edit.swp");
+        std::fs::write(&temp, yaml).unwrap();
+        std::fs::rename(&temp, &path).unwrap();
+    }
+
+    pub fn start_daemon(&mut self) {
+        self.start_daemon_with(&["watch"]);
+    }
+
+    pub fn start_daemon_with(&mut self, subcommand: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("daemon.log"))
+            .expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_gpu-manager"))
+            .args(subcommand)
+            .arg("--config")
+            .arg(self.config_path())
+            .env("FAKE_NVML_DIR", self.gpu.path())
+            .env("RUST_LOG", "info,gpu_manager=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start gpu-manager");
+        self.daemon = Some(child);
+    }
+
+    /// Kills the daemon without warning (SIGKILL), as a crash would.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn service(&self, name: &str) -> &Standin {
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .expect("service in the inventory")
+    }
+
+    /// True when the stand-in's health URL answers 200.
+    pub fn is_ready(&self, name: &str) -> bool {
+        http_get(self.service(name).port, "/health").map(|(code, _)| code) == Some(200)
+    }
+
+    /// True when nothing listens on the stand-in's port.
+    pub fn is_down(&self, name: &str) -> bool {
+        TcpStream::connect(("127.0.0.1", self.service(name).port)).is_err()
+    }
+
+    /// Live allocations on the simulated GPU: pid -> MB.
+    pub fn allocations(&self) -> BTreeMap<u32, u64> {
+        self.gpu
+            .snapshot()
+            .expect("GPU snapshot")
+            .processes
+            .iter()
+            .map(|a| (a.pid, a.mb))
+            .collect()
+    }
+
+    pub fn oom_log(&self) -> Vec<String> {
+        self.gpu.oom_log().expect("oom.log")
+    }
+
+    /// Waits for `what` to hold, failing with the daemon's log if it does not.
+    pub fn wait_until(&self, description: &str, what: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + CONVERGE;
+        while Instant::now() < deadline {
+            if what(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "timed out waiting for: {description}\n--- daemon log ---\n{}",
+            self.daemon_log()
+        );
+    }
+
+    /// Waits until exactly `ready` are ready and every other service is down.
+    pub fn wait_converged(&self, ready: &[&str]) {
+        let names: Vec<&str> = self.services.iter().map(|s| s.name).collect();
+        self.wait_until(&format!("exactly {ready:?} ready"), |h| {
+            names.iter().all(|n| {
+                if ready.contains(n) {
+                    h.is_ready(n)
+                } else {
+                    h.is_down(n)
+                }
+            })
+        });
+    }
+
+    /// Counts processes whose command line runs this stand-in (to detect double starts).
+    pub fn instances_of(&self, name: &str) -> usize {
+        let needle = format!("--name\0{name}\0");
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|cmd| {
+                let text = String::from_utf8_lossy(cmd);
+                text.contains(&needle) && text.contains(&self.service(name).port.to_string())
+            })
+            .count()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill_daemon();
+        // Stop every stand-in this test started, whatever state the test left.
+        for service in &self.services {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-f", &format!("gpu-standin.*--port {}", service.port)])
+                .status();
+        }
+    }
+}
+
+/// A minimal HTTP GET on 127.0.0.1: (status code, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let code = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+pub fn pid_is_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')).unwrap_or(false))
+            .unwrap_or(true)
+}
