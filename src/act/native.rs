@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::act::ExitInfo;
 use crate::config::{NativeSpec, ServiceName};
-use crate::observe::process::{process_identity, ProcessIdentity, ProcessTable};
+use crate::observe::process::{process_identity, ProcInfo, ProcessIdentity, ProcessTable};
 
 /// How often an adopted process, which is not our child, is checked for exit.
 const ADOPTED_POLL: Duration = Duration::from_millis(100);
@@ -159,7 +159,9 @@ pub struct NativeDriver {
 
 impl NativeDriver {
     /// Creates `<state_dir>/logs` and `<state_dir>/pids`, and makes this process a child
-    /// subreaper (see [`become_subreaper`]).
+    /// subreaper: when a service's leader dies before the rest of its group, the orphans
+    /// become the daemon's children, so a stop can reap them instead of leaving zombies
+    /// under an init that does not reap (containers, minimal inits).
     pub fn new(state_dir: &Path) -> io::Result<Self> {
         let driver = Self {
             logs: state_dir.join("logs"),
@@ -225,19 +227,17 @@ impl NativeDriver {
     /// be recorded is killed, since a restarted daemon could not find it.
     fn watch_child(&self, name: &ServiceName, child: Child) -> Result<ProcessHandle, NativeError> {
         // Read before the reaper owns the child: until it is reaped, its /proc entry
-        // stays, even if it has already exited.
-        let pid = child.id();
-        let identity = pid.and_then(process_identity);
+        // stays, even if it has already exited. The id is there until it is reaped, too.
+        let pid = child.id().unwrap_or_default();
+        let identity = process_identity(pid);
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(reap(name.clone(), child, exit_tx));
         let Some(identity) = identity else {
-            if let Some(pid) = pid {
-                // Best effort: the error returned below is what matters.
-                let _ = signal_group(pid, libc::SIGKILL);
-            }
+            // Best effort: the error returned below is what matters.
+            let _ = signal_group(pid, libc::SIGKILL);
             return Err(NativeError::Inspect {
                 service: name.clone(),
-                pid: pid.unwrap_or_default(),
+                pid,
             });
         };
         if let Err(source) = self.write_pid_file(name, identity) {
@@ -416,10 +416,7 @@ fn adopt_by_pattern(
     if !unrelated.is_empty() {
         tracing::warn!(service = %name, pattern, adopted = oldest, others = ?unrelated, "several unrelated processes match services.{name}.match; adopting the oldest");
     }
-    table.get(oldest).map(|p| ProcessIdentity {
-        pid: p.pid,
-        start_ticks: p.start_ticks,
-    })
+    table.get(oldest).map(ProcInfo::identity)
 }
 
 /// Owns the child until it exits: always reaps it, then publishes how it ended.
@@ -520,10 +517,7 @@ impl KillTarget {
         };
         for pid in table.descendants(*leader) {
             if let Some(p) = table.get(pid).filter(|p| !p.zombie) {
-                let identity = ProcessIdentity {
-                    pid,
-                    start_ticks: p.start_ticks,
-                };
+                let identity = p.identity();
                 if !members.contains(&identity) {
                     members.push(identity);
                 }
@@ -597,10 +591,8 @@ fn group_survivors(pgid: u32) -> Vec<u32> {
     alive
 }
 
-/// Makes this process inherit the orphans of its descendants, as init would: when a
-/// service's leader dies first, the rest of its group then become the daemon's children,
-/// and a stop can reap them. Without it they would be zombies wherever init does not
-/// reap (containers, minimal inits).
+/// Makes this process inherit the orphans of its descendants, as init would (see
+/// `NativeDriver::new`).
 fn become_subreaper() {
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
     let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };

@@ -45,7 +45,8 @@ impl ProcInfo {
         })
     }
 
-    fn identity(&self) -> ProcessIdentity {
+    /// Its pid and start time, to find it again later without mistaking a reused pid.
+    pub fn identity(&self) -> ProcessIdentity {
         ProcessIdentity {
             pid: self.pid,
             start_ticks: self.start_ticks,
@@ -347,17 +348,18 @@ mod tests {
 
     #[test]
     fn matching_finds_live_processes_oldest_first_but_never_self() {
-        let first = spawn(&["sleep", "30.125"]);
+        // The pid between fixed words keeps concurrent runs of this test apart.
+        let pid_arg = format!("0.{}", std::process::id());
+        let command = ["sleep", "30.125", &pid_arg, "0.5"];
+        let pattern = command.join(" ");
+        let first = spawn(&command);
         sleep(Duration::from_millis(50));
-        let second = spawn(&["sleep", "30.125"]);
+        let second = spawn(&command);
         let table = eventually("both sleepers", || {
             let table = ProcessTable::read().unwrap();
-            (table.matching("sleep 30.125").len() == 2).then_some(table)
+            (table.matching(&pattern).len() == 2).then_some(table)
         });
-        assert_eq!(
-            table.matching("sleep 30.125"),
-            vec![first.0.id(), second.0.id()]
-        );
+        assert_eq!(table.matching(&pattern), vec![first.0.id(), second.0.id()]);
 
         let own = table.get(std::process::id()).unwrap().cmdline.clone();
         assert!(table.matching(&own).is_empty(), "matched itself: {own}");
