@@ -1,3 +1,6 @@
 //! Effects: starting, stopping and adopting services.
 
+pub mod exit;
 pub mod native;
+
+pub use exit::ExitInfo;
