@@ -59,7 +59,8 @@ pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
     let native = NativeDriver::new(&config.state_dir).map_err(|e| {
         anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display())
     })?;
-    let effects = Effects::new(native, HealthProber::new());
+    let prober = HealthProber::new().map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
+    let effects = Effects::new(native, prober);
     let lease = InProcessLease::new(holder_identity());
     Ok(Reconciler::new(config, gpu, effects, lease))
 }

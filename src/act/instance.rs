@@ -36,6 +36,8 @@ impl Instance {
 pub enum ActError {
     #[error(transparent)]
     Native(#[from] NativeError),
+    #[error("{service} is a {kind} service, which this build cannot run")]
+    Unsupported { service: String, kind: &'static str },
     #[error("{service} exited while starting ({exit}); last log lines:\n{log}")]
     ExitedWhileStarting {
         service: String,
@@ -84,10 +86,10 @@ impl Effects {
     pub async fn start(&self, spec: &ServiceSpec) -> Result<Instance, ActError> {
         match &spec.runtime {
             Runtime::Native(native) => Ok(Instance::Native(self.native.spawn(&spec.name, native)?)),
-            Runtime::Docker(_) => Err(ActError::Native(NativeError::Unsupported {
+            Runtime::Docker(_) => Err(ActError::Unsupported {
                 service: spec.name.to_string(),
-                detail: "docker services are not supported yet".into(),
-            })),
+                kind: spec.runtime.kind(),
+            }),
         }
     }
 
@@ -112,7 +114,9 @@ impl Effects {
                 ReadyError::TimedOut { after, last_error } => ActError::NotReady {
                     service,
                     after,
-                    last_error,
+                    last_error: last_error
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "no probe answered yet".to_owned()),
                     log,
                 },
             }

@@ -13,7 +13,10 @@ use crate::config::HealthCheck;
 /// The first pause between readiness probes: most services answer within tens of ms
 /// of binding their port, and a start should not wait longer than it must.
 const FIRST_POLL: Duration = Duration::from_millis(20);
-/// Each pause is this much longer than the last, up to [`MAX_POLL`].
+/// Probes stay at [`FIRST_POLL`] this long: every pause adds up to its length to a
+/// start's latency, and a probe of a local port costs well under a millisecond.
+const FAST_PHASE: Duration = Duration::from_secs(2);
+/// Each pause after that is this much longer than the last, up to [`MAX_POLL`].
 const POLL_BACKOFF: f64 = 1.5;
 const MAX_POLL: Duration = Duration::from_millis(500);
 /// With no health check configured, a service counts as ready once its process has
@@ -108,7 +111,7 @@ fn request_error(check: &HealthCheck, error: &reqwest::Error) -> HealthError {
 
 /// Waits until a starting service is ready, and returns how long that took.
 ///
-/// With a health check: probes it, at first every 20 ms and then 1.5 times slower each
+/// With a health check: probes it every 20 ms for 2 s, then 1.5 times slower each
 /// time up to every 500 ms, until it answers 2xx or `timeout` passes. Without one: ready
 /// once the process is still running after [`NO_CHECK_GRACE`] (or `timeout`, if
 /// shorter). Either way, `exited` completing (the process or container ended) fails the
@@ -148,6 +151,7 @@ async fn poll_until_healthy(
 ) -> Result<(), Option<HealthError>> {
     let mut pause = FIRST_POLL;
     let mut last_error = None;
+    let slow_from = Instant::now() + FAST_PHASE;
     loop {
         let probe_started = Instant::now();
         match tokio::time::timeout_at(deadline, prober.probe(check)).await {
@@ -164,7 +168,9 @@ async fn poll_until_healthy(
         if Instant::now() >= deadline {
             return Err(last_error);
         }
-        pause = pause.mul_f64(POLL_BACKOFF).min(MAX_POLL);
+        if Instant::now() >= slow_from {
+            pause = pause.mul_f64(POLL_BACKOFF).min(MAX_POLL);
+        }
     }
 }
 
