@@ -149,7 +149,10 @@ impl SimGpuDir {
         let path = self.device_path();
         let bytes = fs::read(&path).map_err(|e| annotate(e, &path))?;
         serde_json::from_slice(&bytes).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
         })
     }
 
@@ -227,7 +230,9 @@ impl SimGpuDir {
         }
         let used_mb = processes
             .iter()
-            .fold(device.baseline_mb, |sum, allocation| sum.saturating_add(allocation.mb));
+            .fold(device.baseline_mb, |sum, allocation| {
+                sum.saturating_add(allocation.mb)
+            });
         let free_mb = device.total_mb.saturating_sub(used_mb);
         Ok(Snapshot {
             device,
