@@ -776,7 +776,10 @@ services:
     #[test]
     fn unknown_kind_is_refused() {
         let (_, message) = error_of(&GOOD.replace("kind: docker", "kind: podman"));
-        assert!(message.contains("podman") && message.contains("native"), "{message}");
+        assert!(
+            message.contains("podman") && message.contains("native"),
+            "{message}"
+        );
     }
 
     #[test]

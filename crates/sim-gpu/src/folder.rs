@@ -54,11 +54,19 @@ impl SimGpuDir {
     }
 
     /// Opens an existing folder. Its `device.json` is read once, so that a wrong path
-    /// fails here rather than at the first observation.
+    /// fails here rather than at the first observation; it is looked for before the
+    /// lock is taken, so that a wrong path is left without a stray `.lock`.
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
         let dir = Self {
             path: path.as_ref().to_path_buf(),
         };
+        if !dir.device_path().is_file() {
+            let message = format!(
+                "{} is not a simulated GPU folder: it has no {DEVICE_FILE}",
+                dir.path.display()
+            );
+            return Err(io::Error::new(io::ErrorKind::NotFound, message));
+        }
         dir.device()?;
         Ok(dir)
     }
@@ -374,10 +382,24 @@ mod tests {
     }
 
     #[test]
+    fn open_names_a_missing_folder() {
+        let temp = tempfile::tempdir().unwrap();
+        let missing = temp.path().join("nowhere");
+        let error = SimGpuDir::open(&missing).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::NotFound);
+        assert!(
+            error.to_string().contains("not a simulated GPU folder"),
+            "{error}"
+        );
+        assert!(!missing.exists(), "open creates nothing");
+    }
+
+    #[test]
     fn open_names_the_missing_or_broken_device_json() {
         let temp = tempfile::tempdir().unwrap();
         let error = SimGpuDir::open(temp.path()).unwrap_err();
         assert!(error.to_string().contains("device.json"), "{error}");
+        assert!(!temp.path().join(".lock").exists(), "nothing left behind");
         fs::write(temp.path().join("device.json"), "{\"name\": \"half").unwrap();
         let error = SimGpuDir::open(temp.path()).unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
