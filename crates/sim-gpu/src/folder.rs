@@ -83,8 +83,12 @@ impl SimGpuDir {
         &self.path
     }
 
+    /// Reads `device.json` under the lock. It says nothing about allocations, so there
+    /// is nothing to reclaim first; name, temperature and utilization come from here
+    /// without the cost of a full snapshot.
     pub fn device(&self) -> io::Result<DeviceSpec> {
-        Ok(self.lock_and_reclaim()?.device)
+        let _lock = self.acquire()?;
+        self.read_device()
     }
 
     pub fn snapshot(&self) -> io::Result<Snapshot> {

@@ -28,7 +28,7 @@ use nvml_wrapper_sys::bindings::{
     nvmlReturn_t, nvmlTemperatureSensors_enum_NVML_TEMPERATURE_GPU as TEMPERATURE_GPU,
     nvmlTemperatureSensors_t, nvmlUtilization_t, NVML_VALUE_NOT_AVAILABLE,
 };
-use sim_gpu::{SimGpuDir, Snapshot};
+use sim_gpu::{DeviceSpec, SimGpuDir, Snapshot};
 
 /// `NVML_STRUCT_VERSION(Memory, 2)` from nvml.h: the struct size with the version in the
 /// top byte.
@@ -71,10 +71,19 @@ fn check_device(device: nvmlDevice_t) -> Result<(), nvmlReturn_t> {
     }
 }
 
-/// The folder, read afresh; one that vanished after init reads as an unknown error.
+/// The folder's allocations, read afresh; a folder that vanished after init reads as an
+/// unknown error.
 fn snapshot() -> Result<Snapshot, nvmlReturn_t> {
     SimGpuDir::from_env()
         .and_then(|dir| dir.snapshot())
+        .map_err(|_| UNKNOWN)
+}
+
+/// The folder's device alone: cheaper than a snapshot for what does not depend on
+/// allocations.
+fn device_spec() -> Result<DeviceSpec, nvmlReturn_t> {
+    SimGpuDir::from_env()
+        .and_then(|dir| dir.device())
         .map_err(|_| UNKNOWN)
 }
 
@@ -128,17 +137,24 @@ fn init() -> nvmlReturn_t {
     }
 }
 
+/// # Safety
+/// None: it takes no pointers; `unsafe` as every NVML entry point is.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
     init()
 }
 
 /// The flags only tune which GPUs are attached; the one simulated GPU is always there.
+///
+/// # Safety
+/// None: it takes no pointers; `unsafe` as every NVML entry point is.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> nvmlReturn_t {
     init()
 }
 
+/// # Safety
+/// None: it takes no pointers; `unsafe` as every NVML entry point is.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlShutdown() -> nvmlReturn_t {
     let decremented = INIT_COUNT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |count| {
@@ -150,6 +166,8 @@ pub unsafe extern "C" fn nvmlShutdown() -> nvmlReturn_t {
     }
 }
 
+/// # Safety
+/// `version` is null or valid for writes of `length` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
     version: *mut c_char,
@@ -162,6 +180,8 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(
     })
 }
 
+/// # Safety
+/// `device_count` is null or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(device_count: *mut c_uint) -> nvmlReturn_t {
     answer(|| {
@@ -172,6 +192,8 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(device_count: *mut c_uint) -> nvm
     })
 }
 
+/// # Safety
+/// `device` is null or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     index: c_uint,
@@ -188,6 +210,8 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
     })
 }
 
+/// # Safety
+/// `name` is null or valid for writes of `length` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetName(
     device: nvmlDevice_t,
@@ -196,12 +220,14 @@ pub unsafe extern "C" fn nvmlDeviceGetName(
 ) -> nvmlReturn_t {
     answer(|| {
         check_device(device)?;
-        let snapshot = snapshot()?;
+        let device = device_spec()?;
         // SAFETY: NVML's contract: `name` holds `length` bytes.
-        unsafe { write_c_string(&snapshot.device.name, name, length) }
+        unsafe { write_c_string(&device.name, name, length) }
     })
 }
 
+/// # Safety
+/// `memory` is null or valid for reads and writes.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
     device: nvmlDevice_t,
@@ -220,6 +246,9 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
 }
 
 /// The caller sets `version`, as nvml.h asks; a wrong one is refused as NVML does.
+///
+/// # Safety
+/// `memory` is null or valid for reads and writes.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
     device: nvmlDevice_t,
@@ -244,6 +273,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
 /// One process per `alloc/<pid>` file. As NVML: `*info_count` in is the buffer's
 /// capacity and out the number of processes; a null or short buffer answers
 /// `INSUFFICIENT_SIZE` (unless there are none), which is how callers size it.
+///
+/// # Safety
+/// `info_count` is null or valid for reads and writes, and `infos` is null or
+/// valid for writes of `*info_count` entries.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     device: nvmlDevice_t,
@@ -278,6 +311,8 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     })
 }
 
+/// # Safety
+/// `temperature` is null or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetTemperature(
     device: nvmlDevice_t,
@@ -291,13 +326,16 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(
         }
         // SAFETY: NVML's contract: a valid out-pointer or null.
         let temperature = unsafe { out(temperature) }?;
-        *temperature = snapshot()?.device.temperature_c;
+        *temperature = device_spec()?.temperature_c;
         Ok(())
     })
 }
 
 /// `memory` is the memory controller's busy percentage in NVML, not how full the memory
 /// is; the folder has no such figure, so it reads 0.
+///
+/// # Safety
+/// `utilization` is null or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
     device: nvmlDevice_t,
@@ -307,12 +345,14 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(
         check_device(device)?;
         // SAFETY: NVML's contract: a valid out-pointer or null.
         let utilization = unsafe { out(utilization) }?;
-        utilization.gpu = snapshot()?.device.utilization_pct;
+        utilization.gpu = device_spec()?.utilization_pct;
         utilization.memory = 0;
         Ok(())
     })
 }
 
+/// # Safety
+/// None: it takes no pointers; the text it returns is static.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlErrorString(result: nvmlReturn_t) -> *const c_char {
     error_text(result).as_ptr()
@@ -349,3 +389,150 @@ const _: fn(&mut nvml_wrapper_sys::bindings::NvmlLib) = |lib| {
     lib.nvmlDeviceGetUtilizationRates = Ok(nvmlDeviceGetUtilizationRates);
     lib.nvmlErrorString = Ok(nvmlErrorString);
 };
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Mutex, MutexGuard, PoisonError};
+
+    use super::*;
+
+    /// The environment and the init count are process-wide: tests take turns.
+    static TURN: Mutex<()> = Mutex::new(());
+
+    /// An initialised fake over a folder where this process holds 3 MB; shut down and
+    /// removed when dropped.
+    struct Fake {
+        _turn: MutexGuard<'static, ()>,
+        _temp: tempfile::TempDir,
+        device: nvmlDevice_t,
+    }
+
+    impl Fake {
+        fn start() -> Self {
+            let turn = TURN.lock().unwrap_or_else(PoisonError::into_inner);
+            let temp = tempfile::tempdir().unwrap();
+            let spec = DeviceSpec {
+                name: "Simulated GPU".into(),
+                total_mb: 100,
+                baseline_mb: 10,
+                reclaim_ms: 0,
+                temperature_c: 40,
+                utilization_pct: 5,
+            };
+            let dir = SimGpuDir::create(temp.path(), &spec).unwrap();
+            dir.allocate(std::process::id(), 3).unwrap();
+            std::env::set_var(sim_gpu::ENV_VAR, temp.path());
+            let mut device = ptr::null_mut();
+            // SAFETY: valid out-pointers.
+            unsafe {
+                assert_eq!(nvmlInit_v2(), SUCCESS);
+                assert_eq!(nvmlDeviceGetHandleByIndex_v2(0, &mut device), SUCCESS);
+            }
+            Self {
+                _turn: turn,
+                _temp: temp,
+                device,
+            }
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            // SAFETY: no pointers.
+            unsafe { nvmlShutdown() };
+        }
+    }
+
+    #[test]
+    fn the_process_list_is_sized_by_a_first_call() {
+        let fake = Fake::start();
+        let mut count = 0;
+        let mut infos = [nvmlProcessInfo_t {
+            pid: 0,
+            usedGpuMemory: 0,
+            gpuInstanceId: 0,
+            computeInstanceId: 0,
+        }; 2];
+        // SAFETY: valid pointers; `count` never exceeds the buffer's 2 entries.
+        unsafe {
+            let null = ptr::null_mut();
+            let call = nvmlDeviceGetComputeRunningProcesses_v3;
+            assert_eq!(call(fake.device, &mut count, null), INSUFFICIENT_SIZE);
+            assert_eq!(count, 1);
+            count = 0;
+            assert_eq!(
+                call(fake.device, &mut count, infos.as_mut_ptr()),
+                INSUFFICIENT_SIZE
+            );
+            count = 2;
+            assert_eq!(call(fake.device, &mut count, infos.as_mut_ptr()), SUCCESS);
+        }
+        assert_eq!(count, 1);
+        assert_eq!(infos[0].pid, std::process::id());
+        assert_eq!(infos[0].usedGpuMemory, 3 * BYTES_PER_MB);
+        assert_eq!(infos[0].gpuInstanceId, NO_INSTANCE);
+    }
+
+    #[test]
+    fn a_name_buffer_without_room_for_the_nul_is_insufficient_size() {
+        let fake = Fake::start();
+        let mut name = [0 as c_char; 14];
+        // SAFETY: the lengths given are the buffer's or less.
+        unsafe {
+            assert_eq!(
+                nvmlDeviceGetName(fake.device, name.as_mut_ptr(), 13),
+                INSUFFICIENT_SIZE
+            );
+            assert_eq!(
+                nvmlDeviceGetName(fake.device, name.as_mut_ptr(), 14),
+                SUCCESS
+            );
+            assert_eq!(CStr::from_ptr(name.as_ptr()), c"Simulated GPU");
+        }
+    }
+
+    #[test]
+    fn memory_v2_refuses_a_wrong_version_and_reports_bytes() {
+        let fake = Fake::start();
+        let mut memory = nvmlMemory_v2_t {
+            version: 1,
+            total: 0,
+            reserved: 0,
+            free: 0,
+            used: 0,
+        };
+        // SAFETY: a valid pointer.
+        unsafe {
+            let call = nvmlDeviceGetMemoryInfo_v2;
+            assert_eq!(call(fake.device, &mut memory), ARGUMENT_VERSION_MISMATCH);
+            memory.version = MEMORY_V2_VERSION;
+            assert_eq!(call(fake.device, &mut memory), SUCCESS);
+        }
+        assert_eq!(memory.total, 100 * BYTES_PER_MB);
+        assert_eq!(memory.used, 13 * BYTES_PER_MB);
+        assert_eq!(memory.free, 87 * BYTES_PER_MB);
+    }
+
+    #[test]
+    fn only_device_0_exists_and_handles_need_init() {
+        let fake = Fake::start();
+        let mut device = ptr::null_mut();
+        let mut count = 0;
+        // SAFETY: valid out-pointers.
+        unsafe {
+            assert_eq!(nvmlDeviceGetCount_v2(&mut count), SUCCESS);
+            assert_eq!(
+                nvmlDeviceGetHandleByIndex_v2(1, &mut device),
+                INVALID_ARGUMENT
+            );
+            assert_eq!(nvmlShutdown(), SUCCESS);
+            assert_eq!(nvmlDeviceGetHandleByIndex_v2(0, &mut device), UNINITIALIZED);
+            assert_eq!(
+                nvmlDeviceGetName(fake.device, ptr::null_mut(), 0),
+                UNINITIALIZED
+            );
+            assert_eq!(nvmlInit_v2(), SUCCESS, "for the shutdown when dropped");
+        }
+        assert_eq!(count, 1);
+    }
+}
