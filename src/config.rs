@@ -423,7 +423,9 @@ impl Config {
                 simulated: raw.gpu.simulated.map(|p| base.join(p)),
                 total_mb: raw.gpu.total_mb,
                 reclaim_timeout: Duration::from_millis(
-                    raw.gpu.reclaim_timeout_ms.unwrap_or(DEFAULT_RECLAIM_TIMEOUT_MS),
+                    raw.gpu
+                        .reclaim_timeout_ms
+                        .unwrap_or(DEFAULT_RECLAIM_TIMEOUT_MS),
                 ),
             },
             lease: LeaseConfig {

@@ -17,7 +17,9 @@ use crate::reconcile::{GpuSource, Reconciler};
 /// budgets from declared sizes (`gpu.total_mb`), saying so in logs and status.
 pub fn open_gpu(config: &Config) -> GpuSource {
     let opened = match &config.gpu.simulated {
-        Some(dir) => SimulatedGpu::open(dir).map(|gpu| (Arc::new(gpu) as Arc<dyn Gpu>, "simulated")),
+        Some(dir) => {
+            SimulatedGpu::open(dir).map(|gpu| (Arc::new(gpu) as Arc<dyn Gpu>, "simulated"))
+        }
         None => NvmlGpu::open(config.gpu.nvml_library.as_deref(), config.gpu.index)
             .map(|gpu| (Arc::new(gpu) as Arc<dyn Gpu>, "nvml")),
     };
@@ -56,10 +58,10 @@ pub fn check_against_gpu(config: &Config, gpu: &GpuSource) -> Result<(), ConfigE
 pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
     let gpu = open_gpu(&config);
     check_against_gpu(&config, &gpu)?;
-    let native = NativeDriver::new(&config.state_dir).map_err(|e| {
-        anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display())
-    })?;
-    let prober = HealthProber::new().map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
+    let native = NativeDriver::new(&config.state_dir)
+        .map_err(|e| anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display()))?;
+    let prober = HealthProber::new()
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
     let effects = Effects::new(native, prober);
     let lease = InProcessLease::new(holder_identity());
     Ok(Reconciler::new(config, gpu, effects, lease))

@@ -34,7 +34,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     let config_path = write_demo_files(&dir)?;
-    let gpu = SimGpuDir::open(&dir.join("gpu"))?;
+    let gpu = SimGpuDir::open(dir.join("gpu"))?;
     println!("demo folder: {}", dir.display());
     println!("config:      {}", config_path.display());
     println!("simulated GPU: 24576 MB, 1024 MB used by a desktop, 300 ms to reclaim a dead process's memory\n");
@@ -46,18 +46,44 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     let steps: [(&str, DesiredState); 5] = [
         ("AC-1: phase 2 (Vidi)", phase(Some(2), &[])),
-        ("AC-1: phase 3 (stop Vidi, start CosyVoice)", phase(Some(3), &[])),
-        ("AC-1: phase 4 (stop CosyVoice, start ComfyUI)", phase(Some(4), &[])),
-        ("pin Ollama during phase 4: it does not fit beside ComfyUI", phase(Some(4), &["ollama"])),
+        (
+            "AC-1: phase 3 (stop Vidi, start CosyVoice)",
+            phase(Some(3), &[]),
+        ),
+        (
+            "AC-1: phase 4 (stop CosyVoice, start ComfyUI)",
+            phase(Some(4), &[]),
+        ),
+        (
+            "pin Ollama during phase 4: it does not fit beside ComfyUI",
+            phase(Some(4), &["ollama"]),
+        ),
         ("no phase: everything stops", phase(None, &[])),
     ];
     for (title, state) in steps {
         println!("== {title}");
         write_atomic(&config.desired_state, &state)?;
         let status = converged(&mut handle, &state).await?;
+        for action in status
+            .recent_actions
+            .iter()
+            .filter(|a| a.generation == status.desired.generation)
+        {
+            let outcome = match &action.outcome {
+                Ok(detail) => detail,
+                Err(error) => error,
+            };
+            println!(
+                "  {} {} in {} ms: {outcome}",
+                action.op, action.service, action.duration_ms
+            );
+        }
         print!("{}", render_status(&status));
         let ooms = gpu.oom_log()?;
-        anyhow::ensure!(ooms.is_empty(), "out-of-memory on the simulated GPU: {ooms:?}");
+        anyhow::ensure!(
+            ooms.is_empty(),
+            "out-of-memory on the simulated GPU: {ooms:?}"
+        );
         println!();
     }
     daemon.abort();
@@ -124,7 +150,7 @@ pub fn render_status(status: &Status) -> String {
 fn write_demo_files(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     SimGpuDir::create(
-        &dir.join("gpu"),
+        dir.join("gpu"),
         &DeviceSpec {
             name: "Simulated RTX 4090".to_owned(),
             total_mb: 24576,
@@ -156,10 +182,15 @@ fn write_demo_files(dir: &Path) -> anyhow::Result<PathBuf> {
     }
     let path = dir.join("gpu-manager.yaml");
     std::fs::write(&path, config)?;
-    write_atomic(&dir.join("desired-state/state.yaml"), &DesiredState::default())?;
+    write_atomic(
+        &dir.join("desired-state/state.yaml"),
+        &DesiredState::default(),
+    )?;
     Ok(path)
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -10,7 +10,11 @@ use gpu_manager::config::Config;
 use gpu_manager::{daemon, demo, desired, plan};
 
 #[derive(Parser)]
-#[command(name = "gpu-manager", version, about = "Keeps GPU services started and stopped so that what is wanted fits in VRAM")]
+#[command(
+    name = "gpu-manager",
+    version,
+    about = "Keeps GPU services started and stopped so that what is wanted fits in VRAM"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]

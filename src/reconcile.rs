@@ -17,7 +17,9 @@ use crate::desired::{self, DesiredState};
 use crate::lease::InProcessLease;
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::process::ProcessTable;
-use crate::plan::{self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict};
+use crate::plan::{
+    self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict,
+};
 use crate::status::{
     now_ms, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState, ServiceStatus, Status, Vram,
 };
@@ -52,8 +54,13 @@ pub enum Event {
 
 /// Where GPU observations come from, as said in logs and status.
 pub enum GpuSource {
-    Observed { gpu: SharedGpu, source: &'static str },
-    Unavailable { reason: String },
+    Observed {
+        gpu: SharedGpu,
+        source: &'static str,
+    },
+    Unavailable {
+        reason: String,
+    },
 }
 
 /// A finished action, for status and API answers.
@@ -70,6 +77,7 @@ pub struct ActionRecord {
 
 /// The reconciler's own record of one service.
 struct Record {
+    name: ServiceName,
     state: ServiceState,
     since_ms: u64,
     instance: Option<Instance>,
@@ -84,8 +92,9 @@ struct Record {
 }
 
 impl Record {
-    fn new() -> Self {
+    fn new(name: ServiceName) -> Self {
         Self {
+            name,
             state: ServiceState::Stopped,
             since_ms: now_ms(),
             instance: None,
@@ -102,7 +111,7 @@ impl Record {
 
     fn set_state(&mut self, state: ServiceState) {
         if self.state != state {
-            tracing::info!(from = %self.state, to = %state, "service state");
+            tracing::info!(service = %self.name, from = %self.state, to = %state, "service state");
             self.state = state;
             self.since_ms = now_ms();
         }
@@ -151,13 +160,18 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: Effects, lease: InProcessLease) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        gpu: GpuSource,
+        effects: Effects,
+        lease: InProcessLease,
+    ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
         let (status_tx, _) = watch::channel(Status::default());
         let records = config
             .inventory
             .iter()
-            .map(|s| (s.name.clone(), Record::new()))
+            .map(|s| (s.name.clone(), Record::new(s.name.clone())))
             .collect();
         Self {
             config,
@@ -314,7 +328,11 @@ impl Reconciler {
                 Ok(_) => self.mark_ready(&spec.name),
                 Err(error) => {
                     let message = error.to_string();
-                    self.stop_instance(&spec, "adopted instance is not healthy").await;
+                    // Its stop error, if any, is kept as last_error; the failure below
+                    // is what the service is reported with.
+                    let _ = self
+                        .stop_instance(&spec, "adopted instance is not healthy")
+                        .await;
                     self.fail(&spec.name, message);
                 }
             }
@@ -333,7 +351,10 @@ impl Reconciler {
         tracing::warn!(%service, pid, %exit, "service exited unexpectedly");
         record.instance = None;
         record.stop_monitor();
-        self.fail(service, format!("{service} {exit} unexpectedly; last log lines:\n{log}"));
+        self.fail(
+            service,
+            format!("{service} {exit} unexpectedly; last log lines:\n{log}"),
+        );
     }
 
     async fn on_unhealthy(&mut self, service: &ServiceName, pid: u32, error: String) {
@@ -344,8 +365,11 @@ impl Reconciler {
         record.set_state(ServiceState::Unhealthy);
         tracing::warn!(%service, %error, "unhealthy: restarting");
         let spec = self.spec(service).clone();
-        self.stop_instance(&spec, "unhealthy").await;
-        self.fail(service, format!("{service} failed {UNHEALTHY_AFTER} health checks in a row: {error}"));
+        let _ = self.stop_instance(&spec, "unhealthy").await;
+        self.fail(
+            service,
+            format!("{service} failed {UNHEALTHY_AFTER} health checks in a row: {error}"),
+        );
     }
 
     /// Records a failure and schedules a restart with exponential backoff, or gives up.
@@ -361,7 +385,8 @@ impl Reconciler {
                 record.consecutive_failures
             ));
         } else {
-            let backoff = Duration::from_secs(1 << (record.consecutive_failures - 1)).min(MAX_BACKOFF);
+            let backoff =
+                Duration::from_secs(1 << (record.consecutive_failures - 1)).min(MAX_BACKOFF);
             record.retry_at = Some(Instant::now() + backoff);
             record.reason = Some(format!("restarting in {}s", backoff.as_secs()));
         }
@@ -481,7 +506,10 @@ impl Reconciler {
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.
     fn apply_verdicts(&mut self, plan: &Plan) {
         for (name, verdict) in &plan.verdicts {
-            let record = self.records.get_mut(name).expect("verdicts cover the inventory");
+            let record = self
+                .records
+                .get_mut(name)
+                .expect("verdicts cover the inventory");
             if record.instance.is_some() {
                 continue;
             }
@@ -494,8 +522,10 @@ impl Reconciler {
                     record.set_state(ServiceState::Stopped);
                     record.reason = None;
                 }
-                Verdict::Idle if record.state == ServiceState::Failed => {
+                Verdict::Idle => {
+                    // Not wanted and not running: an old reason or failure is history.
                     record.set_state(ServiceState::Stopped);
+                    record.reason = None;
                 }
                 _ => {}
             }
@@ -511,8 +541,12 @@ impl Reconciler {
             Op::Start => self.start_for_plan(&spec, action).await,
         };
         match &outcome {
-            Ok(detail) => tracing::info!(op = %action.op, service = %action.service, %detail, elapsed_ms = started.elapsed().as_millis() as u64, "done"),
-            Err(error) => tracing::error!(op = %action.op, service = %action.service, %error, "action failed"),
+            Ok(detail) => {
+                tracing::info!(op = %action.op, service = %action.service, %detail, elapsed_ms = started.elapsed().as_millis() as u64, "done")
+            }
+            Err(error) => {
+                tracing::error!(op = %action.op, service = %action.service, %error, "action failed")
+            }
         }
         self.history.push(ActionRecord {
             op: action.op.to_string(),
@@ -529,7 +563,11 @@ impl Reconciler {
         self.publish();
     }
 
-    async fn stop_for_plan(&mut self, spec: &ServiceSpec, action: &Action) -> Result<String, String> {
+    async fn stop_for_plan(
+        &mut self,
+        spec: &ServiceSpec,
+        action: &Action,
+    ) -> Result<String, String> {
         let gpu_pids = self.record(&spec.name).gpu_pids.clone();
         self.stop_instance(spec, &action.reason).await?;
         let record = self.record(&spec.name);
@@ -635,7 +673,12 @@ impl Reconciler {
                             .get(&p.pid)
                             .map(|s| s.to_string())
                             .unwrap_or_else(|| "external".to_owned());
-                        format!("pid {} ({}, {owner}) {} MB", p.pid, process_name(p.pid), p.used_mb)
+                        format!(
+                            "pid {} ({}, {owner}) {} MB",
+                            p.pid,
+                            process_name(p.pid),
+                            p.used_mb
+                        )
                     })
                     .collect();
                 return Err(format!(
@@ -650,7 +693,11 @@ impl Reconciler {
         }
     }
 
-    async fn start_for_plan(&mut self, spec: &ServiceSpec, action: &Action) -> Result<String, String> {
+    async fn start_for_plan(
+        &mut self,
+        spec: &ServiceSpec,
+        action: &Action,
+    ) -> Result<String, String> {
         if let Err(message) = self.wait_for_room(spec, action.vram_mb).await {
             self.record(&spec.name).last_error = Some(message.clone());
             self.record(&spec.name).set_state(ServiceState::Preempted);
@@ -725,7 +772,13 @@ impl Reconciler {
                             failures += 1;
                             if failures >= UNHEALTHY_AFTER {
                                 let error = error.to_string();
-                                let _ = events.send(Event::Unhealthy { service: spec.name.clone(), pid, error }).await;
+                                let _ = events
+                                    .send(Event::Unhealthy {
+                                        service: spec.name.clone(),
+                                        pid,
+                                        error,
+                                    })
+                                    .await;
                                 return;
                             }
                         }
@@ -795,7 +848,12 @@ impl Reconciler {
                     phases: spec.phases.clone(),
                     declared_vram_mb: spec.vram_mb,
                     observed_vram_mb: record.observed_mb,
-                    pids: record.instance.as_ref().and_then(Instance::root_pid).into_iter().collect(),
+                    pids: record
+                        .instance
+                        .as_ref()
+                        .and_then(Instance::root_pid)
+                        .into_iter()
+                        .collect(),
                     container,
                     wanted: wanted.contains_key(&spec.name),
                     reason: record.reason.clone(),

@@ -16,10 +16,18 @@ fn allocated_mb(h: &Harness) -> Vec<u64> {
 fn ac1_phases_2_3_4_by_file_never_overrun_vram() {
     let mut h = Harness::new(mcn_inventory());
     h.start_daemon();
-    for (phase, ready, mb) in [(2, "vidi", 4096), (3, "cosyvoice", 4096), (4, "comfyui", 20480)] {
+    for (phase, ready, mb) in [
+        (2, "vidi", 4096),
+        (3, "cosyvoice", 4096),
+        (4, "comfyui", 20480),
+    ] {
         h.set_desired(&format!("phase: {phase}\n"));
         h.wait_converged(&[ready]);
-        assert_eq!(allocated_mb(&h), [mb], "only {ready} holds VRAM after phase {phase}");
+        assert_eq!(
+            allocated_mb(&h),
+            [mb],
+            "only {ready} holds VRAM after phase {phase}"
+        );
         assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
     }
 }
@@ -116,7 +124,11 @@ fn a_restarted_daemon_adopts_running_services_without_a_second_start() {
     });
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(h.instances_of("vidi"), 1, "no second instance");
-    assert_eq!(h.allocations(), before, "the same process holds the same memory");
+    assert_eq!(
+        h.allocations(),
+        before,
+        "the same process holds the same memory"
+    );
     h.set_desired("phase: 3\n");
     h.wait_converged(&["cosyvoice"]);
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());

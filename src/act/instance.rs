@@ -44,7 +44,9 @@ pub enum ActError {
         exit: ExitInfo,
         log: String,
     },
-    #[error("{service} did not become ready within {after:?} ({last_error}); last log lines:\n{log}")]
+    #[error(
+        "{service} did not become ready within {after:?} ({last_error}); last log lines:\n{log}"
+    )]
     NotReady {
         service: String,
         after: Duration,

@@ -106,7 +106,7 @@ impl Harness {
     pub fn new(services: Vec<Standin>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let gpu = SimGpuDir::create(
-            &dir.path().join("gpu"),
+            dir.path().join("gpu"),
             &DeviceSpec {
                 name: "Simulated RTX 4090".into(),
                 total_mb: 24576,
@@ -300,7 +300,11 @@ impl Drop for Harness {
         // Stop every stand-in this test started, whatever state the test left.
         for service in &self.services {
             let _ = Command::new("pkill")
-                .args(["-KILL", "-f", &format!("gpu-standin.*--port {}", service.port)])
+                .args([
+                    "-KILL",
+                    "-f",
+                    &format!("gpu-standin.*--port {}", service.port),
+                ])
                 .status();
         }
     }
@@ -328,6 +332,10 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 pub fn pid_is_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('Z')).unwrap_or(false))
+            .map(|s| {
+                s.rsplit_once(") ")
+                    .map(|(_, r)| r.starts_with('Z'))
+                    .unwrap_or(false)
+            })
             .unwrap_or(true)
 }
