@@ -7,14 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use sim_gpu::{DeviceSpec, SimGpuDir};
 
 use crate::config::Config;
-use crate::daemon;
 use crate::desired::{write_atomic, DesiredState};
-use crate::reconcile::ReconcilerHandle;
 use crate::status::Status;
+use crate::{api, daemon};
 
 /// The requirements' service inventory, sized as in its table.
 const SERVICES: [(&str, u64, i64, &str, u64); 4] = [
@@ -25,13 +23,9 @@ const SERVICES: [(&str, u64, i64, &str, u64); 4] = [
 ];
 
 pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let temp;
     let dir = match dir {
         Some(dir) => dir,
-        None => {
-            temp = tempfile_dir()?;
-            temp.clone()
-        }
+        None => tempfile_dir()?,
     };
     let config_path = write_demo_files(&dir)?;
     let gpu = SimGpuDir::open(dir.join("gpu"))?;
@@ -41,43 +35,60 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     let config = Arc::new(Config::load(&config_path)?);
     let reconciler = daemon::build(config.clone())?;
-    let mut handle = reconciler.handle();
+    let (addr, api) = api::serve(reconciler.handle(), &config.api).await?;
     let daemon = tokio::spawn(reconciler.run());
+    let server = tokio::spawn(api);
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let base = format!("http://{addr}");
 
-    let steps: [(&str, DesiredState); 5] = [
-        ("AC-1: phase 2 (Vidi)", phase(Some(2), &[])),
+    let steps = [
+        ("AC-1: phase 2 (Vidi)", "/gpu/prepare-phase/2"),
         (
             "AC-1: phase 3 (stop Vidi, start CosyVoice)",
-            phase(Some(3), &[]),
+            "/gpu/prepare-phase/3",
         ),
         (
             "AC-1: phase 4 (stop CosyVoice, start ComfyUI)",
-            phase(Some(4), &[]),
+            "/gpu/prepare-phase/4",
         ),
         (
-            "pin Ollama during phase 4: it does not fit beside ComfyUI",
-            phase(Some(4), &["ollama"]),
+            "Ollama does not fit beside ComfyUI (priority 100 > 10): refused",
+            "/gpu/service/ollama/start",
         ),
-        ("no phase: everything stops", phase(None, &[])),
+        (
+            "AC-3: back to phase 3, then start ComfyUI: CosyVoice is preempted",
+            "/gpu/prepare-phase/3",
+        ),
+        ("AC-3", "/gpu/service/comfyui/start"),
+        ("stop ComfyUI: held stopped", "/gpu/service/comfyui/stop"),
     ];
-    for (title, state) in steps {
-        println!("== {title}");
-        write_atomic(&config.desired_state, &state)?;
-        let status = converged(&mut handle, &state).await?;
-        for action in status
-            .recent_actions
-            .iter()
-            .filter(|a| a.generation == status.desired.generation)
-        {
-            let outcome = match &action.outcome {
-                Ok(detail) => detail,
-                Err(error) => error,
-            };
-            println!(
-                "  {} {} in {} ms: {outcome}",
-                action.op, action.service, action.duration_ms
-            );
+    for (title, path) in steps {
+        println!("== {title}\n$ curl -X POST {base}{path}");
+        let response = client.post(format!("{base}{path}")).send().await?;
+        let code = response.status();
+        let body: serde_json::Value = response.json().await?;
+        if code.is_success() {
+            for action in body["actions"].as_array().into_iter().flatten() {
+                let outcome = action["outcome"]["Ok"]
+                    .as_str()
+                    .or(action["outcome"]["Err"].as_str())
+                    .unwrap_or("");
+                println!(
+                    "  {} {} in {} ms: {outcome}",
+                    action["op"].as_str().unwrap_or(""),
+                    action["service"].as_str().unwrap_or(""),
+                    action["duration_ms"]
+                );
+            }
+        } else {
+            println!("  HTTP {code}: {}", body["error"].as_str().unwrap_or(""));
         }
+        let status: Status = client
+            .get(format!("{base}/gpu/status"))
+            .send()
+            .await?
+            .json()
+            .await?;
         print!("{}", render_status(&status));
         let ooms = gpu.oom_log()?;
         anyhow::ensure!(
@@ -86,19 +97,33 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         );
         println!();
     }
+    println!("== cleaning up: no phase, nothing pinned");
+    write_atomic(&config.desired_state, &DesiredState::default())?;
+    wait_all_stopped(&client, &base).await?;
     daemon.abort();
+    server.abort();
     println!("oom.log is empty: no service ever ran out of memory.");
     Ok(())
 }
 
-fn phase(phase: Option<u32>, pinned: &[&str]) -> DesiredState {
-    DesiredState {
-        phase,
-        pinned: pinned
-            .iter()
-            .filter_map(|p| crate::config::ServiceName::parse(p).ok())
-            .collect(),
-        held: Vec::new(),
+/// Waits until every service is stopped (after the demo's last step).
+async fn wait_all_stopped(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: Status = client
+            .get(format!("{base}/gpu/status"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if status.services.values().all(|s| s.pids.is_empty()) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "services did not stop within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -106,22 +131,6 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("gpu-manager-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// Waits until the daemon has accepted `state` and converged on it.
-async fn converged(handle: &mut ReconcilerHandle, state: &DesiredState) -> anyhow::Result<Status> {
-    let wanted_pins: Vec<String> = state.pinned.iter().map(|p| p.to_string()).collect();
-    let wait = handle.status.wait_for(|s| {
-        s.desired.phase == state.phase
-            && s.desired.pinned == wanted_pins
-            && s.desired.generation > 0
-            && s.desired.converged_generation == s.desired.generation
-    });
-    let status = tokio::time::timeout(Duration::from_secs(60), wait)
-        .await
-        .context("the daemon did not converge within 60 s")?
-        .context("the daemon stopped")?;
-    Ok(status.clone())
 }
 
 /// A readable table of VRAM and services.
@@ -168,6 +177,7 @@ fn write_demo_files(dir: &Path) -> anyhow::Result<PathBuf> {
     );
     let mut config = String::from(
         "# gpu-manager demo: the requirements' inventory with stand-in services\n\
+         api: { listen: \"127.0.0.1:0\" }\n\
          gpu: { simulated: gpu, reserve_mb: 512 }\n\
          desired_state: desired-state/state.yaml\n\
          state_dir: state\n\

@@ -2,12 +2,15 @@
 //! pipeline wants now fits in VRAM. See DESIGN.md for the shape: observe, plan, act.
 
 pub mod act;
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod desired;
 pub mod lease;
+pub mod metrics;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;
 pub mod status;
+pub mod transition;

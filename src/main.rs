@@ -1,13 +1,13 @@
 //! The command line: parse, load the config, call into the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use gpu_manager::config::Config;
-use gpu_manager::{daemon, demo, desired, plan};
+use gpu_manager::{api, daemon, demo, desired, plan};
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +36,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run the reconcile loop and the HTTP API: the daemon users deploy.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print the actions the daemon would take now, and why; changes nothing.
     Plan {
         #[arg(long, short)]
@@ -55,6 +60,38 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// Whether the daemon serves the HTTP API beside the reconcile loop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    WatchOnly,
+    WithApi,
+}
+
+/// Runs the reconcile loop (and the API) until interrupted. Services keep running when
+/// the daemon stops; the next daemon adopts them.
+async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(config)?);
+    let reconciler = daemon::build(config.clone())?;
+    let api = match mode {
+        Mode::WithApi => Some(api::serve(reconciler.handle(), &config.api).await?.1),
+        Mode::WatchOnly => None,
+    };
+    let api = async {
+        match api {
+            Some(api) => api.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = reconciler.run() => Ok(()),
+        () = api => Ok(()),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted: services keep running and will be adopted on restart");
+            Ok(())
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -94,17 +131,8 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Watch { config } => {
-            let config = Arc::new(Config::load(&config)?);
-            let reconciler = daemon::build(config)?;
-            tokio::select! {
-                () = reconciler.run() => Ok(()),
-                _ = tokio::signal::ctrl_c() => {
-                    tracing::info!("interrupted: services keep running and will be adopted on restart");
-                    Ok(())
-                }
-            }
-        }
+        Command::Watch { config } => run_daemon(&config, Mode::WatchOnly).await,
+        Command::Serve { config } => run_daemon(&config, Mode::WithApi).await,
         Command::Plan { config, phase } => {
             let config = Config::load(&config)?;
             let mut state = desired::load(&config.desired_state, &config.inventory)?;

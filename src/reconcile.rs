@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use crate::act::instance::{Effects, Instance};
+use crate::act::instance::{ActError, Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
@@ -21,7 +21,11 @@ use crate::plan::{
     self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict,
 };
 use crate::status::{
-    now_ms, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState, ServiceStatus, Status, Vram,
+    now_ms, ActionRecord, DaemonEvent, DesiredStatus, FailureKind, GpuProcessStatus, GpuStatus,
+    ServiceState, ServiceStatus, Status, TransitionStats, Vram,
+};
+use crate::transition::{
+    Change, RoundEnd, TransitionError, TransitionReply, TransitionReport, Waiters,
 };
 
 /// Restarts back off 1 s, 2 s, 4 s... up to this.
@@ -50,6 +54,24 @@ pub enum Event {
         pid: u32,
         error: String,
     },
+    /// A request from the API.
+    Command(Command),
+}
+
+/// What the API asks of the reconciler.
+#[derive(Debug)]
+pub enum Command {
+    /// Change the desired state; answered when converged, or at once if `wait` is false.
+    Transition {
+        change: Change,
+        wait: bool,
+        reply: TransitionReply,
+    },
+    /// The plan the daemon would follow for a change, without making it.
+    Plan {
+        change: Option<Change>,
+        reply: oneshot::Sender<Result<Plan, TransitionError>>,
+    },
 }
 
 /// Where GPU observations come from, as said in logs and status.
@@ -61,18 +83,6 @@ pub enum GpuSource {
     Unavailable {
         reason: String,
     },
-}
-
-/// A finished action, for status and API answers.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct ActionRecord {
-    pub op: String,
-    pub service: String,
-    pub reason: String,
-    pub generation: u64,
-    pub duration_ms: u64,
-    pub outcome: Result<String, String>,
-    pub finished_at_ms: u64,
 }
 
 /// The reconciler's own record of one service.
@@ -139,6 +149,8 @@ struct GpuView {
 pub struct ReconcilerHandle {
     pub events: mpsc::Sender<Event>,
     pub status: watch::Receiver<Status>,
+    /// Every state change and action, for the event stream.
+    pub feed: broadcast::Sender<DaemonEvent>,
 }
 
 pub struct Reconciler {
@@ -152,8 +164,10 @@ pub struct Reconciler {
     converged_generation: u64,
     records: BTreeMap<ServiceName, Record>,
     gpu_view: GpuView,
-    last_plan: Option<Plan>,
     history: Vec<ActionRecord>,
+    transitions: TransitionStats,
+    waiters: Waiters,
+    feed: broadcast::Sender<DaemonEvent>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     status_tx: watch::Sender<Status>,
@@ -184,8 +198,10 @@ impl Reconciler {
             converged_generation: 0,
             records,
             gpu_view: GpuView::default(),
-            last_plan: None,
             history: Vec::new(),
+            transitions: TransitionStats::default(),
+            waiters: Waiters::default(),
+            feed: broadcast::channel(1024).0,
             events_tx,
             events_rx,
             status_tx,
@@ -196,6 +212,7 @@ impl Reconciler {
         ReconcilerHandle {
             events: self.events_tx.clone(),
             status: self.status_tx.subscribe(),
+            feed: self.feed.clone(),
         }
     }
 
@@ -223,7 +240,10 @@ impl Reconciler {
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.reconcile().await;
+            if self.reconcile().await == Again::Now {
+                self.drain_events().await;
+                continue;
+            }
             tokio::select! {
                 event = self.events_rx.recv() => match event {
                     Some(event) => self.handle_event(event).await,
@@ -250,6 +270,7 @@ impl Reconciler {
                 pid,
                 error,
             } => self.on_unhealthy(&service, pid, error).await,
+            Event::Command(command) => self.on_command(command).await,
         }
     }
 
@@ -268,6 +289,9 @@ impl Reconciler {
                 let message = error.to_string();
                 if self.desired_error.as_deref() != Some(message.as_str()) {
                     tracing::warn!(%message, "desired state refused");
+                    let _ = self.feed.send(DaemonEvent::DesiredRefused {
+                        error: message.clone(),
+                    });
                 }
                 self.desired_error = Some(message);
             }
@@ -276,8 +300,15 @@ impl Reconciler {
     }
 
     fn accept_desired(&mut self, state: DesiredState) {
-        self.desired = Some(state);
         self.generation += 1;
+        let _ = self.feed.send(DaemonEvent::DesiredAccepted {
+            generation: self.generation,
+            phase: state.phase,
+            pinned: state.pinned.iter().map(|n| n.to_string()).collect(),
+            held: state.held.iter().map(|n| n.to_string()).collect(),
+        });
+        self.desired = Some(state);
+        self.waiters.supersede(self.generation);
         // A new desired state is a new chance for services that had failed.
         for record in self.records.values_mut() {
             record.consecutive_failures = 0;
@@ -470,29 +501,31 @@ impl Reconciler {
 
     // ---- plan and act ----
 
-    async fn reconcile(&mut self) {
+    /// One round: observe, plan, act. Says whether another round should follow at once
+    /// (after acting, to confirm convergence on fresh observations).
+    async fn reconcile(&mut self) -> Again {
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
             self.publish();
-            return;
+            return Again::OnNextTrigger;
         };
         let plan = plan::plan(&self.config.inventory, &desired, &observation);
         self.apply_verdicts(&plan);
-        let actions = plan.actions.clone();
-        self.last_plan = Some(plan);
-        if actions.is_empty() {
-            self.converged_generation = self.generation;
-            self.publish();
-            return;
-        }
         let generation = self.generation;
+        if plan.is_empty() {
+            self.converged_generation = generation;
+            self.finish_round(generation, RoundEnd::Completed);
+            return Again::OnNextTrigger;
+        }
         if let Err(error) = self.lease.acquire().await {
             tracing::warn!(%error, "cannot act now");
-            self.publish();
-            return;
+            self.finish_round(generation, RoundEnd::Blocked(error.into()));
+            return Again::OnNextTrigger;
         }
-        for action in actions {
-            self.execute(&action).await;
+        let started = Instant::now();
+        let mut failed = false;
+        for action in &plan.actions {
+            failed |= !self.execute(action).await;
             self.drain_events().await;
             if self.generation != generation {
                 tracing::info!("desired state changed mid-transition: planning again");
@@ -500,7 +533,97 @@ impl Reconciler {
             }
         }
         self.lease.release().await;
+        self.transitions
+            .observe(started.elapsed().as_millis() as u64);
+        // Callers are answered after the next round has observed the result (so the
+        // status they read next is fresh), or now if an action failed.
+        if failed && self.generation == generation {
+            self.finish_round(generation, RoundEnd::Completed);
+        } else {
+            self.publish();
+        }
+        Again::Now
+    }
+
+    /// Publishes status and answers the callers waiting on `generation`.
+    fn finish_round(&mut self, generation: u64, end: RoundEnd) {
         self.publish();
+        let services = self
+            .records
+            .iter()
+            .map(|(name, record)| (name.to_string(), record.state))
+            .collect();
+        self.waiters.finish(generation, &end, &services);
+    }
+
+    // ---- API requests ----
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Transition {
+                change,
+                wait,
+                reply,
+            } => match self.accept_change(&change).await {
+                Ok(generation) if wait => self.waiters.add(generation, reply),
+                Ok(generation) => {
+                    let _ = reply.send(Ok(TransitionReport {
+                        generation,
+                        accepted_only: true,
+                        actions: Vec::new(),
+                        services: BTreeMap::new(),
+                        duration_ms: 0,
+                    }));
+                }
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
+            Command::Plan { change, reply } => {
+                let _ = reply.send(self.plan_for(change.as_ref()).await.map(|(_, plan)| plan));
+            }
+        }
+    }
+
+    /// The desired state a change leads to, and the plan for it on a fresh observation.
+    async fn plan_for(
+        &mut self,
+        change: Option<&Change>,
+    ) -> Result<(DesiredState, Plan), TransitionError> {
+        let current = self.desired.clone().unwrap_or_default();
+        let next = match change {
+            Some(change) => {
+                change.check(&self.config.inventory)?;
+                change.apply(&current)
+            }
+            None => current,
+        };
+        let mut observation = self.observe().await;
+        // A new desired state reopens every start gate (see accept_desired).
+        if change.is_some() {
+            for view in observation.services.values_mut() {
+                view.gate = StartGate::Open;
+            }
+        }
+        let plan = plan::plan(&self.config.inventory, &next, &observation);
+        Ok((next, plan))
+    }
+
+    /// Checks a change (404, 409), writes it to the desired-state file and accepts it.
+    async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
+        let (next, plan) = self.plan_for(Some(change)).await?;
+        change.check_fits(&self.config.inventory, &plan)?;
+        desired::write_atomic(&self.config.desired_state, &next).map_err(|e| {
+            TransitionError::NotWritten {
+                detail: format!("{e}; nothing was changed"),
+            }
+        })?;
+        tracing::info!(?change, "desired state changed through the API");
+        self.desired_error = None;
+        if self.desired.as_ref() != Some(&next) {
+            self.accept_desired(next);
+        }
+        Ok(self.generation)
     }
 
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.
@@ -532,42 +655,59 @@ impl Reconciler {
         }
     }
 
-    async fn execute(&mut self, action: &Action) {
+    /// Runs one action and records it; returns whether it succeeded.
+    async fn execute(&mut self, action: &Action) -> bool {
         let started = Instant::now();
         let spec = self.spec(&action.service).clone();
         tracing::info!(op = %action.op, service = %action.service, reason = %action.reason, "action");
+        let _ = self.feed.send(DaemonEvent::ActionStarted {
+            generation: self.generation,
+            op: action.op.to_string(),
+            service: action.service.to_string(),
+            reason: action.reason.clone(),
+        });
         let outcome = match action.op {
             Op::Stop => self.stop_for_plan(&spec, action).await,
             Op::Start => self.start_for_plan(&spec, action).await,
         };
-        match &outcome {
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let (outcome, failure) = match outcome {
             Ok(detail) => {
-                tracing::info!(op = %action.op, service = %action.service, %detail, elapsed_ms = started.elapsed().as_millis() as u64, "done")
+                tracing::info!(op = %action.op, service = %action.service, %detail, elapsed_ms, "done");
+                (Ok(detail), None)
             }
-            Err(error) => {
-                tracing::error!(op = %action.op, service = %action.service, %error, "action failed")
+            Err(failure) => {
+                tracing::error!(op = %action.op, service = %action.service, error = %failure.message, "action failed");
+                (Err(failure.message), Some(failure.kind))
             }
-        }
-        self.history.push(ActionRecord {
+        };
+        let record = ActionRecord {
             op: action.op.to_string(),
             service: action.service.to_string(),
             reason: action.reason.clone(),
             generation: self.generation,
-            duration_ms: started.elapsed().as_millis() as u64,
+            duration_ms: elapsed_ms,
             outcome,
+            failure,
             finished_at_ms: now_ms(),
+        };
+        self.waiters.record(&record);
+        let _ = self.feed.send(DaemonEvent::ActionFinished {
+            action: record.clone(),
         });
+        self.history.push(record);
         if self.history.len() > ACTION_HISTORY {
             self.history.remove(0);
         }
         self.publish();
+        failure.is_none()
     }
 
     async fn stop_for_plan(
         &mut self,
         spec: &ServiceSpec,
         action: &Action,
-    ) -> Result<String, String> {
+    ) -> Result<String, ActionFailure> {
         let gpu_pids = self.record(&spec.name).gpu_pids.clone();
         self.stop_instance(spec, &action.reason).await?;
         let record = self.record(&spec.name);
@@ -583,7 +723,7 @@ impl Reconciler {
     }
 
     /// Stops the instance (if any) and clears it from the record.
-    async fn stop_instance(&mut self, spec: &ServiceSpec, why: &str) -> Result<(), String> {
+    async fn stop_instance(&mut self, spec: &ServiceSpec, why: &str) -> Result<(), ActionFailure> {
         let record = self.record(&spec.name);
         let Some(instance) = record.instance.clone() else {
             return Ok(());
@@ -602,17 +742,20 @@ impl Reconciler {
                 Ok(())
             }
             Err(error) => {
-                let message = error.to_string();
-                let record = self.record(&spec.name);
-                record.last_error = Some(message.clone());
-                Err(message)
+                let failure = ActionFailure::from(&error);
+                self.record(&spec.name).last_error = Some(failure.message.clone());
+                Err(failure)
             }
         }
     }
 
     /// Trusts the GPU, not the bookkeeping: a stop is done when the GPU no longer lists
     /// the service's processes. Skipped when it held no GPU memory.
-    async fn wait_pids_gone(&mut self, spec: &ServiceSpec, pids: &[u32]) -> Result<(), String> {
+    async fn wait_pids_gone(
+        &mut self,
+        spec: &ServiceSpec,
+        pids: &[u32],
+    ) -> Result<(), ActionFailure> {
         let GpuSource::Observed { gpu, .. } = &self.gpu else {
             return Ok(());
         };
@@ -622,7 +765,9 @@ impl Reconciler {
         let gpu = gpu.clone();
         let deadline = Instant::now() + self.config.gpu.reclaim_timeout;
         loop {
-            let sample = sample_gpu(gpu.clone()).await?;
+            let sample = sample_gpu(gpu.clone())
+                .await
+                .map_err(ActionFailure::other)?;
             let left: Vec<_> = sample
                 .processes
                 .iter()
@@ -636,12 +781,12 @@ impl Reconciler {
                     .iter()
                     .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
                     .collect();
-                return Err(format!(
+                return Err(ActionFailure::timeout(format!(
                     "{} stopped but the GPU still lists its memory after {:?}: {}",
                     spec.name,
                     self.config.gpu.reclaim_timeout,
                     holders.join(", ")
-                ));
+                )));
             }
             tokio::time::sleep(RECLAIM_POLL).await;
         }
@@ -649,7 +794,11 @@ impl Reconciler {
 
     /// Before a start: waits until the GPU shows enough free memory (a stop's memory
     /// may still be in the driver's teardown), naming who holds it on timeout.
-    async fn wait_for_room(&mut self, spec: &ServiceSpec, need_mb: u64) -> Result<(), String> {
+    async fn wait_for_room(
+        &mut self,
+        spec: &ServiceSpec,
+        need_mb: u64,
+    ) -> Result<(), ActionFailure> {
         let GpuSource::Observed { gpu, .. } = &self.gpu else {
             return Ok(());
         };
@@ -657,7 +806,9 @@ impl Reconciler {
         let reserve = self.config.gpu.reserve_mb;
         let deadline = Instant::now() + self.config.gpu.reclaim_timeout;
         loop {
-            let sample = sample_gpu(gpu.clone()).await?;
+            let sample = sample_gpu(gpu.clone())
+                .await
+                .map_err(ActionFailure::other)?;
             let room = sample.free_mb.saturating_sub(reserve);
             if room >= need_mb {
                 return Ok(());
@@ -681,13 +832,13 @@ impl Reconciler {
                         )
                     })
                     .collect();
-                return Err(format!(
+                return Err(ActionFailure::timeout(format!(
                     "cannot start {}: it needs {need_mb} MB but only {room} MB is free after {:?} ({} MB reserve); held by: {}",
                     spec.name,
                     self.config.gpu.reclaim_timeout,
                     reserve,
                     if holders.is_empty() { "no listed process".to_owned() } else { holders.join(", ") }
-                ));
+                )));
             }
             tokio::time::sleep(RECLAIM_POLL).await;
         }
@@ -697,18 +848,17 @@ impl Reconciler {
         &mut self,
         spec: &ServiceSpec,
         action: &Action,
-    ) -> Result<String, String> {
-        if let Err(message) = self.wait_for_room(spec, action.vram_mb).await {
-            self.record(&spec.name).last_error = Some(message.clone());
-            self.record(&spec.name).set_state(ServiceState::Preempted);
-            return Err(message);
+    ) -> Result<String, ActionFailure> {
+        if let Err(failure) = self.wait_for_room(spec, action.vram_mb).await {
+            self.fail(&spec.name, failure.message.clone());
+            return Err(failure);
         }
         let instance = match self.effects.start(spec).await {
             Ok(instance) => instance,
             Err(error) => {
-                let message = error.to_string();
-                self.fail(&spec.name, message.clone());
-                return Err(message);
+                let failure = ActionFailure::from(&error);
+                self.fail(&spec.name, failure.message.clone());
+                return Err(failure);
             }
         };
         let record = self.record(&spec.name);
@@ -724,11 +874,11 @@ impl Reconciler {
                 Ok(format!("ready after {} ms", took.as_millis()))
             }
             Err(error) => {
-                let message = error.to_string();
+                let failure = ActionFailure::from(&error);
                 // Nothing is left half-started: a start that failed is stopped.
                 let _ = self.stop_instance(spec, "start failed").await;
-                self.fail(&spec.name, message.clone());
-                Err(message)
+                self.fail(&spec.name, failure.message.clone());
+                Err(failure)
             }
         }
     }
@@ -792,9 +942,22 @@ impl Reconciler {
 
     // ---- status ----
 
+    /// Publishes a fresh snapshot, and a state-changed event for each service whose
+    /// state differs from the last snapshot's.
     fn publish(&self) {
         let status = self.snapshot();
-        self.status_tx.send_replace(status);
+        let previous = self.status_tx.send_replace(status.clone());
+        for (name, service) in &status.services {
+            let before = previous.services.get(name).map(|s| s.state);
+            if before.is_some_and(|b| b != service.state) {
+                let _ = self.feed.send(DaemonEvent::StateChanged {
+                    service: name.clone(),
+                    from: before.unwrap_or(ServiceState::Stopped),
+                    to: service.state,
+                    reason: service.reason.clone(),
+                });
+            }
+        }
     }
 
     fn snapshot(&self) -> Status {
@@ -899,7 +1062,47 @@ impl Reconciler {
                 error: self.desired_error.clone(),
             },
             recent_actions: self.history.clone(),
+            transitions: self.transitions.clone(),
             observed_at_ms: now_ms(),
+        }
+    }
+}
+
+/// Whether the run loop starts another round at once.
+#[derive(Debug, PartialEq, Eq)]
+enum Again {
+    Now,
+    OnNextTrigger,
+}
+
+/// Why an action failed, and what kind of failure it was (for the API's status code).
+#[derive(Debug)]
+struct ActionFailure {
+    kind: FailureKind,
+    message: String,
+}
+
+impl ActionFailure {
+    fn timeout(message: String) -> Self {
+        Self {
+            kind: FailureKind::Timeout,
+            message,
+        }
+    }
+
+    fn other(message: String) -> Self {
+        Self {
+            kind: FailureKind::Other,
+            message,
+        }
+    }
+}
+
+impl From<&ActError> for ActionFailure {
+    fn from(error: &ActError) -> Self {
+        Self {
+            kind: error.failure_kind(),
+            message: error.to_string(),
         }
     }
 }

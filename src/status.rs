@@ -8,7 +8,6 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Phase;
-use crate::reconcile::ActionRecord;
 
 /// A service's lifecycle state, as the contract names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +43,7 @@ pub struct Status {
     pub desired: DesiredStatus,
     /// The last actions taken, oldest first.
     pub recent_actions: Vec<ActionRecord>,
+    pub transitions: TransitionStats,
     /// Wall-clock time of this snapshot, milliseconds since the epoch.
     pub observed_at_ms: u64,
 }
@@ -123,10 +123,121 @@ pub struct DesiredStatus {
     pub error: Option<String>,
 }
 
+/// A finished action, for status, API answers and the event stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub op: String,
+    pub service: String,
+    pub reason: String,
+    pub generation: u64,
+    pub duration_ms: u64,
+    pub outcome: Result<String, String>,
+    /// What kind of failure, when it failed: decides the API's status code.
+    pub failure: Option<FailureKind>,
+    pub finished_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Not ready, or memory not reclaimed, in time.
+    Timeout,
+    /// A backend the action needs (Docker) is unreachable.
+    BackendDown,
+    Other,
+}
+
+/// Durations of transitions (reconcile rounds that acted), as a histogram.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransitionStats {
+    pub count: u64,
+    pub sum_ms: u64,
+    /// Upper bounds in ms, ascending; the counts are cumulative as Prometheus wants.
+    pub bucket_le_ms: Vec<u64>,
+    pub bucket_counts: Vec<u64>,
+}
+
+impl Default for TransitionStats {
+    fn default() -> Self {
+        let bucket_le_ms = vec![100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000];
+        Self {
+            count: 0,
+            sum_ms: 0,
+            bucket_counts: vec![0; bucket_le_ms.len()],
+            bucket_le_ms,
+        }
+    }
+}
+
+impl TransitionStats {
+    pub fn observe(&mut self, duration_ms: u64) {
+        self.count += 1;
+        self.sum_ms += duration_ms;
+        for (le, count) in self.bucket_le_ms.iter().zip(self.bucket_counts.iter_mut()) {
+            if duration_ms <= *le {
+                *count += 1;
+            }
+        }
+    }
+}
+
+/// What the event stream (`GET /gpu/events`) carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DaemonEvent {
+    DesiredAccepted {
+        generation: u64,
+        phase: Option<Phase>,
+        pinned: Vec<String>,
+        held: Vec<String>,
+    },
+    DesiredRefused {
+        error: String,
+    },
+    ActionStarted {
+        generation: u64,
+        op: String,
+        service: String,
+        reason: String,
+    },
+    ActionFinished {
+        action: ActionRecord,
+    },
+    StateChanged {
+        service: String,
+        from: ServiceState,
+        to: ServiceState,
+        reason: Option<String>,
+    },
+}
+
 /// Milliseconds since the epoch, for timestamps people and tools can read.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_buckets_are_cumulative() {
+        let mut stats = TransitionStats::default();
+        stats.observe(90);
+        stats.observe(700);
+        assert_eq!(stats.count, 2);
+        assert_eq!(stats.sum_ms, 790);
+        assert_eq!(stats.bucket_counts[0], 1, "le 100");
+        assert_eq!(stats.bucket_counts[3], 2, "le 1000");
+        assert_eq!(*stats.bucket_counts.last().unwrap(), 2);
+    }
+
+    #[test]
+    fn states_display_as_the_contract_names_them() {
+        assert_eq!(ServiceState::Preempted.to_string(), "preempted");
+        assert_eq!(ServiceState::Ready.to_string(), "ready");
+    }
 }

@@ -8,6 +8,7 @@ use crate::act::native::{NativeDriver, NativeError, ProcessHandle, StopReport};
 use crate::act::ExitInfo;
 use crate::config::{Runtime, ServiceSpec};
 use crate::observe::health::{wait_ready, HealthProber, ReadyError};
+use crate::status::FailureKind;
 
 /// How many log lines an error message carries.
 const LOG_LINES_IN_ERRORS: usize = 10;
@@ -56,9 +57,12 @@ pub enum ActError {
 }
 
 impl ActError {
-    /// A start that timed out (the API answers 504 for it).
-    pub fn is_timeout(&self) -> bool {
-        matches!(self, ActError::NotReady { .. })
+    /// What kind of failure this is: decides the API's status code (504 on timeout).
+    pub fn failure_kind(&self) -> FailureKind {
+        match self {
+            ActError::NotReady { .. } => FailureKind::Timeout,
+            _ => FailureKind::Other,
+        }
     }
 }
 

@@ -1,0 +1,415 @@
+//! The HTTP API (warp). Reads are served from the reconciler's latest snapshot, never
+//! from a blocking NVML call; changes are sent to the reconciler, which rewrites the
+//! desired-state file and answers when it has converged (or failed).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::BroadcastStream;
+use warp::http::StatusCode;
+use warp::reply::{Reply, Response};
+use warp::{Filter, Rejection};
+
+use crate::config::{ApiConfig, Phase, ServiceName};
+use crate::reconcile::{Command, Event, ReconcilerHandle};
+use crate::status::{now_ms, Status};
+use crate::transition::{Change, TransitionError};
+
+/// Requests carry no body; anything larger than this is refused.
+const MAX_BODY_BYTES: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("refusing to listen on {addr}: it is not a loopback address and api.token_file is not set; set a token or listen on 127.0.0.1")]
+    UnsafeListen { addr: SocketAddr },
+    #[error("cannot read api.token_file {path}: {source}")]
+    Token {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("api.token_file {path} is empty: put a secret token in it")]
+    EmptyToken { path: String },
+    #[error(
+        "cannot listen on {addr}: {source} (is another gpu-manager running? change api.listen)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The bearer token POSTs need, if one is configured.
+#[derive(Clone)]
+pub struct Auth {
+    token: Option<Arc<Vec<u8>>>,
+}
+
+impl Auth {
+    /// Reads the token and enforces the listen rule: no token, loopback only.
+    pub fn from_config(api: &ApiConfig) -> Result<Self, ApiError> {
+        let token = match &api.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ApiError::Token {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let token = text.trim().as_bytes().to_vec();
+                if token.is_empty() {
+                    return Err(ApiError::EmptyToken {
+                        path: path.display().to_string(),
+                    });
+                }
+                Some(Arc::new(token))
+            }
+            None => None,
+        };
+        if token.is_none() && !api.listen.ip().is_loopback() {
+            return Err(ApiError::UnsafeListen { addr: api.listen });
+        }
+        Ok(Self { token })
+    }
+
+    fn allows(&self, header: Option<&str>) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        let given = header
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("")
+            .as_bytes();
+        constant_time_eq(given, expected)
+    }
+}
+
+/// Compares without stopping at the first difference, so timing reveals nothing of the
+/// token but its length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    wait: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PlanQuery {
+    phase: Option<Phase>,
+    start: Option<String>,
+    stop: Option<String>,
+}
+
+/// `GET /gpu/status`: the snapshot and how old it is.
+#[derive(Serialize)]
+struct StatusBody<'a> {
+    #[serde(flatten)]
+    status: &'a Status,
+    snapshot_age_ms: u64,
+}
+
+/// A rejection carrying an error reply (the reply is built in `recover`).
+#[derive(Debug)]
+struct Refused(TransitionError);
+impl warp::reject::Reject for Refused {}
+
+#[derive(Debug)]
+struct Unauthorized;
+impl warp::reject::Reject for Unauthorized {}
+
+/// All routes.
+pub fn routes(
+    handle: ReconcilerHandle,
+    auth: Auth,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let with_handle = warp::any().map(move || handle.clone());
+    let authorized = warp::header::optional::<String>("authorization")
+        .and(warp::any().map(move || auth.clone()))
+        .and_then(|header: Option<String>, auth: Auth| async move {
+            if auth.allows(header.as_deref()) {
+                Ok(())
+            } else {
+                Err(warp::reject::custom(Unauthorized))
+            }
+        })
+        .untuple_one();
+    let post = warp::post()
+        .and(authorized)
+        .and(bounded_body())
+        .and(warp::query::<WaitQuery>());
+
+    let status = warp::path!("gpu" / "status")
+        .and(warp::get())
+        .and(with_handle.clone())
+        .map(|handle: ReconcilerHandle| {
+            let status = handle.status.borrow();
+            let age = now_ms().saturating_sub(status.observed_at_ms);
+            warp::reply::json(&StatusBody {
+                status: &status,
+                snapshot_age_ms: age,
+            })
+            .into_response()
+        });
+    let phase = warp::path!("gpu" / "prepare-phase" / String)
+        .and(post.clone())
+        .and(with_handle.clone())
+        .and_then(|phase: String, query: WaitQuery, handle| async move {
+            let phase = phase.parse::<Phase>().map_err(|_| {
+                warp::reject::custom(Refused(TransitionError::BadRequest {
+                    detail: format!("phase {phase:?} is not a number"),
+                }))
+            })?;
+            transition(handle, Change::Phase(phase), query).await
+        });
+    let start = warp::path!("gpu" / "service" / String / "start")
+        .and(post.clone())
+        .and(with_handle.clone())
+        .and_then(|name: String, query: WaitQuery, handle| async move {
+            let change = Change::Start(service_name(&name, &handle)?);
+            transition(handle, change, query).await
+        });
+    let stop = warp::path!("gpu" / "service" / String / "stop")
+        .and(post)
+        .and(with_handle.clone())
+        .and_then(|name: String, query: WaitQuery, handle| async move {
+            let change = Change::Stop(service_name(&name, &handle)?);
+            transition(handle, change, query).await
+        });
+    let plan = warp::path!("gpu" / "plan")
+        .and(warp::get())
+        .and(warp::query::<PlanQuery>())
+        .and(with_handle.clone())
+        .and_then(plan);
+    let events = warp::path!("gpu" / "events")
+        .and(warp::get())
+        .and(with_handle.clone())
+        .map(|handle: ReconcilerHandle| {
+            let stream =
+                BroadcastStream::new(handle.feed.subscribe()).filter_map(|event| async move {
+                    let event = event.ok()?;
+                    warp::sse::Event::default()
+                        .json_data(&event)
+                        .ok()
+                        .map(Ok::<_, Infallible>)
+                });
+            warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response()
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_handle)
+        .map(|handle: ReconcilerHandle| {
+            let text = crate::metrics::render(&handle.status.borrow());
+            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
+                .into_response()
+        });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"ok": true})).into_response());
+
+    status
+        .or(phase)
+        .unify()
+        .or(start)
+        .unify()
+        .or(stop)
+        .unify()
+        .or(plan)
+        .unify()
+        .or(events)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(healthz)
+        .unify()
+        .recover(recover)
+        .unify()
+}
+
+/// Refuses a declared body over [`MAX_BODY_BYTES`]; unlike warp's
+/// `content_length_limit` it accepts requests without Content-Length (`curl -X POST`).
+fn bounded_body() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and_then(|length: Option<u64>| async move {
+            match length {
+                Some(length) if length > MAX_BODY_BYTES => {
+                    Err(warp::reject::custom(Refused(TransitionError::BadRequest {
+                        detail: format!(
+                            "request body of {length} bytes refused: these endpoints take no body"
+                        ),
+                    })))
+                }
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+}
+
+/// A path segment as a service name: 404 without touching anything when it is not one.
+fn service_name(raw: &str, handle: &ReconcilerHandle) -> Result<ServiceName, Rejection> {
+    let known: Vec<String> = handle.status.borrow().services.keys().cloned().collect();
+    match ServiceName::parse(raw) {
+        Ok(name) if known.iter().any(|k| k == name.as_str()) => Ok(name),
+        _ => Err(warp::reject::custom(Refused(
+            TransitionError::UnknownService {
+                name: raw.chars().take(64).collect(),
+                known,
+            },
+        ))),
+    }
+}
+
+async fn ask<T>(
+    handle: &ReconcilerHandle,
+    command: impl FnOnce(oneshot::Sender<Result<T, TransitionError>>) -> Command,
+) -> Result<T, Rejection> {
+    let (reply, answer) = oneshot::channel();
+    let down = || {
+        warp::reject::custom(Refused(TransitionError::BackendDown {
+            backend: "reconciler".into(),
+            detail: "the reconcile loop is not running".into(),
+        }))
+    };
+    handle
+        .events
+        .send(Event::Command(command(reply)))
+        .await
+        .map_err(|_| down())?;
+    answer
+        .await
+        .map_err(|_| down())?
+        .map_err(|e| warp::reject::custom(Refused(e)))
+}
+
+async fn transition(
+    handle: ReconcilerHandle,
+    change: Change,
+    query: WaitQuery,
+) -> Result<Response, Rejection> {
+    let wait = query.wait.unwrap_or(true);
+    let report = ask(&handle, |reply| Command::Transition {
+        change,
+        wait,
+        reply,
+    })
+    .await?;
+    let code = if report.accepted_only {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok(warp::reply::with_status(warp::reply::json(&report), code).into_response())
+}
+
+async fn plan(query: PlanQuery, handle: ReconcilerHandle) -> Result<Response, Rejection> {
+    let change = match (query.phase, query.start, query.stop) {
+        (Some(phase), None, None) => Some(Change::Phase(phase)),
+        (None, Some(name), None) => Some(Change::Start(service_name(&name, &handle)?)),
+        (None, None, Some(name)) => Some(Change::Stop(service_name(&name, &handle)?)),
+        (None, None, None) => None,
+        _ => {
+            return Err(warp::reject::custom(Refused(TransitionError::BadRequest {
+                detail: "give at most one of ?phase=N, ?start=NAME, ?stop=NAME".into(),
+            })))
+        }
+    };
+    let plan = ask(&handle, |reply| Command::Plan { change, reply }).await?;
+    let text = crate::plan::render(&plan);
+    Ok(warp::reply::json(&serde_json::json!({ "plan": plan, "text": text })).into_response())
+}
+
+/// Every error as JSON `{"error": ...}` with the status the contract names.
+async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let (code, body) = if let Some(Refused(error)) = rejection.find::<Refused>() {
+        (
+            StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            error.body(),
+        )
+    } else if rejection.find::<Unauthorized>().is_some() {
+        (
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "this request needs the API token: send Authorization: Bearer <token from api.token_file>"}),
+        )
+    } else if rejection.is_not_found() {
+        (
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop, GET /gpu/plan, GET /gpu/events, GET /metrics"}),
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": "method not allowed: changes are POSTs, reads are GETs"}),
+        )
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        (
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "malformed query: use ?wait=true|false, or ?phase=N / ?start=NAME / ?stop=NAME for /gpu/plan"}),
+        )
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": format!("bad request: {rejection:?}")}),
+        )
+    };
+    Ok(warp::reply::with_status(warp::reply::json(&body), code).into_response())
+}
+
+/// Binds the configured address; returns the bound address and the server to run.
+pub async fn serve(
+    handle: ReconcilerHandle,
+    api: &ApiConfig,
+) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), ApiError> {
+    let auth = Auth::from_config(api)?;
+    let listener = tokio::net::TcpListener::bind(api.listen)
+        .await
+        .map_err(|source| ApiError::Bind {
+            addr: api.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(api.listen);
+    tracing::info!(%addr, auth = auth.token.is_some(), "API listening");
+    Ok((
+        addr,
+        warp::serve(routes(handle, auth)).incoming(listener).run(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_is_exact() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn non_loopback_needs_a_token() {
+        let api = ApiConfig {
+            listen: "0.0.0.0:8000".parse().unwrap(),
+            token_file: None,
+        };
+        assert!(matches!(
+            Auth::from_config(&api),
+            Err(ApiError::UnsafeListen { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let auth = Auth::from_config(&ApiConfig {
+            listen: "0.0.0.0:8000".parse().unwrap(),
+            token_file: Some(token),
+        })
+        .unwrap();
+        assert!(auth.allows(Some("Bearer s3cret")));
+        assert!(!auth.allows(Some("Bearer s3cre")));
+        assert!(!auth.allows(None));
+    }
+}

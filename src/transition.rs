@@ -1,0 +1,385 @@
+//! Requests to change the desired state (the API's phase, start and stop), their
+//! errors with the HTTP status each maps to, and the replies the reconciler owes to the
+//! callers still waiting on a transition.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::config::{Inventory, Phase, ServiceName};
+use crate::desired::DesiredState;
+use crate::lease::LeaseError;
+use crate::plan::{Plan, Verdict};
+use crate::status::{ActionRecord, FailureKind, ServiceState};
+
+/// A change to the desired state, as the API asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Sets `phase`, clears `held`.
+    Phase(Phase),
+    /// Pins the service (and removes it from `held`).
+    Start(ServiceName),
+    /// Unpins the service and holds it stopped.
+    Stop(ServiceName),
+}
+
+impl Change {
+    /// The desired state after this change.
+    pub fn apply(&self, current: &DesiredState) -> DesiredState {
+        let mut next = current.clone();
+        match self {
+            Change::Phase(phase) => {
+                next.phase = Some(*phase);
+                next.held.clear();
+            }
+            Change::Start(name) => next.pin(name),
+            Change::Stop(name) => next.hold(name),
+        }
+        next
+    }
+
+    /// Refuses names and phases the inventory does not know (404), listing known ones.
+    pub fn check(&self, inventory: &Inventory) -> Result<(), TransitionError> {
+        match self {
+            Change::Phase(phase) if !inventory.phases().contains(phase) => {
+                Err(TransitionError::UnknownPhase {
+                    phase: *phase,
+                    known: inventory.phases().into_iter().collect(),
+                })
+            }
+            Change::Start(name) | Change::Stop(name) if inventory.get(name).is_none() => {
+                Err(unknown_service(name.as_str(), inventory))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a change whose own services cannot fit even after preempting lower
+    /// priorities (409), judged on the plan for the changed state.
+    pub fn check_fits(&self, inventory: &Inventory, plan: &Plan) -> Result<(), TransitionError> {
+        let targets: Vec<&ServiceName> = match self {
+            Change::Phase(phase) => inventory.in_phase(*phase).map(|s| &s.name).collect(),
+            Change::Start(name) => vec![name],
+            Change::Stop(_) => Vec::new(),
+        };
+        for name in targets {
+            if let Some(
+                Verdict::Preempted {
+                    reason,
+                    shortfall_mb,
+                }
+                | Verdict::Refused {
+                    reason,
+                    shortfall_mb,
+                },
+            ) = plan.verdict(name)
+            {
+                return Err(TransitionError::CannotFit {
+                    service: name.to_string(),
+                    reason: reason.clone(),
+                    shortfall_mb: *shortfall_mb,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn unknown_service(name: &str, inventory: &Inventory) -> TransitionError {
+    TransitionError::UnknownService {
+        name: name.to_owned(),
+        known: inventory.names().iter().map(|n| n.to_string()).collect(),
+    }
+}
+
+/// Why a transition was refused or did not complete. Each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TransitionError {
+    #[error("unknown service {name:?}: known services are {}", known.join(", "))]
+    UnknownService { name: String, known: Vec<String> },
+    #[error("unknown phase {phase}: known phases are {}", join(known))]
+    UnknownPhase { phase: Phase, known: Vec<Phase> },
+    #[error("{service} cannot fit: {reason}")]
+    CannotFit {
+        service: String,
+        reason: String,
+        shortfall_mb: u64,
+    },
+    #[error("superseded by a later request (generation {by}) before it converged")]
+    Superseded { generation: u64, by: u64 },
+    #[error("{detail}")]
+    LeaseHeld { holder: String, detail: String },
+    #[error("{backend} is unreachable: {detail}")]
+    BackendDown { backend: String, detail: String },
+    #[error("{service} did not become ready in time: {detail}")]
+    TimedOut { service: String, detail: String },
+    #[error("{service}: {detail}")]
+    Failed { service: String, detail: String },
+    #[error("{detail}")]
+    NotWritten { detail: String },
+    #[error("{detail}")]
+    BadRequest { detail: String },
+}
+
+impl From<LeaseError> for TransitionError {
+    fn from(error: LeaseError) -> Self {
+        match &error {
+            LeaseError::HeldElsewhere { holder, .. } => TransitionError::LeaseHeld {
+                holder: holder.clone(),
+                detail: error.to_string(),
+            },
+            LeaseError::Unreachable { .. } => TransitionError::BackendDown {
+                backend: "redis".to_owned(),
+                detail: error.to_string(),
+            },
+            LeaseError::Lost { .. } => TransitionError::Failed {
+                service: "lease".to_owned(),
+                detail: error.to_string(),
+            },
+        }
+    }
+}
+
+fn join(phases: &[Phase]) -> String {
+    let list: Vec<String> = phases.iter().map(|p| p.to_string()).collect();
+    list.join(", ")
+}
+
+impl TransitionError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            TransitionError::UnknownService { .. } | TransitionError::UnknownPhase { .. } => 404,
+            TransitionError::CannotFit { .. } | TransitionError::Superseded { .. } => 409,
+            TransitionError::LeaseHeld { .. } => 423,
+            TransitionError::BackendDown { .. } => 503,
+            TransitionError::TimedOut { .. } => 504,
+            TransitionError::BadRequest { .. } => 400,
+            TransitionError::Failed { .. } | TransitionError::NotWritten { .. } => 500,
+        }
+    }
+
+    /// The JSON error body: `{"error": message, "kind": ..., ...context}`.
+    pub fn body(&self) -> serde_json::Value {
+        let mut body = serde_json::to_value(self).unwrap_or_else(|_| serde_json::json!({}));
+        if let Some(map) = body.as_object_mut() {
+            map.insert("error".into(), self.to_string().into());
+        }
+        body
+    }
+
+    /// The error a failed action becomes.
+    fn from_action(action: &ActionRecord, detail: &str) -> Self {
+        let service = action.service.clone();
+        let detail = detail.to_owned();
+        match action.failure {
+            Some(FailureKind::Timeout) => TransitionError::TimedOut { service, detail },
+            Some(FailureKind::BackendDown) => TransitionError::BackendDown {
+                backend: service,
+                detail,
+            },
+            _ => TransitionError::Failed { service, detail },
+        }
+    }
+}
+
+/// What a caller is told once its transition is done.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransitionReport {
+    pub generation: u64,
+    /// True when answered at once (`?wait=false`): nothing has run yet.
+    pub accepted_only: bool,
+    /// The actions taken for this generation, in order.
+    pub actions: Vec<ActionRecord>,
+    pub services: BTreeMap<String, ServiceState>,
+    pub duration_ms: u64,
+}
+
+pub type TransitionReply = oneshot::Sender<Result<TransitionReport, TransitionError>>;
+
+/// How a reconcile round ended, as far as waiting callers care.
+#[derive(Debug, Clone)]
+pub enum RoundEnd {
+    /// Every action of the plan ran (some may have failed).
+    Completed,
+    /// Acting was refused: the lease is held elsewhere or its backend is down.
+    Blocked(TransitionError),
+}
+
+struct Waiting {
+    generation: u64,
+    reply: TransitionReply,
+    actions: Vec<ActionRecord>,
+    since: Instant,
+}
+
+/// The callers waiting for a generation to converge.
+#[derive(Default)]
+pub struct Waiters {
+    waiting: Vec<Waiting>,
+}
+
+impl Waiters {
+    pub fn add(&mut self, generation: u64, reply: TransitionReply) {
+        self.waiting.push(Waiting {
+            generation,
+            reply,
+            actions: Vec::new(),
+            since: Instant::now(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Gives each waiter of the action's generation its record.
+    pub fn record(&mut self, action: &ActionRecord) {
+        for waiting in self
+            .waiting
+            .iter_mut()
+            .filter(|w| w.generation == action.generation)
+        {
+            waiting.actions.push(action.clone());
+        }
+    }
+
+    /// Tells callers of older generations that a later request replaced theirs.
+    pub fn supersede(&mut self, by: u64) {
+        let (old, current): (Vec<_>, Vec<_>) =
+            self.waiting.drain(..).partition(|w| w.generation < by);
+        self.waiting = current;
+        for waiting in old {
+            let _ = waiting.reply.send(Err(TransitionError::Superseded {
+                generation: waiting.generation,
+                by,
+            }));
+        }
+    }
+
+    /// Answers the callers of `generation` after a round for it ended.
+    pub fn finish(
+        &mut self,
+        generation: u64,
+        end: &RoundEnd,
+        services: &BTreeMap<String, ServiceState>,
+    ) {
+        let (done, rest): (Vec<_>, Vec<_>) = self
+            .waiting
+            .drain(..)
+            .partition(|w| w.generation == generation);
+        self.waiting = rest;
+        for waiting in done {
+            let outcome = match end {
+                RoundEnd::Blocked(error) => Err(error.clone()),
+                RoundEnd::Completed => match first_failure(&waiting.actions) {
+                    Some(error) => Err(error),
+                    None => Ok(TransitionReport {
+                        generation,
+                        accepted_only: false,
+                        actions: waiting.actions,
+                        services: services.clone(),
+                        duration_ms: waiting.since.elapsed().as_millis() as u64,
+                    }),
+                },
+            };
+            let _ = waiting.reply.send(outcome);
+        }
+    }
+}
+
+fn first_failure(actions: &[ActionRecord]) -> Option<TransitionError> {
+    actions.iter().find_map(|action| match &action.outcome {
+        Err(detail) => Some(TransitionError::from_action(action, detail)),
+        Ok(_) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn inventory() -> Inventory {
+        Config::parse(
+            Path::new("/x/c.yaml"),
+            "services:\n  a: { kind: native, command: x, vram_mb: 10, priority: 2, phases: [1] }\n  b: { kind: native, command: x, vram_mb: 10, priority: 1, phases: [2] }\n",
+        )
+        .unwrap()
+        .inventory
+    }
+
+    fn record(
+        generation: u64,
+        outcome: Result<String, String>,
+        failure: Option<FailureKind>,
+    ) -> ActionRecord {
+        ActionRecord {
+            op: "start".into(),
+            service: "a".into(),
+            reason: "pinned".into(),
+            generation,
+            duration_ms: 5,
+            outcome,
+            failure,
+            finished_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn unknown_names_and_phases_are_404_listing_the_known_ones() {
+        let inv = inventory();
+        let error = Change::Phase(7).check(&inv).unwrap_err();
+        assert_eq!(error.http_status(), 404);
+        assert!(error.to_string().contains("1, 2"), "{error}");
+        let name = ServiceName::parse("zzz").unwrap();
+        let error = Change::Start(name).check(&inv).unwrap_err();
+        assert_eq!(error.body()["known"], serde_json::json!(["a", "b"]));
+        assert!(Change::Phase(2).check(&inv).is_ok());
+    }
+
+    #[test]
+    fn phase_clears_held_and_stop_unpins() {
+        let a = ServiceName::parse("a").unwrap();
+        let mut state = DesiredState::default();
+        state.hold(&a);
+        let next = Change::Phase(1).apply(&state);
+        assert!(next.held.is_empty());
+        let next = Change::Start(a.clone()).apply(&next);
+        assert_eq!(next.pinned, std::slice::from_ref(&a));
+        let next = Change::Stop(a.clone()).apply(&next);
+        assert!(next.pinned.is_empty() && next.held == [a]);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_answered_superseded_failed_or_done() {
+        let mut waiters = Waiters::default();
+        let (old_tx, old_rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        waiters.add(1, old_tx);
+        waiters.add(2, tx);
+        waiters.supersede(2);
+        assert_eq!(
+            old_rx.await.unwrap().unwrap_err(),
+            TransitionError::Superseded {
+                generation: 1,
+                by: 2
+            }
+        );
+        waiters.record(&record(2, Err("slow".into()), Some(FailureKind::Timeout)));
+        waiters.finish(2, &RoundEnd::Completed, &BTreeMap::new());
+        let error = rx.await.unwrap().unwrap_err();
+        assert_eq!(error.http_status(), 504);
+
+        let (tx, rx) = oneshot::channel();
+        waiters.add(3, tx);
+        waiters.record(&record(3, Ok("ready".into()), None));
+        waiters.finish(3, &RoundEnd::Completed, &BTreeMap::new());
+        let report = rx.await.unwrap().unwrap();
+        assert_eq!(report.actions.len(), 1);
+        assert!(waiters.is_empty());
+    }
+}
