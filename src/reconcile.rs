@@ -692,14 +692,15 @@ impl Reconciler {
             finished_at_ms: now_ms(),
         };
         self.waiters.record(&record);
-        let _ = self.feed.send(DaemonEvent::ActionFinished {
-            action: record.clone(),
-        });
-        self.history.push(record);
+        self.history.push(record.clone());
         if self.history.len() > ACTION_HISTORY {
             self.history.remove(0);
         }
+        // The action's own state changes are streamed before its end.
         self.publish();
+        let _ = self
+            .feed
+            .send(DaemonEvent::ActionFinished { action: record });
         failure.is_none()
     }
 
