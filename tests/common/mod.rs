@@ -3,6 +3,8 @@
 //! through the fake libnvidia-ml (so the real nvml-wrapper path runs).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod api;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
