@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use sim_gpu::{DeviceSpec, SimGpuDir};
 
+use crate::client::status_table;
 use crate::config::Config;
 use crate::desired::{write_atomic, DesiredState};
 use crate::status::Status;
@@ -89,7 +90,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
             .await?
             .json()
             .await?;
-        print!("{}", render_status(&status));
+        print!("{}", status_table(&status));
         let ooms = gpu.oom_log()?;
         anyhow::ensure!(
             ooms.is_empty(),
@@ -131,28 +132,6 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("gpu-manager-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
-}
-
-/// A readable table of VRAM and services.
-pub fn render_status(status: &Status) -> String {
-    let vram = &status.vram;
-    let mut out = format!(
-        "VRAM {} / {} MB used, {} MB free ({} MB external)\n",
-        vram.used_mb, vram.total_mb, vram.free_mb, vram.external_mb
-    );
-    for (name, service) in &status.services {
-        let observed = service
-            .observed_vram_mb
-            .map(|mb| format!("{mb} MB on GPU"))
-            .unwrap_or_else(|| "-".to_owned());
-        out.push_str(&format!(
-            "  {name:<10} {:<9} {:>6} MB declared  {observed:<14} {}\n",
-            service.state.to_string(),
-            service.declared_vram_mb,
-            service.reason.as_deref().unwrap_or("")
-        ));
-    }
-    out
 }
 
 /// Writes the simulated GPU, the config and an empty desired state into `dir`.

@@ -3,6 +3,7 @@
 
 pub mod act;
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod demo;

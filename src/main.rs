@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::Url;
 
+use gpu_manager::client::{self, Client, Request};
 use gpu_manager::config::Config;
 use gpu_manager::{api, daemon, demo, desired, plan};
 
@@ -60,6 +62,65 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Ask a running daemon for its status: VRAM, services, states.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Ask a running daemon to prepare a phase; waits until it has converged.
+    Phase {
+        phase: u32,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Ask a running daemon to start (pin) a service, preempting lower priorities.
+    Start {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Ask a running daemon to stop a service and hold it stopped.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+}
+
+/// Where the client commands find the daemon. Exit codes: 0 done, 1 refused or failed,
+/// 2 the daemon cannot be reached.
+#[derive(Args)]
+struct DaemonArgs {
+    /// The daemon's URL [default: the --config file's api.listen, else http://127.0.0.1:8000]
+    #[arg(long, value_parser = parse_url)]
+    url: Option<Url>,
+    /// The daemon's config: its api.listen and api.token_file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// A file holding the bearer token POSTs need (overrides the config's).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Print the daemon's JSON answer instead of text (for scripts).
+    #[arg(long)]
+    json: bool,
+}
+
+impl DaemonArgs {
+    /// Runs a client command against the daemon: its exit code.
+    async fn run(self, request: Option<Request>) -> ExitCode {
+        let client = Client::new(self.url, self.config.as_deref(), self.token_file.as_deref());
+        client::run(client, request, self.json).await
+    }
+}
+
+fn parse_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" => Ok(url),
+        scheme => Err(format!(
+            "{scheme}:// is not supported: the daemon speaks plain HTTP (use http://HOST:PORT)"
+        )),
+    }
 }
 
 /// Whether the daemon serves the HTTP API beside the reconcile loop.
@@ -121,7 +182,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
@@ -129,10 +190,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Watch { config } => run_daemon(&config, Mode::WatchOnly).await,
-        Command::Serve { config } => run_daemon(&config, Mode::WithApi).await,
+        Command::Watch { config } => run_daemon(&config, Mode::WatchOnly).await?,
+        Command::Serve { config } => run_daemon(&config, Mode::WithApi).await?,
         Command::Plan { config, phase } => {
             let config = Config::load(&config)?;
             let mut state = desired::load(&config.desired_state, &config.inventory)?;
@@ -144,7 +205,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let reconciler = daemon::build(Arc::new(config))?;
             let plan = reconciler.dry_run(&state).await;
             print!("{}", plan::render(&plan));
-            Ok(())
         }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
@@ -155,8 +215,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 config.inventory.len(),
                 config.inventory.phases()
             );
-            Ok(())
         }
-        Command::Demo { dir } => demo::run(dir).await,
+        Command::Demo { dir } => demo::run(dir).await?,
+        Command::Status { daemon } => return Ok(daemon.run(None).await),
+        Command::Phase { phase, daemon } => {
+            return Ok(daemon.run(Some(Request::Phase(phase))).await)
+        }
+        Command::Start { name, daemon } => return Ok(daemon.run(Some(Request::Start(name))).await),
+        Command::Stop { name, daemon } => return Ok(daemon.run(Some(Request::Stop(name))).await),
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,374 @@
+//! The client commands (`status`, `phase N`, `start NAME`, `stop NAME`): they talk to a
+//! running daemon over its HTTP API. Transitions follow `GET /gpu/events` while the POST
+//! is pending, so people see each action and state change as it happens.
+//!
+//! Exit codes: 0 done, 1 refused or failed (the daemon's message is printed), 2 the
+//! daemon cannot be reached.
+
+mod render;
+mod sse;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use reqwest::{StatusCode, Url};
+use tokio::sync::mpsc;
+
+use crate::config::{Config, Phase};
+use crate::status::{DaemonEvent, Status};
+use crate::transition::TransitionReport;
+
+pub use render::status_table;
+
+/// Where the daemon is when neither `--url` nor `--config` says.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8000";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reads answer from the snapshot at once; this only bounds a daemon that hangs.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The POST's answer may overtake the last events (they travel on another connection):
+/// how long to wait for them before printing the report.
+const EVENT_CATCH_UP: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach gpu-manager at {url}: {detail}\nIs the daemon running? Start it with `gpu-manager serve --config FILE`, or point at it with --url URL or --config FILE.")]
+    Unreachable { url: String, detail: String },
+    #[error("{0}")]
+    Setup(String),
+    /// The daemon answered with an error; `body` is its JSON.
+    #[error("error (HTTP {code}): {message}")]
+    Refused {
+        code: u16,
+        message: String,
+        body: serde_json::Value,
+    },
+    #[error("unexpected answer from {url}: {detail}")]
+    Protocol { url: String, detail: String },
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            ClientError::Unreachable { .. } | ClientError::Setup(_) => ExitCode::from(2),
+            ClientError::Refused { .. } | ClientError::Protocol { .. } => ExitCode::from(1),
+        }
+    }
+}
+
+/// A change a client command asks for.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Phase(Phase),
+    Start(String),
+    Stop(String),
+}
+
+impl Request {
+    fn path(&self) -> Vec<String> {
+        match self {
+            Request::Phase(phase) => vec!["gpu".into(), "prepare-phase".into(), phase.to_string()],
+            Request::Start(name) => {
+                vec!["gpu".into(), "service".into(), name.clone(), "start".into()]
+            }
+            Request::Stop(name) => {
+                vec!["gpu".into(), "service".into(), name.clone(), "stop".into()]
+            }
+        }
+    }
+
+    fn title(&self) -> String {
+        match self {
+            Request::Phase(phase) => format!("phase {phase}"),
+            Request::Start(name) => format!("start {name}"),
+            Request::Stop(name) => format!("stop {name}"),
+        }
+    }
+}
+
+/// The daemon to talk to, and the token its POSTs need.
+pub struct Client {
+    base: Url,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `--url` wins; else the config's `api.listen` (and its token); else [`DEFAULT_URL`].
+    /// A token file given explicitly overrides the config's.
+    pub fn new(
+        url: Option<Url>,
+        config: Option<&Path>,
+        token_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let config = config
+            .map(Config::load)
+            .transpose()
+            .map_err(|e| ClientError::Setup(format!("cannot find the daemon: {e}")))?;
+        let base = match (url, &config) {
+            (Some(url), _) => url,
+            (None, Some(config)) => url_of(config.api.listen)?,
+            (None, None) => Url::parse(DEFAULT_URL).expect("a valid default URL"),
+        };
+        let token_file = token_file.or_else(|| config.as_ref()?.api.token_file.as_deref());
+        let token = token_file.map(read_token).transpose()?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .map_err(|e| ClientError::Setup(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self { base, token, http })
+    }
+
+    fn url(&self, segments: &[String]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    fn unreachable(&self, error: &reqwest::Error) -> ClientError {
+        let mut detail = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(cause) = source {
+            detail.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        ClientError::Unreachable {
+            url: self.base.to_string(),
+            detail,
+        }
+    }
+
+    /// `gpu-manager status`: the table, or the daemon's JSON with `json`.
+    pub async fn status(&self, json: bool) -> Result<String, ClientError> {
+        let url = self.url(&["gpu".into(), "status".into()]);
+        let response = self
+            .http
+            .get(url.clone())
+            .timeout(READ_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let body = answer(&url, response).await?;
+        if json {
+            return Ok(format!("{}\n", pretty(&body)));
+        }
+        let status: Status = serde_json::from_value(body).map_err(|e| ClientError::Protocol {
+            url: url.to_string(),
+            detail: format!("not a status: {e}"),
+        })?;
+        Ok(status_table(&status))
+    }
+
+    /// `gpu-manager phase|start|stop`: POSTs the change and waits for its answer,
+    /// calling `progress` with a line per event meanwhile. Returns what to print.
+    pub async fn transition(
+        &self,
+        request: &Request,
+        json: bool,
+        mut progress: impl FnMut(&str),
+    ) -> Result<String, ClientError> {
+        let started = Instant::now();
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let follower = if json {
+            None
+        } else {
+            Some(tokio::spawn(self.follow_events(events_tx).await?))
+        };
+        let url = self.url(&request.path());
+        let mut post = self.http.post(url.clone());
+        if let Some(token) = &self.token {
+            post = post.bearer_auth(token);
+        }
+        let answered = post.send();
+        tokio::pin!(answered);
+        let mut print = |event: &DaemonEvent| {
+            let elapsed = started.elapsed().as_secs_f64();
+            progress(&format!("[{elapsed:6.2}s] {}", render::event_line(event)));
+        };
+        let response = loop {
+            tokio::select! {
+                response = &mut answered => break response,
+                Some(event) = events.recv() => print(&event),
+            }
+        };
+        let response = response.map_err(|e| self.unreachable(&e));
+        let outcome = match response {
+            Ok(response) => answer(&url, response).await,
+            Err(error) => Err(error),
+        };
+        let report = outcome
+            .as_ref()
+            .ok()
+            .and_then(|body| serde_json::from_value::<TransitionReport>(body.clone()).ok());
+        if let Some(follower) = follower {
+            catch_up(&mut events, report.as_ref(), &mut print).await;
+            follower.abort();
+        }
+        let body = outcome?;
+        if json {
+            return Ok(format!("{}\n", pretty(&body)));
+        }
+        let report = report.ok_or_else(|| ClientError::Protocol {
+            url: url.to_string(),
+            detail: format!("not a transition report: {body}"),
+        })?;
+        Ok(render::report(&request.title(), &report))
+    }
+
+    /// Subscribes to the event stream before anything is posted, so no event of the
+    /// transition is missed; returns the task that forwards the events.
+    async fn follow_events(
+        &self,
+        events: mpsc::UnboundedSender<DaemonEvent>,
+    ) -> Result<impl std::future::Future<Output = ()>, ClientError> {
+        let url = self.url(&["gpu".into(), "events".into()]);
+        let mut response = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        if !response.status().is_success() {
+            return Err(ClientError::Protocol {
+                url: url.to_string(),
+                detail: format!("the event stream answered {}", response.status()),
+            });
+        }
+        Ok(async move {
+            let mut parser = sse::SseParser::default();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                for data in parser.push(&chunk) {
+                    if let Ok(event) = serde_json::from_str::<DaemonEvent>(&data) {
+                        if events.send(event).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Prints the events still in flight for the report's actions (bounded in time), so the
+/// progress lines end with the transition's last action.
+async fn catch_up(
+    events: &mut mpsc::UnboundedReceiver<DaemonEvent>,
+    report: Option<&TransitionReport>,
+    print: &mut impl FnMut(&DaemonEvent),
+) {
+    let mut unseen = report
+        .filter(|r| !r.accepted_only)
+        .map_or(0, |r| r.actions.len());
+    let deadline = tokio::time::Instant::now() + EVENT_CATCH_UP;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        print(&event);
+        if let (DaemonEvent::ActionFinished { action }, Some(report)) = (&event, report) {
+            if action.generation == report.generation {
+                unseen = unseen.saturating_sub(1);
+            }
+        }
+        if unseen == 0 {
+            // Nothing more is owed; print only what has already arrived.
+            while let Ok(event) = events.try_recv() {
+                print(&event);
+            }
+            return;
+        }
+    }
+}
+
+/// The JSON body of a 2xx answer, or the daemon's error.
+async fn answer(url: &Url, response: reqwest::Response) -> Result<serde_json::Value, ClientError> {
+    let code = response.status();
+    let body: serde_json::Value = response.json().await.map_err(|e| ClientError::Protocol {
+        url: url.to_string(),
+        detail: format!("HTTP {code} with a body that is not JSON: {e}"),
+    })?;
+    if code.is_success() {
+        return Ok(body);
+    }
+    let message = body["error"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| body.to_string());
+    Err(ClientError::Refused {
+        code: code.as_u16(),
+        message: hint(code, message),
+        body,
+    })
+}
+
+/// Adds what to do next where the daemon's message does not say it.
+fn hint(code: StatusCode, message: String) -> String {
+    match code {
+        StatusCode::UNAUTHORIZED => format!(
+            "{message}\n(the client sends the token from --token-file, or from api.token_file with --config)"
+        ),
+        _ => message,
+    }
+}
+
+fn pretty(body: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(body).unwrap_or_else(|_| body.to_string())
+}
+
+/// The URL of a daemon listening on `addr`: a wildcard address is reached on loopback.
+fn url_of(addr: std::net::SocketAddr) -> Result<Url, ClientError> {
+    if addr.port() == 0 {
+        return Err(ClientError::Setup(format!(
+            "the config's api.listen {addr} picks a free port at start: give the daemon's --url"
+        )));
+    }
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let addr = std::net::SocketAddr::new(ip, addr.port());
+    Url::parse(&format!("http://{addr}"))
+        .map_err(|e| ClientError::Setup(format!("api.listen {addr} gives no URL: {e}")))
+}
+
+fn read_token(path: &Path) -> Result<String, ClientError> {
+    let token = std::fs::read_to_string(path).map_err(|e| {
+        ClientError::Setup(format!(
+            "cannot read the token file {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(token.trim().to_owned())
+}
+
+/// Runs a client command to its exit code, printing the answer (stdout) or the error
+/// (stderr; with `--json` the daemon's error body also goes to stdout).
+pub async fn run(
+    client: Result<Client, ClientError>,
+    request: Option<Request>,
+    json: bool,
+) -> ExitCode {
+    let result = match (client, request) {
+        (Err(error), _) => Err(error),
+        (Ok(client), None) => client.status(json).await,
+        (Ok(client), Some(request)) => {
+            client
+                .transition(&request, json, |line| println!("{line}"))
+                .await
+        }
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            if let (true, ClientError::Refused { body, .. }) = (json, &error) {
+                println!("{}", pretty(body));
+            }
+            eprintln!("{error}");
+            error.exit_code()
+        }
+    }
+}

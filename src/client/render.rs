@@ -1,0 +1,240 @@
+//! What people read: the status table, one line per daemon event, a transition's report.
+
+use std::fmt::Write;
+
+use crate::status::{ActionRecord, DaemonEvent, Status};
+use crate::transition::TransitionReport;
+
+const BAR_WIDTH: u64 = 40;
+
+/// The status as a table: GPU, a VRAM bar, the desired state, then one line per service.
+pub fn status_table(status: &Status) -> String {
+    let mut out = String::new();
+    let gpu = &status.gpu;
+    let _ = write!(
+        out,
+        "GPU   {} ({})",
+        gpu.name.as_deref().unwrap_or("unknown"),
+        gpu.source
+    );
+    if let Some(temperature) = gpu.temperature_c {
+        let _ = write!(out, ", {temperature} °C");
+    }
+    if let Some(utilization) = gpu.utilization_pct {
+        let _ = write!(out, ", {utilization}% busy");
+    }
+    out.push('\n');
+    if let Some(error) = &gpu.error {
+        let _ = writeln!(out, "      {error}");
+    }
+    let vram = &status.vram;
+    let _ = writeln!(
+        out,
+        "VRAM {} {}/{} MB used, {} MB free ({} MB external, {} MB reclaiming, {} MB reserve)",
+        bar(vram.used_mb, vram.total_mb),
+        vram.used_mb,
+        vram.total_mb,
+        vram.free_mb,
+        vram.external_mb,
+        vram.reclaiming_mb,
+        vram.reserve_mb
+    );
+    let desired = &status.desired;
+    let _ = writeln!(
+        out,
+        "WANT  phase {}, pinned [{}], held [{}]; generation {} ({})",
+        desired
+            .phase
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "none".to_owned()),
+        desired.pinned.join(", "),
+        desired.held.join(", "),
+        desired.generation,
+        if desired.converged_generation >= desired.generation {
+            "converged".to_owned()
+        } else {
+            format!("converged on {}", desired.converged_generation)
+        }
+    );
+    if let Some(error) = &desired.error {
+        let _ = writeln!(
+            out,
+            "      desired-state file refused: {}",
+            first_line(error)
+        );
+    }
+    let lease = match &status.lock.holder {
+        Some(holder) => format!("held by {holder}"),
+        None => "free".to_owned(),
+    };
+    let _ = writeln!(out, "LEASE {lease} ({})\n", status.lock.backend);
+    let _ = writeln!(
+        out,
+        "{:<12} {:<10} {:>9} {:>9} {:>5}  WHY",
+        "SERVICE", "STATE", "DECLARED", "OBSERVED", "PRIO"
+    );
+    for (name, service) in &status.services {
+        let observed = service
+            .observed_vram_mb
+            .map(|mb| format!("{mb} MB"))
+            .unwrap_or_else(|| "-".to_owned());
+        let why = match (&service.last_error, &service.reason) {
+            (Some(error), Some(reason)) => format!("{reason}; last error: {}", first_line(error)),
+            (Some(error), None) => format!("last error: {}", first_line(error)),
+            (None, Some(reason)) => reason.clone(),
+            (None, None) => String::new(),
+        };
+        let line = format!(
+            "{name:<12} {:<10} {:>6} MB {observed:>9} {:>5}  {why}",
+            service.state.to_string(),
+            service.declared_vram_mb,
+            service.priority,
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
+    out
+}
+
+/// `[#####.....]`: the share of `total` that `used` is.
+fn bar(used: u64, total: u64) -> String {
+    let filled = (used.min(total) * BAR_WIDTH + total / 2)
+        .checked_div(total)
+        .unwrap_or(0) as usize;
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        ".".repeat(BAR_WIDTH as usize - filled)
+    )
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+/// One progress line for an event of the stream.
+pub fn event_line(event: &DaemonEvent) -> String {
+    match event {
+        DaemonEvent::DesiredAccepted {
+            generation,
+            phase,
+            pinned,
+            held,
+        } => format!(
+            "desired state accepted (generation {generation}): phase {}, pinned [{}], held [{}]",
+            phase
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "none".to_owned()),
+            pinned.join(", "),
+            held.join(", ")
+        ),
+        DaemonEvent::DesiredRefused { error } => {
+            format!("desired-state file refused: {}", first_line(error))
+        }
+        DaemonEvent::ActionStarted {
+            op,
+            service,
+            reason,
+            ..
+        } => format!("{op} {service}: {reason}"),
+        DaemonEvent::ActionFinished { action } => action_line(action),
+        DaemonEvent::StateChanged {
+            service, from, to, ..
+        } => format!("{service}: {from} -> {to}"),
+    }
+}
+
+fn action_line(action: &ActionRecord) -> String {
+    match &action.outcome {
+        Ok(detail) => format!(
+            "{} {} done in {} ms: {detail}",
+            action.op, action.service, action.duration_ms
+        ),
+        Err(error) => format!(
+            "{} {} FAILED after {} ms: {}",
+            action.op,
+            action.service,
+            action.duration_ms,
+            first_line(error)
+        ),
+    }
+}
+
+/// A finished transition: its actions in order, then the services' final states.
+pub fn report(what: &str, report: &TransitionReport) -> String {
+    if report.accepted_only {
+        return format!(
+            "{what}: accepted as generation {}; follow it with `gpu-manager status` or GET /gpu/events\n",
+            report.generation
+        );
+    }
+    let mut out = format!(
+        "{what}: converged in {} ms (generation {}), {} action(s)\n",
+        report.duration_ms,
+        report.generation,
+        report.actions.len()
+    );
+    for action in &report.actions {
+        let _ = writeln!(out, "  {}", action_line(action));
+    }
+    let states: Vec<String> = report
+        .services
+        .iter()
+        .map(|(name, state)| format!("{name} {state}"))
+        .collect();
+    let _ = writeln!(out, "  now: {}", states.join(", "));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{ServiceState, ServiceStatus};
+
+    #[test]
+    fn the_bar_shows_the_used_share() {
+        assert_eq!(bar(0, 100), format!("[{}]", ".".repeat(40)));
+        assert_eq!(
+            bar(50, 100),
+            format!("[{}{}]", "#".repeat(20), ".".repeat(20))
+        );
+        assert_eq!(bar(200, 100), format!("[{}]", "#".repeat(40)));
+        assert_eq!(bar(5, 0), format!("[{}]", ".".repeat(40)));
+    }
+
+    #[test]
+    fn the_table_has_one_line_per_service_with_its_first_error_line() {
+        let mut status = Status::default();
+        status.vram.total_mb = 24576;
+        status.vram.used_mb = 5120;
+        status.services.insert(
+            "vidi".into(),
+            ServiceStatus {
+                state: ServiceState::Failed,
+                kind: "native".into(),
+                priority: 40,
+                phases: vec![2],
+                declared_vram_mb: 4096,
+                observed_vram_mb: None,
+                pids: Vec::new(),
+                container: None,
+                wanted: true,
+                reason: Some("restarting in 2s".into()),
+                last_error: Some("vidi exited\nlog line".into()),
+                since_ms: 0,
+                restarts: 1,
+            },
+        );
+        let table = status_table(&status);
+        assert!(table.contains("5120/24576 MB used"), "{table}");
+        let line = table.lines().find(|l| l.starts_with("vidi")).unwrap();
+        assert!(
+            line.contains("failed") && line.contains("4096 MB"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("restarting in 2s; last error: vidi exited"),
+            "{line}"
+        );
+        assert!(!table.contains("log line"));
+    }
+}
