@@ -4,11 +4,11 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use serde::Deserialize;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::BroadcastStream;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
@@ -106,12 +106,56 @@ struct PlanQuery {
     stop: Option<String>,
 }
 
-/// `GET /gpu/status`: the snapshot and how old it is.
-#[derive(Serialize)]
-struct StatusBody<'a> {
-    #[serde(flatten)]
-    status: &'a Status,
-    snapshot_age_ms: u64,
+/// `GET /gpu/status` serializes each snapshot once, not once per request: it keeps the
+/// JSON of the latest snapshot and only adds how old it is.
+#[derive(Clone)]
+struct StatusCache {
+    inner: Arc<Mutex<CachedStatus>>,
+}
+
+struct CachedStatus {
+    snapshots: watch::Receiver<Status>,
+    /// The snapshot's JSON object, and when it was observed.
+    json: Arc<Vec<u8>>,
+    observed_at_ms: u64,
+}
+
+impl StatusCache {
+    fn new(mut snapshots: watch::Receiver<Status>) -> Self {
+        let (json, observed_at_ms) = serialize(&snapshots.borrow_and_update());
+        Self {
+            inner: Arc::new(Mutex::new(CachedStatus {
+                snapshots,
+                json,
+                observed_at_ms,
+            })),
+        }
+    }
+
+    /// The latest snapshot's JSON with `"snapshot_age_ms"` added.
+    fn body(&self) -> Vec<u8> {
+        let (json, observed_at_ms) = {
+            let mut cached = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            // An error means the reconciler is gone: its last snapshot stays, aging.
+            if cached.snapshots.has_changed().unwrap_or(false) {
+                let (json, observed_at_ms) = serialize(&cached.snapshots.borrow_and_update());
+                cached.json = json;
+                cached.observed_at_ms = observed_at_ms;
+            }
+            (cached.json.clone(), cached.observed_at_ms)
+        };
+        let age = now_ms().saturating_sub(observed_at_ms);
+        let mut body = Vec::with_capacity(json.len() + 32);
+        // The object without its closing brace, then the age as its last member.
+        body.extend_from_slice(&json[..json.len() - 1]);
+        body.extend_from_slice(format!(",\"snapshot_age_ms\":{age}}}").as_bytes());
+        body
+    }
+}
+
+fn serialize(status: &Status) -> (Arc<Vec<u8>>, u64) {
+    let json = serde_json::to_vec(status).expect("a status always serializes to a JSON object");
+    (Arc::new(json), status.observed_at_ms)
 }
 
 /// A rejection carrying an error reply (the reply is built in `recover`).
@@ -128,6 +172,7 @@ pub fn routes(
     handle: ReconcilerHandle,
     auth: Auth,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let cache = StatusCache::new(handle.status.clone());
     let with_handle = warp::any().map(move || handle.clone());
     let authorized = warp::header::optional::<String>("authorization")
         .and(warp::any().map(move || auth.clone()))
@@ -144,18 +189,9 @@ pub fn routes(
         .and(bounded_body())
         .and(warp::query::<WaitQuery>());
 
-    let status = warp::path!("gpu" / "status")
-        .and(warp::get())
-        .and(with_handle.clone())
-        .map(|handle: ReconcilerHandle| {
-            let status = handle.status.borrow();
-            let age = now_ms().saturating_sub(status.observed_at_ms);
-            warp::reply::json(&StatusBody {
-                status: &status,
-                snapshot_age_ms: age,
-            })
-            .into_response()
-        });
+    let status = warp::path!("gpu" / "status").and(warp::get()).map(move || {
+        warp::reply::with_header(cache.body(), "content-type", "application/json").into_response()
+    });
     let phase = warp::path!("gpu" / "prepare-phase" / String)
         .and(post.clone())
         .and(with_handle.clone())
@@ -382,6 +418,42 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn status_answers_the_latest_snapshot_with_its_age() {
+        let (events, _commands) = tokio::sync::mpsc::channel(1);
+        let (snapshots, status) = watch::channel(Status::default());
+        let handle = ReconcilerHandle {
+            events,
+            status,
+            feed: tokio::sync::broadcast::channel(1).0,
+        };
+        let routes = routes(handle, Auth { token: None });
+        let get = || async {
+            let reply = warp::test::request()
+                .path("/gpu/status")
+                .reply(&routes)
+                .await;
+            assert_eq!(reply.status(), 200);
+            assert_eq!(reply.headers()["content-type"], "application/json");
+            serde_json::from_slice::<serde_json::Value>(reply.body()).unwrap()
+        };
+        let first = get().await;
+        assert_eq!(first["vram"]["total_mb"], 0);
+        assert!(
+            first["snapshot_age_ms"].as_u64().unwrap() > 1_000_000,
+            "observed at 0"
+        );
+
+        let mut next = Status::default();
+        next.vram.total_mb = 24576;
+        next.observed_at_ms = now_ms();
+        snapshots.send_replace(next.clone());
+        let body = get().await;
+        assert!(body["snapshot_age_ms"].as_u64().unwrap() < 60_000);
+        let parsed: Status = serde_json::from_value(body).unwrap();
+        assert_eq!(parsed, next, "every field of the new snapshot");
+    }
 
     #[test]
     fn token_comparison_is_exact() {
