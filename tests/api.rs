@@ -102,6 +102,9 @@ fn ac1_phases_2_3_4_answer_after_convergence_without_oom() {
         assert_eq!(api.status()["desired"]["phase"], phase);
         assert_no_oom(&h);
     }
+    let again = ok(api.post("/gpu/prepare-phase/4"));
+    assert!(ops(&again).is_empty(), "already converged: {again}");
+    assert_eq!(again["services"]["comfyui"], "ready");
 }
 
 #[test]

@@ -36,12 +36,12 @@ pub enum ClientError {
     Unreachable { url: String, detail: String },
     #[error("{0}")]
     Setup(String),
-    /// The daemon answered with an error; `body` is its JSON.
+    /// The daemon answered with an error; `body` is its JSON, as sent.
     #[error("error (HTTP {code}): {message}")]
     Refused {
         code: u16,
         message: String,
-        body: serde_json::Value,
+        body: String,
     },
     #[error("unexpected answer from {url}: {detail}")]
     Protocol { url: String, detail: String },
@@ -153,9 +153,9 @@ impl Client {
             .map_err(|e| self.unreachable(&e))?;
         let body = answer(&url, response).await?;
         if json {
-            return Ok(format!("{}\n", pretty(&body)));
+            return Ok(format!("{body}\n"));
         }
-        let status: Status = serde_json::from_value(body).map_err(|e| ClientError::Protocol {
+        let status: Status = serde_json::from_str(&body).map_err(|e| ClientError::Protocol {
             url: url.to_string(),
             detail: format!("not a status: {e}"),
         })?;
@@ -194,22 +194,21 @@ impl Client {
                 Some(event) = events.recv() => print(&event),
             }
         };
-        let response = response.map_err(|e| self.unreachable(&e));
         let outcome = match response {
             Ok(response) => answer(&url, response).await,
-            Err(error) => Err(error),
+            Err(error) => Err(self.unreachable(&error)),
         };
         let report = outcome
             .as_ref()
             .ok()
-            .and_then(|body| serde_json::from_value::<TransitionReport>(body.clone()).ok());
+            .and_then(|body| serde_json::from_str::<TransitionReport>(body).ok());
         if let Some(follower) = follower {
             catch_up(&mut events, report.as_ref(), &mut print).await;
             follower.abort();
         }
         let body = outcome?;
         if json {
-            return Ok(format!("{}\n", pretty(&body)));
+            return Ok(format!("{body}\n"));
         }
         let report = report.ok_or_else(|| ClientError::Protocol {
             url: url.to_string(),
@@ -280,20 +279,21 @@ async fn catch_up(
     }
 }
 
-/// The JSON body of a 2xx answer, or the daemon's error.
-async fn answer(url: &Url, response: reqwest::Response) -> Result<serde_json::Value, ClientError> {
+/// The JSON text of a 2xx answer, or the daemon's error.
+async fn answer(url: &Url, response: reqwest::Response) -> Result<String, ClientError> {
     let code = response.status();
-    let body: serde_json::Value = response.json().await.map_err(|e| ClientError::Protocol {
+    let body = response.text().await.map_err(|e| ClientError::Protocol {
         url: url.to_string(),
-        detail: format!("HTTP {code} with a body that is not JSON: {e}"),
+        detail: format!("HTTP {code}, then the answer broke off: {e}"),
     })?;
     if code.is_success() {
         return Ok(body);
     }
-    let message = body["error"]
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let message = error["error"]
         .as_str()
         .map(str::to_owned)
-        .unwrap_or_else(|| body.to_string());
+        .unwrap_or_else(|| body.clone());
     Err(ClientError::Refused {
         code: code.as_u16(),
         message: hint(code, message),
@@ -309,10 +309,6 @@ fn hint(code: StatusCode, message: String) -> String {
         ),
         _ => message,
     }
-}
-
-fn pretty(body: &serde_json::Value) -> String {
-    serde_json::to_string_pretty(body).unwrap_or_else(|_| body.to_string())
 }
 
 /// The URL of a daemon listening on `addr`: a wildcard address is reached on loopback.
@@ -365,7 +361,7 @@ pub async fn run(
         }
         Err(error) => {
             if let (true, ClientError::Refused { body, .. }) = (json, &error) {
-                println!("{}", pretty(body));
+                println!("{body}");
             }
             eprintln!("{error}");
             error.exit_code()
