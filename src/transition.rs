@@ -114,7 +114,9 @@ pub enum TransitionError {
     LeaseHeld { holder: String, detail: String },
     #[error("{backend} is unreachable: {detail}")]
     BackendDown { backend: String, detail: String },
-    #[error("{service} did not become ready in time: {detail}")]
+    /// A start not ready in time, or a stop's memory not reclaimed in time: the detail
+    /// names the service and the time.
+    #[error("{detail}")]
     TimedOut { service: String, detail: String },
     #[error("{service}: {detail}")]
     Failed { service: String, detail: String },
