@@ -14,7 +14,7 @@ use crate::act::instance::{Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
-use crate::lease::InProcessLease;
+use crate::lease::{Leadership, Lease};
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::process::ProcessTable;
 use crate::plan::{
@@ -145,7 +145,7 @@ pub struct Reconciler {
     config: Arc<Config>,
     gpu: GpuSource,
     effects: Arc<Effects>,
-    lease: InProcessLease,
+    lease: Lease,
     desired: Option<DesiredState>,
     desired_error: Option<String>,
     generation: u64,
@@ -160,12 +160,7 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(
-        config: Arc<Config>,
-        gpu: GpuSource,
-        effects: Effects,
-        lease: InProcessLease,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: Effects, lease: Lease) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
         let (status_tx, _) = watch::channel(Status::default());
         let records = config
@@ -219,7 +214,6 @@ impl Reconciler {
         });
 
         self.reload_desired();
-        self.adopt_running().await;
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -318,6 +312,9 @@ impl Reconciler {
     async fn adopt_running(&mut self) {
         let specs: Vec<ServiceSpec> = self.config.inventory.iter().cloned().collect();
         for spec in specs {
+            if self.records[&spec.name].instance.is_some() {
+                continue;
+            }
             let Some(instance) = self.effects.adopt(&spec) else {
                 continue;
             };
@@ -471,6 +468,20 @@ impl Reconciler {
     // ---- plan and act ----
 
     async fn reconcile(&mut self) {
+        // Only the leader acts. It adopts what runs when it starts leading (at once when
+        // alone), and lets go of what it tracked when another daemon takes over.
+        let leadership = self.lease.refresh().await;
+        if leadership == Leadership::Gained {
+            self.adopt_running().await;
+        }
+        if !leadership.leads() {
+            if leadership == Leadership::Lost {
+                self.let_go();
+            }
+            self.observe().await;
+            self.publish();
+            return;
+        }
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
             self.publish();
@@ -486,12 +497,16 @@ impl Reconciler {
             return;
         }
         let generation = self.generation;
-        if let Err(error) = self.lease.acquire().await {
-            tracing::warn!(%error, "cannot act now");
+        // The lease logs and records in status why it cannot be had.
+        if self.lease.acquire().await.is_err() {
             self.publish();
             return;
         }
         for action in actions {
+            // A lost lease stops the transition after the action in flight.
+            if self.lease.check().await.is_err() {
+                break;
+            }
             self.execute(&action).await;
             self.drain_events().await;
             if self.generation != generation {
@@ -501,6 +516,17 @@ impl Reconciler {
         }
         self.lease.release().await;
         self.publish();
+    }
+
+    /// Another daemon leads now: forget the instances this one tracked (they keep
+    /// running, and the leader adopts them) so that nothing here acts on them.
+    fn let_go(&mut self) {
+        for record in self.records.values_mut() {
+            record.stop_monitor();
+            record.instance = None;
+            record.set_state(ServiceState::Stopped);
+            record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
+        }
     }
 
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.
