@@ -118,10 +118,12 @@ impl Lease {
     /// lazily: nothing is claimed before the first `refresh`.
     pub fn from_config(config: &LeaseConfig) -> Result<Self, LeaseError> {
         let identity = holder_identity();
-        Ok(match &config.redis_url {
+        let lease = match &config.redis_url {
             Some(_) => Lease::Redis(Box::new(RedisLease::new(config, identity)?)),
             None => Lease::InProcess(InProcessLease::new(identity)),
-        })
+        };
+        tracing::info!(summary = %lease.status().summary, "lease");
+        Ok(lease)
     }
 
     /// Once per reconcile round: renews nothing itself (background tasks do), but reads

@@ -14,7 +14,7 @@ use redis::RedisError;
 use crate::config::LeaseConfig;
 use crate::status::{now_ms, LeaseRefusal, LeaseRole, LockStatus};
 
-use super::keeper::{LeaderKeeper, Renewal};
+use super::keeper::{LeaderKeeper, LeaderState, Renewal};
 use super::protocol::{self, Holder};
 use super::{Leadership, LeaseError};
 
@@ -28,6 +28,8 @@ struct Held {
     token: String,
     since_ms: u64,
     renewal: Renewal,
+    /// `check` already reported it lost.
+    loss_reported: bool,
 }
 
 /// The transition lock's holder as last read from Redis.
@@ -50,6 +52,7 @@ pub struct RedisLease {
     leadership: Option<LeaderKeeper>,
     leading: bool,
     leader: Option<String>,
+    standby_reported: bool,
     acquisitions: u64,
     held: Option<Held>,
     seen: Seen,
@@ -83,6 +86,7 @@ impl RedisLease {
             leadership: None,
             leading: false,
             leader: None,
+            standby_reported: false,
             acquisitions: 0,
             held: None,
             seen: Seen::default(),
@@ -92,7 +96,6 @@ impl RedisLease {
     }
 
     pub async fn refresh(&mut self) -> Leadership {
-        let first = self.leadership.is_none();
         let leadership = match &self.leadership {
             Some(keeper) => keeper,
             None => self.leadership.insert(
@@ -106,8 +109,15 @@ impl RedisLease {
             ),
         };
         let state = leadership.state();
-        let change = Leadership::between(self.leading, state.leading);
-        self.leading = state.leading;
+        // While Redis cannot be asked, nobody is known to lead: the role stays as it
+        // was (a leader still plans, and its transitions are refused with 503).
+        let leading = match (&state.leader, state.leading) {
+            (_, true) => true,
+            (Some(_), false) => false,
+            (None, false) => self.leading,
+        };
+        let change = Leadership::between(self.leading, leading);
+        self.leading = leading;
         self.leader = state.leader;
         let problem = match protocol::holder(&mut self.conn, &self.key).await {
             Ok(holder) => {
@@ -117,20 +127,29 @@ impl RedisLease {
             Err(error) => Some(error.to_string()),
         };
         self.set_unreachable(problem);
-        let leader = self.leader.as_deref().unwrap_or("nobody it can see");
-        match change {
-            Leadership::Gained => {
-                tracing::info!(identity = %self.identity, key = %self.leader_key, "leading: this daemon acts; transitions take {} while they run", self.key)
-            }
-            Leadership::Lost => {
-                tracing::warn!(%leader, "standby: this daemon no longer leads; it takes over again when {} expires", self.leader_key)
-            }
-            Leadership::Standby if first => {
-                tracing::info!(%leader, "standby: another daemon leads; this one takes over when {} expires", self.leader_key)
-            }
-            Leadership::Leading | Leadership::Standby => {}
-        }
+        self.log_role(change);
         change
+    }
+
+    /// Says when this daemon starts leading, and once per standby spell who leads.
+    fn log_role(&mut self, change: Leadership) {
+        let (key, leader_key) = (&self.key, &self.leader_key);
+        match (change, &self.leader) {
+            (Leadership::Gained, _) => {
+                self.standby_reported = false;
+                tracing::info!(identity = %self.identity, "leading: this daemon acts; transitions take {key} while they run");
+            }
+            (Leadership::Lost, leader) => {
+                self.standby_reported = true;
+                let leader = leader.as_deref().unwrap_or("another gpu-manager");
+                tracing::warn!(%leader, "standby: this daemon no longer leads; it takes over again when {leader_key} expires");
+            }
+            (Leadership::Standby, Some(leader)) if !self.standby_reported => {
+                self.standby_reported = true;
+                tracing::info!(%leader, "standby: another daemon leads; this one takes over when {leader_key} expires");
+            }
+            _ => {}
+        }
     }
 
     pub async fn acquire(&mut self) -> Result<(), LeaseError> {
@@ -143,13 +162,28 @@ impl RedisLease {
     }
 
     async fn take(&mut self) -> Result<(), LeaseError> {
-        if !self.leading {
-            return Err(LeaseError::NotLeader {
-                leader: self
-                    .leader
-                    .clone()
-                    .unwrap_or_else(|| "another gpu-manager".to_owned()),
-            });
+        // Acting needs the lead confirmed by Redis now, not as of the last round.
+        let state = self.leadership.as_ref().map(LeaderKeeper::state);
+        match state {
+            Some(state) if state.leading => {}
+            Some(LeaderState {
+                leader: Some(leader),
+                ..
+            }) => return Err(LeaseError::NotLeader { leader }),
+            Some(LeaderState { error, .. }) => {
+                return Err(LeaseError::Unreachable {
+                    detail: format!(
+                        "Redis at {} does not confirm this daemon's lead ({}); transitions are refused until it does",
+                        self.url,
+                        error.as_deref().unwrap_or("no answer yet")
+                    ),
+                })
+            }
+            None => {
+                return Err(LeaseError::Unreachable {
+                    detail: "the lease was not refreshed yet".to_owned(),
+                })
+            }
         }
         self.acquisitions += 1;
         let token = format!("{}:{}", self.identity, self.acquisitions);
@@ -159,6 +193,7 @@ impl RedisLease {
             let taken = protocol::try_take(&mut self.conn, &self.key, &token, self.ttl)
                 .await
                 .map_err(|e| self.unreachable_error(&e))?;
+            self.set_unreachable(None);
             if taken {
                 let renewal =
                     Renewal::start(self.conn.clone(), self.key.clone(), token.clone(), self.ttl);
@@ -172,6 +207,7 @@ impl RedisLease {
                     token,
                     since_ms,
                     renewal,
+                    loss_reported: false,
                 });
                 return Ok(());
             }
@@ -200,7 +236,14 @@ impl RedisLease {
                 });
             }
             if !announced {
-                tracing::info!(key = %self.key, holder = %token_now, wait_ms = millis(self.wait), "the GPU lease is held elsewhere: waiting for its release");
+                // Said once per holder, not on every round it keeps holding.
+                let known = self.last_refusal.as_ref().and_then(|r| r.holder.as_deref())
+                    == Some(token_now.as_str());
+                if known {
+                    tracing::debug!(key = %self.key, holder = %token_now, "the GPU lease is still held elsewhere: waiting");
+                } else {
+                    tracing::info!(key = %self.key, holder = %token_now, wait_ms = millis(self.wait), "the GPU lease is held elsewhere: waiting for its release");
+                }
                 announced = true;
             }
             tokio::time::sleep(POLL).await;
@@ -211,6 +254,9 @@ impl RedisLease {
         let result = self.confirm().await;
         if let Err(error) = &result {
             self.refuse(error);
+            if let Some(held) = &mut self.held {
+                held.loss_reported = true;
+            }
         }
         result
     }
@@ -268,6 +314,7 @@ impl RedisLease {
         drop(held.renewal);
         match protocol::release(&mut self.conn, &self.key, &held.token).await {
             Ok(true) => self.see(None),
+            Ok(false) if held.loss_reported => {}
             Ok(false) => {
                 tracing::warn!(key = %self.key, token = %held.token, "at release the GPU lease was no longer this daemon's: it had expired or been taken")
             }
@@ -305,6 +352,9 @@ impl RedisLease {
 
     fn summary(&self, ours: bool) -> String {
         let (key, url) = (&self.key, &self.url);
+        if self.leadership.is_none() {
+            return format!("Redis lease on {key} at {url} (redis-py Lock protocol; {} elects the one acting daemon): not contacted yet", self.leader_key);
+        }
         if let Some(error) = &self.unreachable {
             return format!("Redis at {url} is unreachable ({error}): transitions are refused (503) until it answers; running services are left as they are");
         }
@@ -477,8 +527,8 @@ mod tests {
         let Some(server) = TestRedis::start() else {
             return;
         };
-        let mut a = lease(&server, "a", 1000, 0);
-        let mut b = lease(&server, "b", 1000, 0);
+        let mut a = lease(&server, "a", 2000, 0);
+        let mut b = lease(&server, "b", 2000, 0);
         assert_eq!(a.refresh().await, Leadership::Gained);
         assert_eq!(b.refresh().await, Leadership::Standby);
         let status = b.status();
@@ -490,7 +540,7 @@ mod tests {
         assert_eq!(b.status().last_refusal.map(|r| r.http_status), Some(423));
 
         // Longer than the TTL: the leader's renewals keep it the leader.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        tokio::time::sleep(Duration::from_millis(3000)).await;
         assert_eq!(b.refresh().await, Leadership::Standby);
         assert_eq!(a.refresh().await, Leadership::Leading);
 
@@ -556,15 +606,15 @@ mod tests {
         let Some(server) = TestRedis::start() else {
             return;
         };
-        let mut a = lease(&server, "a", 1000, 0);
+        let mut a = lease(&server, "a", 2000, 0);
         until_leading(&mut a).await;
         a.acquire().await.unwrap();
         let token = get(&server, "gpu_lock").expect("held");
-        tokio::time::sleep(Duration::from_millis(3000)).await;
+        tokio::time::sleep(Duration::from_millis(4500)).await;
         assert_eq!(
             get(&server, "gpu_lock"),
             Some(token),
-            "still ours after 3 TTLs"
+            "still ours after more than 2 TTLs"
         );
         a.check().await.unwrap();
         a.release().await;
@@ -640,6 +690,11 @@ mod tests {
         );
         let refused = a.acquire().await.unwrap_err();
         assert_eq!(refused.http_status(), 503, "{refused}");
+        assert_eq!(
+            a.status().role,
+            LeaseRole::Leader,
+            "an outage elects nobody else"
+        );
         assert!(refused.to_string().contains(&server.url()), "{refused}");
 
         server.restart();

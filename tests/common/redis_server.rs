@@ -20,7 +20,11 @@ pub fn require(available: bool, what: &str, install: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true: {message}");
     }
-    eprintln!("\n!!!!!!!!!! SKIPPED: {message} !!!!!!!!!!\n");
+    // Straight to stderr: the test harness captures eprintln! of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!!!!!!!!! SKIPPED: {message} !!!!!!!!!!\n"
+    );
     false
 }
 
