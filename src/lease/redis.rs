@@ -709,6 +709,25 @@ mod tests {
         assert!(a.status().ours);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transition_cut_off_from_redis_issues_no_further_action() {
+        let Some(mut server) = TestRedis::start() else {
+            return;
+        };
+        let mut a = lease(&server, "a", 2000, 0);
+        until_leading(&mut a).await;
+        a.acquire().await.unwrap();
+        server.stop();
+        let lost = a.check().await.unwrap_err();
+        assert!(
+            matches!(lost, LeaseError::Lost { holder: None, .. }),
+            "{lost:?}"
+        );
+        assert_eq!(lost.http_status(), 503);
+        assert!(lost.to_string().contains(&server.url()), "{lost}");
+        a.release().await; // cannot reach Redis: the key is left to expire
+    }
+
     #[test]
     fn passwords_are_not_shown() {
         assert_eq!(
