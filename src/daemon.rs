@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::act::instance::Effects;
 use crate::act::native::NativeDriver;
 use crate::config::{Config, ConfigError};
-use crate::lease::{holder_identity, InProcessLease};
+use crate::lease::Lease;
 use crate::observe::gpu::Gpu;
 use crate::observe::health::HealthProber;
 use crate::observe::nvml::NvmlGpu;
@@ -63,6 +63,6 @@ pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
     let prober = HealthProber::new()
         .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
     let effects = Effects::new(native, prober);
-    let lease = InProcessLease::new(holder_identity());
+    let lease = Lease::from_config(&config.lease)?;
     Ok(Reconciler::new(config, gpu, effects, lease))
 }

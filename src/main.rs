@@ -132,8 +132,10 @@ fn observe_report(gpu: &dyn Gpu, bench: usize) -> anyhow::Result<serde_json::Val
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file gets plain text that grep can match.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -204,7 +206,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
                 None => Arc::new(NvmlGpu::open(nvml_library.as_deref(), 0)?),
             };
-            let report = tokio::task::spawn_blocking(move || observe_report(gpu.as_ref(), bench)).await??;
+            let report =
+                tokio::task::spawn_blocking(move || observe_report(gpu.as_ref(), bench)).await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -14,7 +14,7 @@ use crate::act::instance::{ActError, Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
-use crate::lease::InProcessLease;
+use crate::lease::{Leadership, Lease, LeaseError};
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::process::ProcessTable;
 use crate::plan::{
@@ -22,7 +22,7 @@ use crate::plan::{
 };
 use crate::status::{
     now_ms, ActionRecord, DaemonEvent, DesiredStatus, FailureKind, GpuProcessStatus, GpuStatus,
-    ServiceState, ServiceStatus, Status, TransitionStats, Vram,
+    LeaseRole, ServiceState, ServiceStatus, Status, TransitionStats, Vram,
 };
 use crate::transition::{
     Change, RoundEnd, TransitionError, TransitionReply, TransitionReport, Waiters,
@@ -157,7 +157,7 @@ pub struct Reconciler {
     config: Arc<Config>,
     gpu: GpuSource,
     effects: Arc<Effects>,
-    lease: InProcessLease,
+    lease: Lease,
     desired: Option<DesiredState>,
     desired_error: Option<String>,
     generation: u64,
@@ -174,12 +174,7 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(
-        config: Arc<Config>,
-        gpu: GpuSource,
-        effects: Effects,
-        lease: InProcessLease,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: Effects, lease: Lease) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
         let (status_tx, _) = watch::channel(Status::default());
         let records = config
@@ -236,7 +231,6 @@ impl Reconciler {
         });
 
         self.reload_desired();
-        self.adopt_running().await;
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -349,6 +343,9 @@ impl Reconciler {
     async fn adopt_running(&mut self) {
         let specs: Vec<ServiceSpec> = self.config.inventory.iter().cloned().collect();
         for spec in specs {
+            if self.records[&spec.name].instance.is_some() {
+                continue;
+            }
             let Some(instance) = self.effects.adopt(&spec) else {
                 continue;
             };
@@ -504,6 +501,21 @@ impl Reconciler {
     /// One round: observe, plan, act. Says whether another round should follow at once
     /// (after acting, to confirm convergence on fresh observations).
     async fn reconcile(&mut self) -> Again {
+        // Only the leader acts. It adopts what runs when it starts leading (at once when
+        // alone), and lets go of what it tracked when another daemon takes over.
+        let leadership = self.lease.refresh().await;
+        if leadership == Leadership::Gained {
+            self.adopt_running().await;
+        }
+        if !leadership.leads() {
+            if leadership == Leadership::Lost {
+                self.let_go();
+            }
+            self.observe().await;
+            let refusal = self.standby_refusal();
+            self.finish_round(self.generation, RoundEnd::Blocked(refusal));
+            return Again::OnNextTrigger;
+        }
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
             self.publish();
@@ -517,14 +529,20 @@ impl Reconciler {
             self.finish_round(generation, RoundEnd::Completed);
             return Again::OnNextTrigger;
         }
+        // The lease logs and records in status why it cannot be had.
         if let Err(error) = self.lease.acquire().await {
-            tracing::warn!(%error, "cannot act now");
             self.finish_round(generation, RoundEnd::Blocked(error.into()));
             return Again::OnNextTrigger;
         }
         let started = Instant::now();
         let mut failed = false;
         for action in &plan.actions {
+            // A lost lease stops the transition after the action in flight.
+            if let Err(error) = self.lease.check().await {
+                self.lease.release().await;
+                self.finish_round(generation, RoundEnd::Blocked(error.into()));
+                return Again::OnNextTrigger;
+            }
             failed |= !self.execute(action).await;
             self.drain_events().await;
             if self.generation != generation {
@@ -609,8 +627,22 @@ impl Reconciler {
         Ok((next, plan))
     }
 
-    /// Checks a change (404, 409), writes it to the desired-state file and accepts it.
+    /// What a standby answers: it does not act, the leader does (423, naming it).
+    fn standby_refusal(&self) -> TransitionError {
+        let leader = self
+            .lease
+            .status()
+            .leader
+            .unwrap_or_else(|| "another gpu-manager".to_owned());
+        LeaseError::NotLeader { leader }.into()
+    }
+
+    /// Checks a change (404, 409, 423 on a standby), writes it to the desired-state file
+    /// and accepts it.
     async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
+        if self.lease.status().role == LeaseRole::Standby {
+            return Err(self.standby_refusal());
+        }
         let (next, plan) = self.plan_for(Some(change)).await?;
         change.check_fits(&self.config.inventory, &plan)?;
         desired::write_atomic(&self.config.desired_state, &next).map_err(|e| {
@@ -624,6 +656,17 @@ impl Reconciler {
             self.accept_desired(next);
         }
         Ok(self.generation)
+    }
+
+    /// Another daemon leads now: forget the instances this one tracked (they keep
+    /// running, and the leader adopts them) so that nothing here acts on them.
+    fn let_go(&mut self) {
+        for record in self.records.values_mut() {
+            record.stop_monitor();
+            record.instance = None;
+            record.set_state(ServiceState::Stopped);
+            record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
+        }
     }
 
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.

@@ -125,19 +125,17 @@ pub enum TransitionError {
 }
 
 impl From<LeaseError> for TransitionError {
+    /// 423 when someone else holds the lease (named), 503 when Redis cannot be reached.
     fn from(error: LeaseError) -> Self {
-        match &error {
-            LeaseError::HeldElsewhere { holder, .. } => TransitionError::LeaseHeld {
-                holder: holder.clone(),
-                detail: error.to_string(),
+        let detail = error.to_string();
+        match (error.http_status(), error.holder()) {
+            (423, holder) => TransitionError::LeaseHeld {
+                holder: holder.unwrap_or("unknown").to_owned(),
+                detail,
             },
-            LeaseError::Unreachable { .. } => TransitionError::BackendDown {
+            _ => TransitionError::BackendDown {
                 backend: "redis".to_owned(),
-                detail: error.to_string(),
-            },
-            LeaseError::Lost { .. } => TransitionError::Failed {
-                service: "lease".to_owned(),
-                detail: error.to_string(),
+                detail,
             },
         }
     }

@@ -16,7 +16,8 @@ apt_install() {
 say "checking test dependencies"
 command -v pkill >/dev/null || apt_install procps
 command -v redis-server >/dev/null || apt_install redis-server
-python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet 'redis>=5'
+python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet 'redis>=5' || apt_install python3-redis
+python3 -c 'import redis' || { echo "the Python redis module (redis-py) could not be installed: the Redis lease tests need it"; exit 1; }
 
 if ! docker info >/dev/null 2>&1; then
   if command -v dockerd >/dev/null; then

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use sim_gpu::{DeviceSpec, SimGpuDir};
 
+pub mod lease;
+mod redis_server;
+
 /// Generous: these machines are small and shared.
 pub const CONVERGE: Duration = Duration::from_secs(30);
 
