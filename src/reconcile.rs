@@ -224,6 +224,8 @@ impl Reconciler {
         let forward = self.events_tx.clone();
         tokio::spawn(async move {
             while file_rx.recv().await.is_some() {
+                tokio::time::sleep(desired::DEBOUNCE).await;
+                while file_rx.try_recv().is_ok() {}
                 if forward.send(Event::DesiredFileChanged).await.is_err() {
                     break;
                 }
@@ -256,6 +258,7 @@ impl Reconciler {
     }
 
     async fn handle_event(&mut self, event: Event) {
+        tracing::debug!(?event, "event");
         match event {
             Event::DesiredFileChanged => self.reload_desired(),
             Event::Exited { service, pid, exit } => self.on_exit(&service, pid, exit),
