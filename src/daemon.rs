@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::act::docker::DockerDriver;
 use crate::act::instance::Effects;
 use crate::act::native::NativeDriver;
 use crate::config::{Config, ConfigError};
@@ -62,7 +63,14 @@ pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
         .map_err(|e| anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display()))?;
     let prober = HealthProber::new()
         .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
-    let effects = Effects::new(native, prober);
+    // Not connected yet: an engine that is down leaves docker services `unknown` and
+    // native ones untouched.
+    let docker = DockerDriver::from_env();
+    tracing::info!(
+        engine = docker.host(),
+        "docker services go through this engine"
+    );
+    let effects = Effects::new(native, docker, prober);
     let lease = InProcessLease::new(holder_identity());
     Ok(Reconciler::new(config, gpu, effects, lease))
 }
