@@ -55,17 +55,22 @@ pub fn check_against_gpu(config: &Config, gpu: &GpuSource) -> Result<(), ConfigE
     }
 }
 
-/// Builds the reconciler for a validated config.
+/// Builds the reconciler for a validated config, with the Docker engine `DOCKER_HOST`
+/// names (or the default socket).
 pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
+    build_with(config, DockerDriver::from_env())
+}
+
+/// Builds the reconciler for a validated config, with docker services going through
+/// `docker`. It is not connected yet: an engine that is down leaves docker services
+/// `unknown` and native ones untouched.
+pub fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Result<Reconciler> {
     let gpu = open_gpu(&config);
     check_against_gpu(&config, &gpu)?;
     let native = NativeDriver::new(&config.state_dir)
         .map_err(|e| anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display()))?;
     let prober = HealthProber::new()
         .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
-    // Not connected yet: an engine that is down leaves docker services `unknown` and
-    // native ones untouched.
-    let docker = DockerDriver::from_env();
     tracing::info!(
         engine = docker.host(),
         "docker services go through this engine"

@@ -59,7 +59,7 @@ pub enum DockerError {
         detail: String,
     },
     #[error(
-        "{service}: container {container} {exit} right after docker start; last log lines:\n{log}"
+        "{service} exited while starting (container {container} {exit} right after docker start); last log lines:\n{log}"
     )]
     ExitedAtStart {
         service: ServiceName,

@@ -132,7 +132,7 @@ impl Reconciler {
                 } else {
                     format!("unloaded {}", models.join(", "))
                 };
-                tracing::info!(service = %spec.name, container, %unloaded, "evicted: the GPU shows its memory free; the container keeps running");
+                tracing::info!(service = %spec.name, container, ?models, "evicted: the GPU shows its memory free; the container keeps running");
                 Some(format!("{unloaded}; container {container} left running"))
             }
             Err(message) => {

@@ -3,6 +3,8 @@
 //! through the fake libnvidia-ml (so the real nvml-wrapper path runs).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod docker;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -42,6 +44,15 @@ pub fn fake_nvml_library() -> PathBuf {
     path
 }
 
+/// Where a stand-in runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// A native service: the daemon runs the stand-in binary itself.
+    Native,
+    /// A docker service: the stand-in in this container (see `docker.rs`).
+    Docker { container: String },
+}
+
 /// One stand-in service of the inventory.
 #[derive(Clone, Debug)]
 pub struct Standin {
@@ -55,6 +66,9 @@ pub struct Standin {
     pub stop_timeout_ms: u64,
     pub start_timeout_ms: u64,
     pub port: u16,
+    pub runtime: Runtime,
+    /// Speaks Ollama's API with this model loaded, and is evicted through it.
+    pub ollama_model: Option<&'static str>,
 }
 
 impl Standin {
@@ -70,7 +84,31 @@ impl Standin {
             stop_timeout_ms: 5000,
             start_timeout_ms: 15000,
             port: free_port(),
+            runtime: Runtime::Native,
+            ollama_model: None,
         }
+    }
+
+    /// The stand-in's arguments after the program; the simulated GPU folder is given
+    /// apart (an environment variable for native services, an argument in containers).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--name".into(),
+            self.name.into(),
+            "--vram-mb".into(),
+            self.vram_mb.to_string(),
+            "--port".into(),
+            self.port.to_string(),
+            "--start-delay-ms".into(),
+            self.start_delay_ms.to_string(),
+            "--stop-delay-ms".into(),
+            self.stop_delay_ms.to_string(),
+        ];
+        if let Some(model) = self.ollama_model {
+            args.extend(["--ollama".into(), model.into()]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
     }
 }
 
@@ -99,6 +137,8 @@ pub struct Harness {
     pub daemon: Option<Child>,
     /// The config's `gpu:` block.
     pub gpu_config: String,
+    /// Environment variables for the daemon, beyond the simulated GPU's.
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Harness {
@@ -122,6 +162,7 @@ impl Harness {
             gpu,
             services,
             daemon: None,
+            daemon_env: Vec::new(),
             gpu_config: format!(
                 "{{ nvml_library: {:?}, reserve_mb: 512, reclaim_timeout_ms: 10000 }}",
                 fake_nvml_library()
@@ -151,23 +192,29 @@ impl Harness {
             self.gpu_config
         );
         for s in &self.services {
-            let mut args = vec![
-                standin.display().to_string(),
-                "--name".into(),
-                s.name.into(),
-                "--vram-mb".into(),
-                s.vram_mb.to_string(),
-                "--port".into(),
-                s.port.to_string(),
-                "--start-delay-ms".into(),
-                s.start_delay_ms.to_string(),
-                "--stop-delay-ms".into(),
-                s.stop_delay_ms.to_string(),
-            ];
-            args.extend(s.extra_args.iter().cloned());
+            let runtime = match &s.runtime {
+                Runtime::Native => {
+                    let mut command = vec![standin.display().to_string()];
+                    command.extend(s.args());
+                    format!(
+                        "    kind: native\n    command: {command:?}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n",
+                        self.gpu.path()
+                    )
+                }
+                Runtime::Docker { container } => {
+                    let mut lines = format!("    kind: docker\n    container: {container}\n");
+                    if s.ollama_model.is_some() {
+                        lines.push_str(&format!(
+                            "    evict: ollama\n    evict_url: \"http://127.0.0.1:{}\"\n",
+                            s.port
+                        ));
+                    }
+                    lines
+                }
+            };
             text.push_str(&format!(
-                "  {}:\n    kind: native\n    command: {:?}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n    vram_mb: {}\n    priority: {}\n    phases: {}\n    health: {{ url: \"http://127.0.0.1:{}/health\", timeout_ms: 1000 }}\n    start_timeout_ms: {}\n    stop_timeout_ms: {}\n",
-                s.name, args, self.gpu.path(), s.vram_mb, s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
+                "  {}:\n{runtime}    vram_mb: {}\n    priority: {}\n    phases: {}\n    health: {{ url: \"http://127.0.0.1:{}/health\", timeout_ms: 1000 }}\n    start_timeout_ms: {}\n    stop_timeout_ms: {}\n",
+                s.name, s.vram_mb, s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
             ));
         }
         std::fs::write(self.config_path(), text).expect("write config");
@@ -198,6 +245,7 @@ impl Harness {
             .arg(self.config_path())
             .env("FAKE_NVML_DIR", self.gpu.path())
             .env("RUST_LOG", "info,gpu_manager=debug")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -299,6 +347,9 @@ impl Drop for Harness {
         self.kill_daemon();
         // Stop every stand-in this test started, whatever state the test left.
         for service in &self.services {
+            if let Runtime::Docker { container } = &service.runtime {
+                docker::remove_container(container);
+            }
             let _ = Command::new("pkill")
                 .args([
                     "-KILL",
