@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sim_gpu::{DeviceSpec, SimGpuDir};
@@ -123,11 +124,23 @@ pub fn mcn_inventory() -> Vec<Standin> {
     ]
 }
 
+/// A port nothing listens on, for a stand-in to bind later. Taken below the kernel's
+/// ephemeral range (from 32768), so that no outgoing connection holds it meanwhile, and
+/// never handed out twice by this process, so that parallel tests do not share one.
+/// Each process starts at its own place in the range, as test binaries of other runs
+/// may be picking too.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 pub struct Harness {
