@@ -179,6 +179,43 @@ fn an_unreachable_engine_makes_docker_services_unknown_and_leaves_native_ones_al
 }
 
 #[test]
+fn a_hung_engine_holds_native_transitions_up_by_seconds_at_most() {
+    let mut h = Harness::new(vec![
+        Standin::new("cosyvoice", 4096, 50, "[3]").in_docker(),
+        Standin::new("vidi", 4096, 40, "[2]"),
+    ]);
+    h.use_simulated_gpu(10_000);
+    // An engine that accepts connections and never answers, as a deadlocked dockerd.
+    let socket = h.path("hung-docker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = listener.accept() {
+            held.push(connection);
+        }
+    });
+    let daemon = InProcessDaemon::start(
+        &h,
+        DockerDriver::new(format!("unix://{}", socket.display())),
+    );
+    let status = daemon.wait_status("cosyvoice is unknown", |s| {
+        state(s, "cosyvoice") == Some(ServiceState::Unknown)
+    });
+    let error = status.services["cosyvoice"].last_error.clone().unwrap();
+    assert!(error.contains("no answer"), "{error}");
+    let asked = Instant::now();
+    h.set_desired("phase: 2\n");
+    h.wait_converged(&["vidi"]);
+    // Each round asks the engine once (3 s at most) before acting; a round under way
+    // when the file changed finishes first. Without those limits this takes 10 s or more.
+    assert!(
+        asked.elapsed() < Duration::from_millis(9500),
+        "vidi took {:?}",
+        asked.elapsed()
+    );
+}
+
+#[test]
 fn docker_services_come_back_when_the_engine_does() {
     if !engine_or_skip("docker_services_come_back_when_the_engine_does") {
         return;

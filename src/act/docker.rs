@@ -26,9 +26,13 @@ use crate::config::{DockerSpec, ServiceName};
 
 /// The engine's address when `DOCKER_HOST` names none.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
-/// How long an ordinary engine call (inspect, start, logs) may take: a local engine
-/// answers in milliseconds, so one that has not answered by then is as good as down.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a quick engine call (version, inspect, logs) may take: a local engine
+/// answers in milliseconds, so one that has not answered by then is as good as down, and
+/// a hung engine must not hold up the reconciler (and so native services) for longer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long `docker start` may take: runtime hooks (the NVIDIA container toolkit's)
+/// make a GPU container's start take seconds.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// bollard's own limit on every request; the driver's limits are shorter, except for a
 /// stop, whose limit follows the service's stop timeout.
 const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -169,7 +173,7 @@ impl DockerDriver {
             tracing::info!(%service, container, pid = before.pid, "the container already runs: taking it over");
             return Ok(ContainerHandle::watch(self, service, container, before));
         }
-        self.call(CALL_TIMEOUT, |client| async move {
+        self.call(START_TIMEOUT, |client| async move {
             client.start_container(container, None).await
         })
         .await

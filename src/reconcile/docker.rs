@@ -43,6 +43,9 @@ impl Reconciler {
 
     /// Asks again about the services whose backend could not be reached: once it
     /// answers, a running container is adopted and a stopped one can be planned again.
+    /// While the first one asked about stays unknown, the others are left for the next
+    /// round: they would wait on the same engine, and a hung engine must not hold up
+    /// the round.
     pub(super) async fn recheck_unknown(&mut self) {
         let unknown: Vec<ServiceSpec> = self
             .config
@@ -54,9 +57,13 @@ impl Reconciler {
             })
             .cloned()
             .collect();
-        if !unknown.is_empty() {
-            self.adopt_each(unknown).await;
+        for spec in unknown {
+            let name = spec.name.clone();
+            self.adopt_each(vec![spec]).await;
             self.publish();
+            if self.records[&name].state == ServiceState::Unknown {
+                break;
+            }
         }
     }
 
