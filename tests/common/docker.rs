@@ -7,6 +7,7 @@
 //! and NVML report) and network (health URLs on 127.0.0.1 work), and see the simulated
 //! GPU folder at the same path as the host.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,7 +55,9 @@ pub fn engine_or_skip(test: &str) -> bool {
              install docker.io and start dockerd (tests/run.sh starts it when it is installed)"
         ),
         Err(why) => {
-            eprintln!(
+            // Straight to stderr: the test harness captures eprintln! of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
                 "\n!!!!!!!! SKIPPED {test}: no usable Docker engine ({why}).\n\
                  !!!!!!!! Install docker.io and start dockerd (tests/run.sh does); under CI=true this fails.\n"
             );

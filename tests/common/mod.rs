@@ -150,8 +150,6 @@ pub struct Harness {
     pub daemon: Option<Child>,
     /// The config's `gpu:` block.
     pub gpu_config: String,
-    /// Environment variables for the daemon, beyond the simulated GPU's.
-    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Harness {
@@ -175,7 +173,6 @@ impl Harness {
             gpu,
             services,
             daemon: None,
-            daemon_env: Vec::new(),
             gpu_config: format!(
                 "{{ nvml_library: {:?}, reserve_mb: 512, reclaim_timeout_ms: 10000 }}",
                 fake_nvml_library()
@@ -258,7 +255,6 @@ impl Harness {
             .arg(self.config_path())
             .env("FAKE_NVML_DIR", self.gpu.path())
             .env("RUST_LOG", "info,gpu_manager=debug")
-            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
