@@ -3,6 +3,8 @@
 //! what to do, and acts under the lease: stops first, confirming through the GPU that the
 //! memory came back, then starts, waiting until each is healthy.
 
+mod docker;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
 use crate::lease::{Leadership, Lease, LeaseError};
 use crate::observe::gpu::{GpuSample, SharedGpu};
+use crate::observe::owners::Owners;
 use crate::observe::process::ProcessTable;
 use crate::plan::{
     self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict,
@@ -330,7 +333,7 @@ impl Reconciler {
     /// instances are found as adoption would find them, but left alone.
     pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
         for spec in self.config.inventory.iter() {
-            if let Some(instance) = self.effects.adopt(spec) {
+            if let Ok(Some(instance)) = self.effects.adopt(spec).await {
                 let record = self.records.get_mut(&spec.name).expect("inventory service");
                 record.instance = Some(instance);
                 record.state = ServiceState::Ready;
@@ -345,11 +348,16 @@ impl Reconciler {
     /// Adopts services left running by an earlier daemon instead of starting them twice.
     async fn adopt_running(&mut self) {
         let specs: Vec<ServiceSpec> = self.config.inventory.iter().cloned().collect();
+        self.adopt_each(specs).await;
+    }
+
+    /// Adopts what runs of `specs`; a service whose backend cannot be asked is `unknown`.
+    async fn adopt_each(&mut self, specs: Vec<ServiceSpec>) {
         for spec in specs {
             if self.records[&spec.name].instance.is_some() {
                 continue;
             }
-            let Some(instance) = self.effects.adopt(&spec) else {
+            let Some(instance) = self.find_running(&spec).await else {
                 continue;
             };
             tracing::info!(service = %spec.name, pid = ?instance.root_pid(), "adopted a running instance");
@@ -427,13 +435,14 @@ impl Reconciler {
     // ---- observe ----
 
     async fn observe(&mut self) -> Observation {
-        let roots: HashMap<u32, ServiceName> = self
-            .records
-            .iter()
-            .filter_map(|(name, r)| Some((r.instance.as_ref()?.root_pid()?, name.clone())))
-            .collect();
+        let mut owners = Owners::default();
+        for (name, record) in &self.records {
+            if let Some(instance) = &record.instance {
+                owners.claim(name.clone(), instance.root_pid(), instance.container_id());
+            }
+        }
         self.gpu_view = match &self.gpu {
-            GpuSource::Observed { gpu, .. } => observe_gpu(gpu.clone(), roots).await,
+            GpuSource::Observed { gpu, .. } => observe_gpu(gpu.clone(), owners).await,
             GpuSource::Unavailable { reason } => GpuView {
                 error: Some(reason.clone()),
                 ..Default::default()
@@ -469,6 +478,9 @@ impl Reconciler {
                     },
                     (ServiceState::Failed, None) => StartGate::Closed {
                         reason: record.reason.clone().unwrap_or_default(),
+                    },
+                    (ServiceState::Unknown, _) => StartGate::Closed {
+                        reason: record.last_error.clone().unwrap_or_default(),
                     },
                     _ => StartGate::Open,
                 };
@@ -519,6 +531,7 @@ impl Reconciler {
             self.finish_round(self.generation, RoundEnd::Blocked(refusal));
             return Again::OnNextTrigger;
         }
+        self.recheck_unknown().await;
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
             self.publish();
@@ -620,10 +633,13 @@ impl Reconciler {
             None => current,
         };
         let mut observation = self.observe().await;
-        // A new desired state reopens every start gate (see accept_desired).
+        // A new desired state reopens the start gates that failures closed (see
+        // accept_desired); an unreachable backend keeps its gate closed.
         if change.is_some() {
-            for view in observation.services.values_mut() {
-                view.gate = StartGate::Open;
+            for (name, view) in observation.services.iter_mut() {
+                if self.records[name].state != ServiceState::Unknown {
+                    view.gate = StartGate::Open;
+                }
             }
         }
         let plan = plan::plan(&self.config.inventory, &next, &observation);
@@ -647,6 +663,18 @@ impl Reconciler {
             return Err(self.standby_refusal());
         }
         let (next, plan) = self.plan_for(Some(change)).await?;
+        for name in change.targets(&self.config.inventory) {
+            let record = &self.records[name];
+            if record.state == ServiceState::Unknown {
+                return Err(TransitionError::BackendDown {
+                    backend: "docker".to_owned(),
+                    detail: record
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| format!("{name}'s backend cannot be reached")),
+                });
+            }
+        }
         change.check_fits(&self.config.inventory, &plan)?;
         desired::write_atomic(&self.config.desired_state, &next).map_err(|e| {
             TransitionError::NotWritten {
@@ -691,7 +719,7 @@ impl Reconciler {
                     record.set_state(ServiceState::Stopped);
                     record.reason = None;
                 }
-                Verdict::Idle => {
+                Verdict::Idle if record.state != ServiceState::Unknown => {
                     // Not wanted and not running: an old reason or failure is history.
                     record.set_state(ServiceState::Stopped);
                     record.reason = None;
@@ -755,7 +783,7 @@ impl Reconciler {
         action: &Action,
     ) -> Result<String, ActionFailure> {
         let gpu_pids = self.record(&spec.name).gpu_pids.clone();
-        self.stop_instance(spec, &action.reason).await?;
+        let evicted = self.evict_or_stop(spec, &action.reason, &gpu_pids).await?;
         let record = self.record(&spec.name);
         let preempted = action.reason.starts_with("preempted");
         record.set_state(if preempted {
@@ -765,7 +793,10 @@ impl Reconciler {
         });
         record.reason = Some(action.reason.clone());
         self.wait_pids_gone(spec, &gpu_pids).await?;
-        Ok(format!("stopped; {} MB back", action.vram_mb))
+        Ok(match evicted {
+            Some(detail) => format!("{detail}; {} MB back", action.vram_mb),
+            None => format!("stopped; {} MB back", action.vram_mb),
+        })
     }
 
     /// Stops the instance (if any) and clears it from the record.
@@ -790,6 +821,9 @@ impl Reconciler {
             Err(error) => {
                 let failure = ActionFailure::from(&error);
                 self.record(&spec.name).last_error = Some(failure.message.clone());
+                if error.is_backend_down() {
+                    self.lose_track(&spec.name);
+                }
                 Err(failure)
             }
         }
@@ -828,7 +862,7 @@ impl Reconciler {
                     .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
                     .collect();
                 return Err(ActionFailure::timeout(format!(
-                    "{} stopped but the GPU still lists its memory after {:?}: {}",
+                    "the GPU still lists the memory of {} {:?} after it was asked to free it: {}",
                     spec.name,
                     self.config.gpu.reclaim_timeout,
                     holders.join(", ")
@@ -901,11 +935,7 @@ impl Reconciler {
         }
         let instance = match self.effects.start(spec).await {
             Ok(instance) => instance,
-            Err(error) => {
-                let failure = ActionFailure::from(&error);
-                self.fail(&spec.name, failure.message.clone());
-                return Err(failure);
-            }
+            Err(error) => return Err(self.start_failed(&spec.name, &error)),
         };
         let record = self.record(&spec.name);
         if record.consecutive_failures > 0 || record.restarts > 0 || record.last_error.is_some() {
@@ -1166,7 +1196,7 @@ async fn sample_gpu(gpu: SharedGpu) -> Result<GpuSample, String> {
 
 /// One GPU observation with every process attributed to a service, external, or
 /// reclaiming (its process has exited; the driver has not freed its memory yet).
-async fn observe_gpu(gpu: SharedGpu, roots: HashMap<u32, ServiceName>) -> GpuView {
+async fn observe_gpu(gpu: SharedGpu, owners: Owners<ServiceName>) -> GpuView {
     let result = tokio::task::spawn_blocking(move || {
         let sample = gpu.sample().map_err(|e| e.to_string())?;
         let table = ProcessTable::read().map_err(|e| format!("cannot read /proc: {e}"))?;
@@ -1188,7 +1218,7 @@ async fn observe_gpu(gpu: SharedGpu, roots: HashMap<u32, ServiceName>) -> GpuVie
     let mut listed_mb = 0;
     for process in &sample.processes {
         listed_mb += process.used_mb;
-        if let Some(owner) = table.root_among(process.pid, &roots) {
+        if let Some(owner) = owners.owner_of(&table, process.pid) {
             view.owners.insert(process.pid, owner.clone());
         } else if table.get(process.pid).is_some_and(|p| !p.zombie) {
             view.external_mb += process.used_mb;

@@ -56,15 +56,19 @@ impl Change {
         }
     }
 
-    /// Refuses a change whose own services cannot fit even after preempting lower
-    /// priorities (409), judged on the plan for the changed state.
-    pub fn check_fits(&self, inventory: &Inventory, plan: &Plan) -> Result<(), TransitionError> {
-        let targets: Vec<&ServiceName> = match self {
+    /// The services this change wants running.
+    pub fn targets<'a>(&'a self, inventory: &'a Inventory) -> Vec<&'a ServiceName> {
+        match self {
             Change::Phase(phase) => inventory.in_phase(*phase).map(|s| &s.name).collect(),
             Change::Start(name) => vec![name],
             Change::Stop(_) => Vec::new(),
-        };
-        for name in targets {
+        }
+    }
+
+    /// Refuses a change whose own services cannot fit even after preempting lower
+    /// priorities (409), judged on the plan for the changed state.
+    pub fn check_fits(&self, inventory: &Inventory, plan: &Plan) -> Result<(), TransitionError> {
+        for name in self.targets(inventory) {
             if let Some(
                 Verdict::Preempted {
                     reason,

@@ -65,6 +65,11 @@ impl HealthProber {
         Ok(Self { client })
     }
 
+    /// The HTTP client, for other calls to the services' local APIs (Ollama's unload).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// One GET of the health URL within `check.timeout`: Ok on 2xx.
     pub async fn probe(&self, check: &HealthCheck) -> Result<(), HealthError> {
         let response = self
