@@ -106,6 +106,9 @@ pub struct LeaseConfig {
     pub redis_url: Option<String>,
     pub key: String,
     pub ttl: Duration,
+    /// How long a transition waits for another holder of `key` (a Python consumer,
+    /// another gpu-manager) before it is refused (HTTP 423) until the next round.
+    pub wait: Duration,
 }
 
 /// The services, kept sorted by priority (highest first) so every consumer sees the
@@ -238,6 +241,9 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 const DEFAULT_RESERVE_MB: u64 = 512;
 const DEFAULT_LEASE_KEY: &str = "gpu_lock";
 const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+const DEFAULT_LEASE_WAIT_MS: u64 = 5_000;
+/// The reconciler does nothing else while it waits for the lease: keep that short.
+const MAX_LEASE_WAIT_MS: u64 = 60_000;
 const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_START_TIMEOUT_MS: u64 = 120_000;
 const DEFAULT_STOP_TIMEOUT_MS: u64 = 30_000;
@@ -299,6 +305,7 @@ struct RawLease {
     redis_url: Option<String>,
     key: Option<String>,
     ttl_ms: Option<u64>,
+    wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -403,6 +410,21 @@ impl Config {
                 format!("lease.ttl_ms {ttl_ms} is too short: use at least 1000"),
             ));
         }
+        let wait_ms = raw.lease.wait_ms.unwrap_or(DEFAULT_LEASE_WAIT_MS);
+        if wait_ms > MAX_LEASE_WAIT_MS {
+            return Err(source.invalid(
+                &["lease", "wait_ms"],
+                format!("lease.wait_ms {wait_ms} is too long: the reconciler does nothing else while it waits; use at most {MAX_LEASE_WAIT_MS} (it tries again every round)"),
+            ));
+        }
+        if let Some(url) = &raw.lease.redis_url {
+            if let Err(error) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                return Err(source.invalid(
+                    &["lease", "redis_url"],
+                    format!("lease.redis_url {url:?} is not a Redis URL ({error}): use redis://HOST:PORT[/DB], or remove it for the in-process lease"),
+                ));
+            }
+        }
         if raw.resync_ms < 50 {
             return Err(source.invalid(
                 &["resync_ms"],
@@ -432,6 +454,7 @@ impl Config {
                 redis_url: raw.lease.redis_url,
                 key: lease_key,
                 ttl: Duration::from_millis(ttl_ms),
+                wait: Duration::from_millis(wait_ms),
             },
             desired_state: base.join(raw.desired_state),
             state_dir: base.join(raw.state_dir),
@@ -842,6 +865,41 @@ services:
     fn malformed_yaml_reports_position() {
         let (line, _) = error_of("services:\n  a: [unclosed\n");
         assert!(line >= 2);
+    }
+
+    #[test]
+    fn lease_keys_default_and_are_checked() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.lease.redis_url, None, "in-process by default");
+        assert_eq!(config.lease.wait, Duration::from_millis(5_000));
+        let with = |lease: &str| format!("lease: {lease}\n{GOOD}");
+        let redis = parse(&with(
+            "{ redis_url: \"redis://127.0.0.1:6380/2\", key: mcn_gpu, ttl_ms: 2000, wait_ms: 0 }",
+        ))
+        .unwrap();
+        assert_eq!(
+            redis.lease.redis_url.as_deref(),
+            Some("redis://127.0.0.1:6380/2")
+        );
+        assert_eq!(redis.lease.key, "mcn_gpu");
+        assert_eq!(redis.lease.ttl, Duration::from_millis(2000));
+        assert_eq!(redis.lease.wait, Duration::ZERO);
+
+        let (line, message) = error_of(&with("{ redis_url: \"http://127.0.0.1:6379\" }"));
+        assert_eq!(line, 1);
+        assert!(
+            message.contains("lease.redis_url") && message.contains("redis://HOST:PORT"),
+            "{message}"
+        );
+        let (_, message) = error_of(&with("{ wait_ms: 600000 }"));
+        assert!(
+            message.contains("lease.wait_ms 600000") && message.contains("at most 60000"),
+            "{message}"
+        );
+        let (_, message) = error_of(&with("{ ttl_ms: 10 }"));
+        assert!(message.contains("lease.ttl_ms 10"), "{message}");
+        let (_, message) = error_of(&with("{ wait: 5 }"));
+        assert!(message.contains("wait_ms"), "lists valid keys: {message}");
     }
 
     #[test]

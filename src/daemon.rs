@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use crate::act::docker::DockerDriver;
 use crate::act::instance::Effects;
 use crate::act::native::NativeDriver;
 use crate::config::{Config, ConfigError};
-use crate::lease::{holder_identity, InProcessLease};
+use crate::lease::Lease;
 use crate::observe::gpu::Gpu;
 use crate::observe::health::HealthProber;
 use crate::observe::nvml::NvmlGpu;
@@ -54,15 +55,27 @@ pub fn check_against_gpu(config: &Config, gpu: &GpuSource) -> Result<(), ConfigE
     }
 }
 
-/// Builds the reconciler for a validated config.
+/// Builds the reconciler for a validated config, with the Docker engine `DOCKER_HOST`
+/// names (or the default socket).
 pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
+    build_with(config, DockerDriver::from_env())
+}
+
+/// Builds the reconciler for a validated config, with docker services going through
+/// `docker`. It is not connected yet: an engine that is down leaves docker services
+/// `unknown` and native ones untouched.
+pub fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Result<Reconciler> {
     let gpu = open_gpu(&config);
     check_against_gpu(&config, &gpu)?;
     let native = NativeDriver::new(&config.state_dir)
         .map_err(|e| anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display()))?;
     let prober = HealthProber::new()
         .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
-    let effects = Effects::new(native, prober);
-    let lease = InProcessLease::new(holder_identity());
+    tracing::info!(
+        engine = docker.host(),
+        "docker services go through this engine"
+    );
+    let effects = Effects::new(native, docker, prober);
+    let lease = Lease::from_config(&config.lease)?;
     Ok(Reconciler::new(config, gpu, effects, lease))
 }

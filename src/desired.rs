@@ -9,8 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify_debouncer_mini::notify::RecursiveMode;
-use notify_debouncer_mini::{new_debouncer, DebounceEventResult, Debouncer};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -193,15 +192,16 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Keeps the folder watch alive; dropping it stops watching.
 pub struct FileWatch {
-    _debouncer: Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>,
+    _watcher: RecommendedWatcher,
 }
 
-/// How long file events are gathered before one trigger is sent: editors write a file in
-/// several steps (truncate, write, rename), and one reload per edit is enough.
-const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How long to gather file events into one reload: editors write a file in several
+/// steps (truncate, write, rename), and one reload per edit is enough.
+pub const DEBOUNCE: Duration = Duration::from_millis(30);
 
 /// Watches the folder of `path` (editors replace files by rename, so watching the file
 /// itself would lose the watch) and sends a trigger whenever the file may have changed.
+/// Reads are not changes: the daemon's own reads of the file must not trigger a reload.
 pub fn watch(path: &Path, trigger: mpsc::Sender<()>) -> Result<FileWatch, DesiredError> {
     let fail = |detail: String| DesiredError::Watch {
         path: path.to_owned(),
@@ -210,11 +210,15 @@ pub fn watch(path: &Path, trigger: mpsc::Sender<()>) -> Result<FileWatch, Desire
     let folder = path.parent().unwrap_or(Path::new(".")).to_owned();
     std::fs::create_dir_all(&folder).map_err(|e| fail(e.to_string()))?;
     let file_name = path.file_name().map(|n| n.to_owned());
-    let mut debouncer = new_debouncer(DEBOUNCE, move |result: DebounceEventResult| {
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
         let relevant = match result {
-            Ok(events) => events
-                .iter()
-                .any(|event| event.path.file_name() == file_name.as_deref()),
+            Ok(event) => {
+                !matches!(event.kind, EventKind::Access(_))
+                    && event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name() == file_name.as_deref())
+            }
             Err(_) => true,
         };
         if relevant {
@@ -223,13 +227,10 @@ pub fn watch(path: &Path, trigger: mpsc::Sender<()>) -> Result<FileWatch, Desire
         }
     })
     .map_err(|e| fail(e.to_string()))?;
-    debouncer
-        .watcher()
+    watcher
         .watch(&folder, RecursiveMode::NonRecursive)
         .map_err(|e| fail(e.to_string()))?;
-    Ok(FileWatch {
-        _debouncer: debouncer,
-    })
+    Ok(FileWatch { _watcher: watcher })
 }
 
 #[cfg(test)]
@@ -322,6 +323,20 @@ services:
         state.hold(&name("ollama"));
         assert!(state.pinned.is_empty());
         assert_eq!(state.held, [name("ollama")]);
+    }
+
+    #[tokio::test]
+    async fn reading_the_file_does_not_trigger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        write_atomic(&path, &DesiredState::default()).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let _watch = watch(&path, tx).unwrap();
+        for _ in 0..5 {
+            load(&path, &inventory()).unwrap();
+        }
+        let trigger = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+        assert!(trigger.is_err(), "a read triggered a reload");
     }
 
     #[tokio::test]

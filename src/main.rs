@@ -9,6 +9,9 @@ use reqwest::Url;
 
 use gpu_manager::client::{self, Client, Request};
 use gpu_manager::config::Config;
+use gpu_manager::observe::gpu::Gpu;
+use gpu_manager::observe::nvml::NvmlGpu;
+use gpu_manager::reconcile::GpuSource;
 use gpu_manager::{api, daemon, demo, desired, plan};
 
 #[derive(Parser)]
@@ -55,6 +58,18 @@ enum Command {
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print what the daemon sees of the GPU (NVML, or the config's simulated GPU).
+    Gpu {
+        /// Observe the GPU this config names (default: NVML, GPU 0).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Load this libnvidia-ml instead of the system's.
+        #[arg(long, conflicts_with = "config")]
+        nvml_library: Option<PathBuf>,
+        /// Also time this many observations and print their median and p99.
+        #[arg(long, default_value_t = 0)]
+        bench: usize,
     },
     /// Run the requirements' pipeline on a simulated 24 GB GPU: phases 2 -> 3 -> 4.
     Demo {
@@ -155,11 +170,33 @@ async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     }
 }
 
+/// One observation, and with `bench` > 0 the median and p99 of that many more.
+fn observe_report(gpu: &dyn Gpu, bench: usize) -> anyhow::Result<serde_json::Value> {
+    let sample = gpu.sample()?;
+    let mut report = serde_json::json!({ "source": gpu.describe(), "sample": sample });
+    if bench > 0 {
+        let mut micros = Vec::with_capacity(bench);
+        for _ in 0..bench {
+            let started = std::time::Instant::now();
+            gpu.sample()?;
+            micros.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        micros.sort_by(f64::total_cmp);
+        let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize];
+        report["bench"] = serde_json::json!({
+            "samples": bench, "median_us": at(0.5), "p99_us": at(0.99), "max_us": at(1.0),
+        });
+    }
+    Ok(report)
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file gets plain text that grep can match.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -215,6 +252,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 config.inventory.len(),
                 config.inventory.phases()
             );
+        }
+        Command::Gpu {
+            config,
+            nvml_library,
+            bench,
+        } => {
+            let gpu = match config {
+                Some(config) => match daemon::open_gpu(&Config::load(&config)?) {
+                    GpuSource::Observed { gpu, .. } => gpu,
+                    GpuSource::Unavailable { reason } => anyhow::bail!(reason),
+                },
+                None => Arc::new(NvmlGpu::open(nvml_library.as_deref(), 0)?),
+            };
+            let report =
+                tokio::task::spawn_blocking(move || observe_report(gpu.as_ref(), bench)).await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Demo { dir } => demo::run(dir).await?,
         Command::Status { daemon } => return Ok(daemon.run(None).await),

@@ -3,6 +3,8 @@
 //! what to do, and acts under the lease: stops first, confirming through the GPU that the
 //! memory came back, then starts, waiting until each is healthy.
 
+mod docker;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,15 +16,16 @@ use crate::act::instance::{ActError, Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
-use crate::lease::InProcessLease;
+use crate::lease::{Leadership, Lease, LeaseError};
 use crate::observe::gpu::{GpuSample, SharedGpu};
+use crate::observe::owners::Owners;
 use crate::observe::process::ProcessTable;
 use crate::plan::{
     self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict,
 };
 use crate::status::{
     now_ms, ActionRecord, DaemonEvent, DesiredStatus, FailureKind, GpuProcessStatus, GpuStatus,
-    ServiceState, ServiceStatus, Status, TransitionStats, Vram,
+    LeaseRole, ServiceState, ServiceStatus, Status, TransitionStats, Vram,
 };
 use crate::transition::{
     Change, RoundEnd, TransitionError, TransitionReply, TransitionReport, Waiters,
@@ -157,7 +160,7 @@ pub struct Reconciler {
     config: Arc<Config>,
     gpu: GpuSource,
     effects: Arc<Effects>,
-    lease: InProcessLease,
+    lease: Lease,
     desired: Option<DesiredState>,
     desired_error: Option<String>,
     generation: u64,
@@ -174,12 +177,7 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(
-        config: Arc<Config>,
-        gpu: GpuSource,
-        effects: Effects,
-        lease: InProcessLease,
-    ) -> Self {
+    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: Effects, lease: Lease) -> Self {
         let (events_tx, events_rx) = mpsc::channel(256);
         let (status_tx, _) = watch::channel(Status::default());
         let records = config
@@ -229,6 +227,8 @@ impl Reconciler {
         let forward = self.events_tx.clone();
         tokio::spawn(async move {
             while file_rx.recv().await.is_some() {
+                tokio::time::sleep(desired::DEBOUNCE).await;
+                while file_rx.try_recv().is_ok() {}
                 if forward.send(Event::DesiredFileChanged).await.is_err() {
                     break;
                 }
@@ -236,7 +236,6 @@ impl Reconciler {
         });
 
         self.reload_desired();
-        self.adopt_running().await;
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -262,6 +261,7 @@ impl Reconciler {
     }
 
     async fn handle_event(&mut self, event: Event) {
+        tracing::debug!(?event, "event");
         match event {
             Event::DesiredFileChanged => self.reload_desired(),
             Event::Exited { service, pid, exit } => self.on_exit(&service, pid, exit),
@@ -333,7 +333,7 @@ impl Reconciler {
     /// instances are found as adoption would find them, but left alone.
     pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
         for spec in self.config.inventory.iter() {
-            if let Some(instance) = self.effects.adopt(spec) {
+            if let Ok(Some(instance)) = self.effects.adopt(spec).await {
                 let record = self.records.get_mut(&spec.name).expect("inventory service");
                 record.instance = Some(instance);
                 record.state = ServiceState::Ready;
@@ -348,8 +348,16 @@ impl Reconciler {
     /// Adopts services left running by an earlier daemon instead of starting them twice.
     async fn adopt_running(&mut self) {
         let specs: Vec<ServiceSpec> = self.config.inventory.iter().cloned().collect();
+        self.adopt_each(specs).await;
+    }
+
+    /// Adopts what runs of `specs`; a service whose backend cannot be asked is `unknown`.
+    async fn adopt_each(&mut self, specs: Vec<ServiceSpec>) {
         for spec in specs {
-            let Some(instance) = self.effects.adopt(&spec) else {
+            if self.records[&spec.name].instance.is_some() {
+                continue;
+            }
+            let Some(instance) = self.find_running(&spec).await else {
                 continue;
             };
             tracing::info!(service = %spec.name, pid = ?instance.root_pid(), "adopted a running instance");
@@ -427,13 +435,14 @@ impl Reconciler {
     // ---- observe ----
 
     async fn observe(&mut self) -> Observation {
-        let roots: HashMap<u32, ServiceName> = self
-            .records
-            .iter()
-            .filter_map(|(name, r)| Some((r.instance.as_ref()?.root_pid()?, name.clone())))
-            .collect();
+        let mut owners = Owners::default();
+        for (name, record) in &self.records {
+            if let Some(instance) = &record.instance {
+                owners.claim(name.clone(), instance.root_pid(), instance.container_id());
+            }
+        }
         self.gpu_view = match &self.gpu {
-            GpuSource::Observed { gpu, .. } => observe_gpu(gpu.clone(), roots).await,
+            GpuSource::Observed { gpu, .. } => observe_gpu(gpu.clone(), owners).await,
             GpuSource::Unavailable { reason } => GpuView {
                 error: Some(reason.clone()),
                 ..Default::default()
@@ -470,6 +479,9 @@ impl Reconciler {
                     (ServiceState::Failed, None) => StartGate::Closed {
                         reason: record.reason.clone().unwrap_or_default(),
                     },
+                    (ServiceState::Unknown, _) => StartGate::Closed {
+                        reason: record.last_error.clone().unwrap_or_default(),
+                    },
                     _ => StartGate::Open,
                 };
                 let view = ServiceView {
@@ -504,6 +516,22 @@ impl Reconciler {
     /// One round: observe, plan, act. Says whether another round should follow at once
     /// (after acting, to confirm convergence on fresh observations).
     async fn reconcile(&mut self) -> Again {
+        // Only the leader acts. It adopts what runs when it starts leading (at once when
+        // alone), and lets go of what it tracked when another daemon takes over.
+        let leadership = self.lease.refresh().await;
+        if leadership == Leadership::Gained {
+            self.adopt_running().await;
+        }
+        if !leadership.leads() {
+            if leadership == Leadership::Lost {
+                self.let_go();
+            }
+            self.observe().await;
+            let refusal = self.standby_refusal();
+            self.finish_round(self.generation, RoundEnd::Blocked(refusal));
+            return Again::OnNextTrigger;
+        }
+        self.recheck_unknown().await;
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
             self.publish();
@@ -517,14 +545,20 @@ impl Reconciler {
             self.finish_round(generation, RoundEnd::Completed);
             return Again::OnNextTrigger;
         }
+        // The lease logs and records in status why it cannot be had.
         if let Err(error) = self.lease.acquire().await {
-            tracing::warn!(%error, "cannot act now");
             self.finish_round(generation, RoundEnd::Blocked(error.into()));
             return Again::OnNextTrigger;
         }
         let started = Instant::now();
         let mut failed = false;
         for action in &plan.actions {
+            // A lost lease stops the transition after the action in flight.
+            if let Err(error) = self.lease.check().await {
+                self.lease.release().await;
+                self.finish_round(generation, RoundEnd::Blocked(error.into()));
+                return Again::OnNextTrigger;
+            }
             failed |= !self.execute(action).await;
             self.drain_events().await;
             if self.generation != generation {
@@ -599,19 +633,48 @@ impl Reconciler {
             None => current,
         };
         let mut observation = self.observe().await;
-        // A new desired state reopens every start gate (see accept_desired).
+        // A new desired state reopens the start gates that failures closed (see
+        // accept_desired); an unreachable backend keeps its gate closed.
         if change.is_some() {
-            for view in observation.services.values_mut() {
-                view.gate = StartGate::Open;
+            for (name, view) in observation.services.iter_mut() {
+                if self.records[name].state != ServiceState::Unknown {
+                    view.gate = StartGate::Open;
+                }
             }
         }
         let plan = plan::plan(&self.config.inventory, &next, &observation);
         Ok((next, plan))
     }
 
-    /// Checks a change (404, 409), writes it to the desired-state file and accepts it.
+    /// What a standby answers: it does not act, the leader does (423, naming it).
+    fn standby_refusal(&self) -> TransitionError {
+        let leader = self
+            .lease
+            .status()
+            .leader
+            .unwrap_or_else(|| "another gpu-manager".to_owned());
+        LeaseError::NotLeader { leader }.into()
+    }
+
+    /// Checks a change (404, 409, 423 on a standby), writes it to the desired-state file
+    /// and accepts it.
     async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
+        if self.lease.status().role == LeaseRole::Standby {
+            return Err(self.standby_refusal());
+        }
         let (next, plan) = self.plan_for(Some(change)).await?;
+        for name in change.targets(&self.config.inventory) {
+            let record = &self.records[name];
+            if record.state == ServiceState::Unknown {
+                return Err(TransitionError::BackendDown {
+                    backend: "docker".to_owned(),
+                    detail: record
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| format!("{name}'s backend cannot be reached")),
+                });
+            }
+        }
         change.check_fits(&self.config.inventory, &plan)?;
         desired::write_atomic(&self.config.desired_state, &next).map_err(|e| {
             TransitionError::NotWritten {
@@ -624,6 +687,17 @@ impl Reconciler {
             self.accept_desired(next);
         }
         Ok(self.generation)
+    }
+
+    /// Another daemon leads now: forget the instances this one tracked (they keep
+    /// running, and the leader adopts them) so that nothing here acts on them.
+    fn let_go(&mut self) {
+        for record in self.records.values_mut() {
+            record.stop_monitor();
+            record.instance = None;
+            record.set_state(ServiceState::Stopped);
+            record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
+        }
     }
 
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.
@@ -645,7 +719,7 @@ impl Reconciler {
                     record.set_state(ServiceState::Stopped);
                     record.reason = None;
                 }
-                Verdict::Idle => {
+                Verdict::Idle if record.state != ServiceState::Unknown => {
                     // Not wanted and not running: an old reason or failure is history.
                     record.set_state(ServiceState::Stopped);
                     record.reason = None;
@@ -710,7 +784,7 @@ impl Reconciler {
         action: &Action,
     ) -> Result<String, ActionFailure> {
         let gpu_pids = self.record(&spec.name).gpu_pids.clone();
-        self.stop_instance(spec, &action.reason).await?;
+        let evicted = self.evict_or_stop(spec, &action.reason, &gpu_pids).await?;
         let record = self.record(&spec.name);
         let preempted = action.reason.starts_with("preempted");
         record.set_state(if preempted {
@@ -720,7 +794,10 @@ impl Reconciler {
         });
         record.reason = Some(action.reason.clone());
         self.wait_pids_gone(spec, &gpu_pids).await?;
-        Ok(format!("stopped; {} MB back", action.vram_mb))
+        Ok(match evicted {
+            Some(detail) => format!("{detail}; {} MB back", action.vram_mb),
+            None => format!("stopped; {} MB back", action.vram_mb),
+        })
     }
 
     /// Stops the instance (if any) and clears it from the record.
@@ -745,6 +822,9 @@ impl Reconciler {
             Err(error) => {
                 let failure = ActionFailure::from(&error);
                 self.record(&spec.name).last_error = Some(failure.message.clone());
+                if error.is_backend_down() {
+                    self.lose_track(&spec.name);
+                }
                 Err(failure)
             }
         }
@@ -783,7 +863,7 @@ impl Reconciler {
                     .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
                     .collect();
                 return Err(ActionFailure::timeout(format!(
-                    "{} stopped but the GPU still lists its memory after {:?}: {}",
+                    "the GPU still lists the memory of {} {:?} after it was asked to free it: {}",
                     spec.name,
                     self.config.gpu.reclaim_timeout,
                     holders.join(", ")
@@ -856,11 +936,7 @@ impl Reconciler {
         }
         let instance = match self.effects.start(spec).await {
             Ok(instance) => instance,
-            Err(error) => {
-                let failure = ActionFailure::from(&error);
-                self.fail(&spec.name, failure.message.clone());
-                return Err(failure);
-            }
+            Err(error) => return Err(self.start_failed(&spec.name, &error)),
         };
         let record = self.record(&spec.name);
         if record.consecutive_failures > 0 || record.restarts > 0 || record.last_error.is_some() {
@@ -1121,7 +1197,7 @@ async fn sample_gpu(gpu: SharedGpu) -> Result<GpuSample, String> {
 
 /// One GPU observation with every process attributed to a service, external, or
 /// reclaiming (its process has exited; the driver has not freed its memory yet).
-async fn observe_gpu(gpu: SharedGpu, roots: HashMap<u32, ServiceName>) -> GpuView {
+async fn observe_gpu(gpu: SharedGpu, owners: Owners<ServiceName>) -> GpuView {
     let result = tokio::task::spawn_blocking(move || {
         let sample = gpu.sample().map_err(|e| e.to_string())?;
         let table = ProcessTable::read().map_err(|e| format!("cannot read /proc: {e}"))?;
@@ -1143,7 +1219,7 @@ async fn observe_gpu(gpu: SharedGpu, roots: HashMap<u32, ServiceName>) -> GpuVie
     let mut listed_mb = 0;
     for process in &sample.processes {
         listed_mb += process.used_mb;
-        if let Some(owner) = table.root_among(process.pid, &roots) {
+        if let Some(owner) = owners.owner_of(&table, process.pid) {
             view.owners.insert(process.pid, owner.clone());
         } else if table.get(process.pid).is_some_and(|p| !p.zombie) {
             view.external_mb += process.used_mb;

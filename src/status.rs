@@ -79,15 +79,59 @@ pub struct ServiceStatus {
     pub restarts: u32,
 }
 
+/// The lease transitions run under (`lease:` in the config).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LockStatus {
+    /// Who holds the transition lock (`key`) now, this daemon or another (a Python
+    /// consumer's redis-py token, another gpu-manager); None: free.
     pub holder: Option<String>,
+    /// Since when: when this daemon took it, or first saw a foreign holder.
     pub since_ms: Option<u64>,
     /// "in-process" or "redis".
     pub backend: String,
     pub key: Option<String>,
     pub reachable: bool,
     pub error: Option<String>,
+    /// The holder is this daemon.
+    #[serde(default)]
+    pub ours: bool,
+    /// How long until the holder's key expires unless renewed (Redis only).
+    #[serde(default)]
+    pub expires_in_ms: Option<u64>,
+    /// Whether this daemon acts (leader) or waits to take over (standby).
+    #[serde(default)]
+    pub role: LeaseRole,
+    /// The daemon that acts: its identity (host, pid, run id).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// This daemon's identity.
+    #[serde(default)]
+    pub identity: String,
+    /// The lease's situation in one sentence.
+    #[serde(default)]
+    pub summary: String,
+    /// The last time a transition could not run, or was cut short, for lack of the lease.
+    #[serde(default)]
+    pub last_refusal: Option<LeaseRefusal>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseRole {
+    Leader,
+    #[default]
+    Standby,
+}
+
+/// A transition refused (or stopped) for lack of the lease, for API answers: 423 while
+/// someone else holds it, 503 while its backend is unreachable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRefusal {
+    pub http_status: u16,
+    pub error: String,
+    /// Who held the lease instead, when known.
+    pub holder: Option<String>,
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

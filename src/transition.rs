@@ -56,15 +56,19 @@ impl Change {
         }
     }
 
-    /// Refuses a change whose own services cannot fit even after preempting lower
-    /// priorities (409), judged on the plan for the changed state.
-    pub fn check_fits(&self, inventory: &Inventory, plan: &Plan) -> Result<(), TransitionError> {
-        let targets: Vec<&ServiceName> = match self {
+    /// The services this change wants running.
+    pub fn targets<'a>(&'a self, inventory: &'a Inventory) -> Vec<&'a ServiceName> {
+        match self {
             Change::Phase(phase) => inventory.in_phase(*phase).map(|s| &s.name).collect(),
             Change::Start(name) => vec![name],
             Change::Stop(_) => Vec::new(),
-        };
-        for name in targets {
+        }
+    }
+
+    /// Refuses a change whose own services cannot fit even after preempting lower
+    /// priorities (409), judged on the plan for the changed state.
+    pub fn check_fits(&self, inventory: &Inventory, plan: &Plan) -> Result<(), TransitionError> {
+        for name in self.targets(inventory) {
             if let Some(
                 Verdict::Preempted {
                     reason,
@@ -127,19 +131,17 @@ pub enum TransitionError {
 }
 
 impl From<LeaseError> for TransitionError {
+    /// 423 when someone else holds the lease (named), 503 when Redis cannot be reached.
     fn from(error: LeaseError) -> Self {
-        match &error {
-            LeaseError::HeldElsewhere { holder, .. } => TransitionError::LeaseHeld {
-                holder: holder.clone(),
-                detail: error.to_string(),
+        let detail = error.to_string();
+        match (error.http_status(), error.holder()) {
+            (423, holder) => TransitionError::LeaseHeld {
+                holder: holder.unwrap_or("unknown").to_owned(),
+                detail,
             },
-            LeaseError::Unreachable { .. } => TransitionError::BackendDown {
+            _ => TransitionError::BackendDown {
                 backend: "redis".to_owned(),
-                detail: error.to_string(),
-            },
-            LeaseError::Lost { .. } => TransitionError::Failed {
-                service: "lease".to_owned(),
-                detail: error.to_string(),
+                detail,
             },
         }
     }

@@ -16,16 +16,22 @@ apt_install() {
 say "checking test dependencies"
 command -v pkill >/dev/null || apt_install procps
 command -v redis-server >/dev/null || apt_install redis-server
-python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet 'redis>=5'
+python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet 'redis>=5' || apt_install python3-redis
+python3 -c 'import redis' || { echo "the Python redis module (redis-py) could not be installed: the Redis lease tests need it"; exit 1; }
 
-if ! docker info >/dev/null 2>&1; then
+# Docker tests need the docker CLI and a running engine; they build their image from the
+# stand-in binary with tar and ldd.
+docker_missing="Docker tests will be skipped (and fail under CI=true)"
+if ! command -v docker >/dev/null; then
+  echo "warning: no docker command: install docker.io (apt-get install docker.io); $docker_missing"
+elif ! docker info >/dev/null 2>&1; then
   if command -v dockerd >/dev/null; then
     say "starting the Docker daemon"
     (as_root dockerd >/tmp/gpu-manager-dockerd.log 2>&1 &)
     for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null 2>&1 || { echo "dockerd did not start: see /tmp/gpu-manager-dockerd.log"; exit 1; }
   else
-    echo "warning: no Docker engine and no dockerd: install docker.io; Docker tests will fail under CI=true"
+    echo "warning: docker cannot reach an engine at ${DOCKER_HOST:-unix:///var/run/docker.sock} and dockerd is not installed: install docker.io or start your engine; $docker_missing"
   fi
 fi
 

@@ -1,21 +1,25 @@
 //! One running instance of a service, whatever its runtime, and the effects that start,
-//! stop and adopt it. The reconciler speaks only to this module, so adding a runtime
-//! (Docker) touches this dispatch and nothing in the decision code.
+//! stop and adopt it. The reconciler speaks only to this module, so a runtime's details
+//! (process groups, containers) stay out of the decision code.
 
 use std::time::Duration;
 
+use crate::act::container::ContainerHandle;
+use crate::act::docker::{DockerDriver, DockerError};
+use crate::act::evict::{unload_ollama_models, EvictError};
 use crate::act::native::{NativeDriver, NativeError, ProcessHandle, StopReport};
 use crate::act::ExitInfo;
-use crate::config::{Runtime, ServiceSpec};
+use crate::config::{Eviction, Runtime, ServiceSpec};
 use crate::observe::health::{wait_ready, HealthProber, ReadyError};
 use crate::status::FailureKind;
 
 /// How many log lines an error message carries.
-const LOG_LINES_IN_ERRORS: usize = 10;
+pub(crate) const LOG_LINES_IN_ERRORS: usize = 10;
 
 #[derive(Debug, Clone)]
 pub enum Instance {
     Native(ProcessHandle),
+    Docker(ContainerHandle),
 }
 
 impl Instance {
@@ -23,12 +27,23 @@ impl Instance {
     pub fn root_pid(&self) -> Option<u32> {
         match self {
             Instance::Native(handle) => Some(handle.pid()),
+            Instance::Docker(handle) => handle.root_pid(),
+        }
+    }
+
+    /// The container whose processes belong to the service, found by their cgroup even
+    /// when they do not descend from its main process (`docker exec`).
+    pub fn container_id(&self) -> Option<&str> {
+        match self {
+            Instance::Native(_) => None,
+            Instance::Docker(handle) => Some(handle.id()),
         }
     }
 
     pub async fn wait_exit(&self) -> ExitInfo {
         match self {
             Instance::Native(handle) => handle.wait_exit().await,
+            Instance::Docker(handle) => handle.wait_exit().await,
         }
     }
 }
@@ -37,8 +52,10 @@ impl Instance {
 pub enum ActError {
     #[error(transparent)]
     Native(#[from] NativeError),
-    #[error("{service} is a {kind} service, which this build cannot run")]
-    Unsupported { service: String, kind: &'static str },
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Evict(#[from] EvictError),
     #[error("{service} exited while starting ({exit}); last log lines:\n{log}")]
     ExitedWhileStarting {
         service: String,
@@ -61,30 +78,50 @@ impl ActError {
     pub fn failure_kind(&self) -> FailureKind {
         match self {
             ActError::NotReady { .. } => FailureKind::Timeout,
+            _ if self.is_backend_down() => FailureKind::BackendDown,
             _ => FailureKind::Other,
         }
+    }
+
+    /// The backend the service runs on (the Docker engine) cannot be reached, so nothing
+    /// is known of the service (the API answers 503 for it; the error names the engine
+    /// address tried).
+    pub fn is_backend_down(&self) -> bool {
+        matches!(self, ActError::Docker(error) if error.is_unreachable())
     }
 }
 
 pub struct Effects {
     native: NativeDriver,
+    docker: DockerDriver,
     prober: HealthProber,
 }
 
 impl Effects {
-    pub fn new(native: NativeDriver, prober: HealthProber) -> Self {
-        Self { native, prober }
+    pub fn new(native: NativeDriver, docker: DockerDriver, prober: HealthProber) -> Self {
+        Self {
+            native,
+            docker,
+            prober,
+        }
     }
 
     pub fn prober(&self) -> &HealthProber {
         &self.prober
     }
 
-    /// Finds an instance that is already running (left by an earlier daemon).
-    pub fn adopt(&self, spec: &ServiceSpec) -> Option<Instance> {
+    /// Finds an instance that is already running (left by an earlier daemon, or a
+    /// container started by hand). Fails only when the backend cannot be asked.
+    pub async fn adopt(&self, spec: &ServiceSpec) -> Result<Option<Instance>, ActError> {
         match &spec.runtime {
-            Runtime::Native(native) => self.native.adopt(&spec.name, native).map(Instance::Native),
-            Runtime::Docker(_) => None,
+            Runtime::Native(native) => {
+                Ok(self.native.adopt(&spec.name, native).map(Instance::Native))
+            }
+            Runtime::Docker(docker) => Ok(self
+                .docker
+                .adopt(&spec.name, docker)
+                .await?
+                .map(Instance::Docker)),
         }
     }
 
@@ -92,10 +129,9 @@ impl Effects {
     pub async fn start(&self, spec: &ServiceSpec) -> Result<Instance, ActError> {
         match &spec.runtime {
             Runtime::Native(native) => Ok(Instance::Native(self.native.spawn(&spec.name, native)?)),
-            Runtime::Docker(_) => Err(ActError::Unsupported {
-                service: spec.name.to_string(),
-                kind: spec.runtime.kind(),
-            }),
+            Runtime::Docker(docker) => Ok(Instance::Docker(
+                self.docker.start(&spec.name, docker).await?,
+            )),
         }
     }
 
@@ -112,24 +148,27 @@ impl Effects {
             instance.wait_exit(),
         )
         .await;
-        result.map_err(|error| {
-            let service = spec.name.to_string();
-            let log = self.last_log_lines(spec).join("\n");
-            match error {
-                ReadyError::Exited(exit) => ActError::ExitedWhileStarting { service, exit, log },
-                ReadyError::TimedOut { after, last_error } => ActError::NotReady {
-                    service,
-                    after,
-                    last_error: last_error
-                        .map(|e| e.to_string())
-                        .unwrap_or_else(|| "no probe answered yet".to_owned()),
-                    log,
-                },
-            }
+        let error = match result {
+            Ok(took) => return Ok(took),
+            Err(error) => error,
+        };
+        let service = spec.name.to_string();
+        let log = self.current_log_lines(spec).await.join("\n");
+        Err(match error {
+            ReadyError::Exited(exit) => ActError::ExitedWhileStarting { service, exit, log },
+            ReadyError::TimedOut { after, last_error } => ActError::NotReady {
+                service,
+                after,
+                last_error: last_error
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "no probe answered yet".to_owned()),
+                log,
+            },
         })
     }
 
-    /// Stops the instance and confirms it is gone (the whole process tree).
+    /// Stops the instance and confirms it is gone (the whole process tree, or the
+    /// container).
     pub async fn stop(
         &self,
         spec: &ServiceSpec,
@@ -140,10 +179,49 @@ impl Effects {
                 .native
                 .stop(&spec.name, handle, spec.stop_timeout)
                 .await?),
+            Instance::Docker(handle) => Ok(self
+                .docker
+                .stop(&spec.name, handle, spec.stop_timeout)
+                .await?),
         }
     }
 
+    /// Asks the service to give its GPU memory back while it keeps running (Ollama:
+    /// unload every model); returns what it unloaded. Each request may take up to the
+    /// service's stop timeout. The memory is only free once the GPU says so.
+    pub async fn evict(
+        &self,
+        spec: &ServiceSpec,
+        eviction: &Eviction,
+    ) -> Result<Vec<String>, ActError> {
+        match eviction {
+            Eviction::Ollama { url } => {
+                Ok(
+                    unload_ollama_models(self.prober.client(), &spec.name, url, spec.stop_timeout)
+                        .await?,
+                )
+            }
+        }
+    }
+
+    /// The last log lines of the service's latest run that ended: its log file, or what
+    /// its container wrote before it exited.
     pub fn last_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
-        self.native.last_log_lines(&spec.name, LOG_LINES_IN_ERRORS)
+        match &spec.runtime {
+            Runtime::Native(_) => self.native.last_log_lines(&spec.name, LOG_LINES_IN_ERRORS),
+            Runtime::Docker(docker) => self.docker.exit_log(&docker.container),
+        }
+    }
+
+    /// The last log lines the service wrote, asking the engine for a container's.
+    async fn current_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
+        match &spec.runtime {
+            Runtime::Native(_) => self.last_log_lines(spec),
+            Runtime::Docker(docker) => {
+                self.docker
+                    .last_log_lines(&docker.container, LOG_LINES_IN_ERRORS)
+                    .await
+            }
+        }
     }
 }

@@ -564,7 +564,17 @@ impl KillTarget {
             if now >= deadline {
                 return false;
             }
-            tokio::time::sleep_until(deadline.min(now + STOP_POLL)).await;
+            // Wake as soon as the leader exits (the usual end of a stop); poll only
+            // for members that outlive it.
+            let poll = tokio::time::sleep_until(deadline.min(now + STOP_POLL));
+            if handle.exit_status().is_some() {
+                poll.await;
+            } else {
+                tokio::select! {
+                    _ = handle.wait_exit() => {}
+                    () = poll => {}
+                }
+            }
         }
     }
 }

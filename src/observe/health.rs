@@ -15,10 +15,10 @@ use crate::config::HealthCheck;
 const FIRST_POLL: Duration = Duration::from_millis(20);
 /// Probes stay at [`FIRST_POLL`] this long: every pause adds up to its length to a
 /// start's latency, and a probe of a local port costs well under a millisecond.
-const FAST_PHASE: Duration = Duration::from_secs(2);
+const FAST_PHASE: Duration = Duration::from_secs(10);
 /// Each pause after that is this much longer than the last, up to [`MAX_POLL`].
 const POLL_BACKOFF: f64 = 1.5;
-const MAX_POLL: Duration = Duration::from_millis(500);
+const MAX_POLL: Duration = Duration::from_millis(250);
 /// With no health check configured, a service counts as ready once its process has
 /// survived this long: a bad command line or a missing module fails within it.
 pub const NO_CHECK_GRACE: Duration = Duration::from_millis(200);
@@ -63,6 +63,11 @@ impl HealthProber {
             .pool_max_idle_per_host(0)
             .build()?;
         Ok(Self { client })
+    }
+
+    /// The HTTP client, for other calls to the services' local APIs (Ollama's unload).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 
     /// One GET of the health URL within `check.timeout`: Ok on 2xx.
@@ -111,8 +116,8 @@ fn request_error(check: &HealthCheck, error: &reqwest::Error) -> HealthError {
 
 /// Waits until a starting service is ready, and returns how long that took.
 ///
-/// With a health check: probes it every 20 ms for 2 s, then 1.5 times slower each
-/// time up to every 500 ms, until it answers 2xx or `timeout` passes. Without one: ready
+/// With a health check: probes it every 20 ms for 10 s, then 1.5 times slower each
+/// time up to every 250 ms, until it answers 2xx or `timeout` passes. Without one: ready
 /// once the process is still running after [`NO_CHECK_GRACE`] (or `timeout`, if
 /// shorter). Either way, `exited` completing (the process or container ended) fails the
 /// wait at once with [`ReadyError::Exited`], even if a probe succeeded at the same time.

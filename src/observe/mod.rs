@@ -3,5 +3,6 @@
 pub mod gpu;
 pub mod health;
 pub mod nvml;
+pub mod owners;
 pub mod process;
 pub mod simulated;

@@ -4,15 +4,20 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod api;
+pub mod docker;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sim_gpu::{DeviceSpec, SimGpuDir};
+
+pub mod lease;
+mod redis_server;
 
 /// Generous: these machines are small and shared.
 pub const CONVERGE: Duration = Duration::from_secs(30);
@@ -44,6 +49,15 @@ pub fn fake_nvml_library() -> PathBuf {
     path
 }
 
+/// Where a stand-in runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// A native service: the daemon runs the stand-in binary itself.
+    Native,
+    /// A docker service: the stand-in in this container (see `docker.rs`).
+    Docker { container: String },
+}
+
 /// One stand-in service of the inventory.
 #[derive(Clone, Debug)]
 pub struct Standin {
@@ -57,6 +71,9 @@ pub struct Standin {
     pub stop_timeout_ms: u64,
     pub start_timeout_ms: u64,
     pub port: u16,
+    pub runtime: Runtime,
+    /// Speaks Ollama's API with this model loaded, and is evicted through it.
+    pub ollama_model: Option<&'static str>,
 }
 
 impl Standin {
@@ -72,7 +89,31 @@ impl Standin {
             stop_timeout_ms: 5000,
             start_timeout_ms: 15000,
             port: free_port(),
+            runtime: Runtime::Native,
+            ollama_model: None,
         }
+    }
+
+    /// The stand-in's arguments after the program; the simulated GPU folder is given
+    /// apart (an environment variable for native services, an argument in containers).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--name".into(),
+            self.name.into(),
+            "--vram-mb".into(),
+            self.vram_mb.to_string(),
+            "--port".into(),
+            self.port.to_string(),
+            "--start-delay-ms".into(),
+            self.start_delay_ms.to_string(),
+            "--stop-delay-ms".into(),
+            self.stop_delay_ms.to_string(),
+        ];
+        if let Some(model) = self.ollama_model {
+            args.extend(["--ollama".into(), model.into()]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
     }
 }
 
@@ -87,11 +128,23 @@ pub fn mcn_inventory() -> Vec<Standin> {
     ]
 }
 
+/// A port nothing listens on, for a stand-in to bind later. Taken below the kernel's
+/// ephemeral range (from 32768), so that no outgoing connection holds it meanwhile, and
+/// never handed out twice by this process, so that parallel tests do not share one.
+/// Each process starts at its own place in the range, as test binaries of other runs
+/// may be picking too.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 pub struct Harness {
@@ -153,23 +206,29 @@ impl Harness {
             self.gpu_config
         );
         for s in &self.services {
-            let mut args = vec![
-                standin.display().to_string(),
-                "--name".into(),
-                s.name.into(),
-                "--vram-mb".into(),
-                s.vram_mb.to_string(),
-                "--port".into(),
-                s.port.to_string(),
-                "--start-delay-ms".into(),
-                s.start_delay_ms.to_string(),
-                "--stop-delay-ms".into(),
-                s.stop_delay_ms.to_string(),
-            ];
-            args.extend(s.extra_args.iter().cloned());
+            let runtime = match &s.runtime {
+                Runtime::Native => {
+                    let mut command = vec![standin.display().to_string()];
+                    command.extend(s.args());
+                    format!(
+                        "    kind: native\n    command: {command:?}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n",
+                        self.gpu.path()
+                    )
+                }
+                Runtime::Docker { container } => {
+                    let mut lines = format!("    kind: docker\n    container: {container}\n");
+                    if s.ollama_model.is_some() {
+                        lines.push_str(&format!(
+                            "    evict: ollama\n    evict_url: \"http://127.0.0.1:{}\"\n",
+                            s.port
+                        ));
+                    }
+                    lines
+                }
+            };
             text.push_str(&format!(
-                "  {}:\n    kind: native\n    command: {:?}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n    vram_mb: {}\n    priority: {}\n    phases: {}\n    health: {{ url: \"http://127.0.0.1:{}/health\", timeout_ms: 1000 }}\n    start_timeout_ms: {}\n    stop_timeout_ms: {}\n",
-                s.name, args, self.gpu.path(), s.vram_mb, s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
+                "  {}:\n{runtime}    vram_mb: {}\n    priority: {}\n    phases: {}\n    health: {{ url: \"http://127.0.0.1:{}/health\", timeout_ms: 1000 }}\n    start_timeout_ms: {}\n    stop_timeout_ms: {}\n",
+                s.name, s.vram_mb, s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
             ));
         }
         std::fs::write(self.config_path(), text).expect("write config");
@@ -301,6 +360,9 @@ impl Drop for Harness {
         self.kill_daemon();
         // Stop every stand-in this test started, whatever state the test left.
         for service in &self.services {
+            if let Runtime::Docker { container } = &service.runtime {
+                docker::remove_container(container);
+            }
             let _ = Command::new("pkill")
                 .args([
                     "-KILL",

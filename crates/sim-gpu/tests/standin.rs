@@ -108,6 +108,22 @@ impl Drop for Standin {
     }
 }
 
+/// One HTTP request: (status code, body).
+fn http(address: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (code, body)
+}
+
 fn http_status(address: SocketAddr) -> u16 {
     let mut stream = TcpStream::connect(address).unwrap();
     stream
@@ -203,4 +219,77 @@ fn refuses_to_start_when_its_vram_does_not_fit() {
         .map(|a| a.pid)
         .collect();
     assert_eq!(pids, [first.pid()]);
+}
+
+#[test]
+fn ollama_mode_unloads_and_reloads_its_model_through_the_api() {
+    let (_temp, dir) = folder(24_576);
+    let standin = Standin::spawn(
+        dir.path(),
+        &[
+            "--vram-mb",
+            "2048",
+            "--port",
+            "0",
+            "--ollama",
+            "llama3:8b",
+            "--unload-delay-ms",
+            "1000",
+        ],
+    );
+    let address = standin.listening_on();
+    let held = || dir.snapshot().unwrap().processes;
+    assert_eq!(
+        held(),
+        [Allocation {
+            pid: standin.pid(),
+            mb: 2048
+        }]
+    );
+    let (code, ps) = http(address, "GET", "/api/ps", "");
+    assert_eq!(code, 200);
+    assert!(ps.contains("\"model\":\"llama3:8b\""), "{ps}");
+
+    let (code, _) = http(
+        address,
+        "POST",
+        "/api/generate",
+        r#"{"model": "mistral", "keep_alive": 0}"#,
+    );
+    assert_eq!(code, 404, "an unknown model is not unloaded");
+
+    let asked = Instant::now();
+    let (code, answer) = http(
+        address,
+        "POST",
+        "/api/generate",
+        r#"{"model": "llama3:8b", "keep_alive": 0}"#,
+    );
+    assert_eq!(code, 200);
+    assert!(answer.contains("\"done_reason\":\"unload\""), "{answer}");
+    assert_eq!(
+        held().len(),
+        1,
+        "the memory is freed only after the unload delay"
+    );
+    standin.wait_for_line("unloaded: its memory is free");
+    assert!(asked.elapsed() >= Duration::from_millis(1000));
+    assert!(held().is_empty());
+    assert_eq!(http(address, "GET", "/api/ps", "").1, r#"{"models":[]}"#);
+    assert_eq!(http_status(address), 200, "still healthy while unloaded");
+
+    let (code, _) = http(
+        address,
+        "POST",
+        "/api/generate",
+        r#"{"model": "llama3:8b"}"#,
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        held(),
+        [Allocation {
+            pid: standin.pid(),
+            mb: 2048
+        }]
+    );
 }

@@ -7,6 +7,12 @@
 //! goes back when the folder's reclaim rule sees the process dead, which is what the
 //! daemon's "confirm VRAM reclaimed" step must wait for. Only std, libc and the folder
 //! library, so that it builds static and runs in a bare container.
+//!
+//! With `--ollama MODEL` it also speaks the two Ollama endpoints the daemon uses to evict
+//! it: `GET /api/ps` lists MODEL while it is loaded (its VRAM is the model), and
+//! `POST /api/generate {"model": MODEL, "keep_alive": 0}` unloads it, freeing the memory
+//! `--unload-delay-ms` later as Ollama's runner does when it exits; a generate request
+//! without `keep_alive: 0` loads it again.
 
 use std::fmt::Display;
 use std::io::{self, Read, Write};
@@ -14,7 +20,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -22,7 +28,8 @@ use sim_gpu::{AllocError, SimGpuDir, ENV_VAR};
 
 const USAGE: &str =
     "usage: gpu-standin --vram-mb N [--sim-dir DIR] [--port P | --listen ADDR:PORT] \
-[--start-delay-ms MS] [--stop-delay-ms MS] [--ignore-sigterm] [--exit-after-ms MS] [--name NAME]";
+[--start-delay-ms MS] [--stop-delay-ms MS] [--ignore-sigterm] [--exit-after-ms MS] [--name NAME] \
+[--ollama MODEL [--unload-delay-ms MS]]";
 
 /// Exit codes, distinct so that tests can tell the failures apart.
 const EXIT_SETUP: u8 = 1;
@@ -36,6 +43,8 @@ const POLL: Duration = Duration::from_millis(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Enough for any health probe's request head.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Enough for any Ollama request body the daemon sends.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The stop signal received (0: none). Set by the signal handler, which may only touch
 /// an atomic.
@@ -50,13 +59,33 @@ struct Options {
     ignore_sigterm: bool,
     exit_after: Option<Duration>,
     name: String,
+    ollama_model: Option<String>,
+    unload_delay: Duration,
 }
 
-/// What the health endpoint reports.
+/// What the HTTP endpoints report.
 struct Service {
     name: String,
     vram_mb: u64,
     ready_at: Instant,
+    ollama: Option<Ollama>,
+}
+
+/// The Ollama side of `--ollama`: one model, which holds the stand-in's VRAM while it is
+/// loaded.
+struct Ollama {
+    model: String,
+    dir: SimGpuDir,
+    unload_delay: Duration,
+    state: Arc<Mutex<ModelState>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ModelState {
+    Loaded,
+    /// Asked to unload; the memory is freed after the unload delay.
+    Unloading,
+    Unloaded,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +124,12 @@ fn run(options: &Options) -> ExitCode {
             name: options.name.clone(),
             vram_mb: options.vram_mb,
             ready_at: started + options.start_delay,
+            ollama: options.ollama_model.as_ref().map(|model| Ollama {
+                model: model.clone(),
+                dir: dir.clone(),
+                unload_delay: options.unload_delay,
+                state: Arc::new(Mutex::new(ModelState::Loaded)),
+            }),
         };
         if let Err(error) = start_http(address, service) {
             say(&format_args!("cannot listen on {address}: {error}"));
@@ -114,6 +149,8 @@ fn parse_options(args: Vec<String>) -> Result<Options, String> {
         ignore_sigterm: false,
         exit_after: None,
         name: "gpu-standin".into(),
+        ollama_model: None,
+        unload_delay: Duration::ZERO,
     };
     let mut vram_mb = None;
     let mut args = args.into_iter();
@@ -149,6 +186,8 @@ fn parse_options(args: Vec<String>) -> Result<Options, String> {
             "--exit-after-ms" => options.exit_after = Some(millis(&flag, &value()?)?),
             "--ignore-sigterm" if inline.is_none() => options.ignore_sigterm = true,
             "--name" => options.name = value()?,
+            "--ollama" => options.ollama_model = Some(value()?),
+            "--unload-delay-ms" => options.unload_delay = millis(&flag, &value()?)?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -257,9 +296,8 @@ fn start_http(address: SocketAddr, service: Service) -> io::Result<()> {
 
 fn answer(mut stream: TcpStream, service: &Service) -> io::Result<()> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
-    let head = read_head(&mut stream)?;
-    let request_line = head.lines().next().unwrap_or_default();
-    let (status, body) = respond(request_line, service);
+    let request = read_request(&mut stream)?;
+    let (status, body) = respond(&request, service);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -267,23 +305,66 @@ fn answer(mut stream: TcpStream, service: &Service) -> io::Result<()> {
     stream.write_all(response.as_bytes())
 }
 
-/// Reads up to the blank line that ends a request head; a body, if any, is ignored.
-fn read_head(stream: &mut TcpStream) -> io::Result<String> {
-    let mut head = Vec::new();
+/// A request's first line and its body (as long as its Content-Length says).
+struct Request {
+    line: String,
+    body: Vec<u8>,
+}
+
+/// Reads up to the blank line that ends a request head, then the body it announces.
+fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
+    let mut data = Vec::new();
     let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") && head.len() < MAX_HEAD_BYTES {
+    let head_end = loop {
+        if let Some(at) = data.windows(4).position(|window| window == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if data.len() >= MAX_HEAD_BYTES {
+            break data.len();
+        }
+        let read = stream.read(&mut buffer)?;
+        if read == 0 {
+            break data.len();
+        }
+        data.extend_from_slice(&buffer[..read]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_BODY_BYTES);
+    let mut body = data[head_end..].to_vec();
+    while body.len() < length {
         let read = stream.read(&mut buffer)?;
         if read == 0 {
             break;
         }
-        head.extend_from_slice(&buffer[..read]);
+        body.extend_from_slice(&buffer[..read]);
     }
-    Ok(String::from_utf8_lossy(&head).into_owned())
+    body.truncate(length);
+    let line = head.lines().next().unwrap_or_default().to_owned();
+    Ok(Request { line, body })
 }
 
-/// Any GET path is the health endpoint: 503 while "loading", 200 once ready.
-fn respond(request_line: &str, service: &Service) -> (&'static str, String) {
-    if !request_line.starts_with("GET ") {
+/// Ollama's two endpoints in `--ollama` mode; any other GET path is the health endpoint:
+/// 503 while "loading", 200 once ready.
+fn respond(request: &Request, service: &Service) -> (&'static str, String) {
+    let mut words = request.line.split_whitespace();
+    let (method, path) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
+    if let Some(ollama) = &service.ollama {
+        match (method, path) {
+            ("GET", "/api/ps") => return ollama.ps(service.vram_mb),
+            ("POST", "/api/generate") => return ollama.generate(&request.body, service),
+            _ => {}
+        }
+    }
+    if method != "GET" {
         let body = serde_json::json!({ "error": "only GET is served" });
         return ("405 Method Not Allowed", body.to_string());
     }
@@ -300,6 +381,136 @@ fn respond(request_line: &str, service: &Service) -> (&'static str, String) {
         "503 Service Unavailable"
     };
     (status, body.to_string())
+}
+
+impl Ollama {
+    fn state(&self) -> ModelState {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_state(&self, state: ModelState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = state;
+    }
+
+    /// `GET /api/ps`: the model while it holds memory (loaded, or still unloading).
+    fn ps(&self, vram_mb: u64) -> (&'static str, String) {
+        let models = match self.state() {
+            ModelState::Unloaded => Vec::new(),
+            ModelState::Loaded | ModelState::Unloading => vec![serde_json::json!({
+                "name": self.model,
+                "model": self.model,
+                "size_vram": vram_mb * 1024 * 1024,
+            })],
+        };
+        (
+            "200 OK",
+            serde_json::json!({ "models": models }).to_string(),
+        )
+    }
+
+    /// `POST /api/generate`: with `keep_alive: 0` unloads the model, else loads it.
+    fn generate(&self, body: &[u8], service: &Service) -> (&'static str, String) {
+        let request: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(value) => value,
+            Err(error) => {
+                let body = serde_json::json!({ "error": format!("invalid JSON: {error}") });
+                return ("400 Bad Request", body.to_string());
+            }
+        };
+        let model = request["model"].as_str().unwrap_or_default();
+        if model != self.model {
+            let body = serde_json::json!({
+                "error": format!("model \"{model}\" not found, try pulling it first")
+            });
+            return ("404 Not Found", body.to_string());
+        }
+        let (status, done_reason) = if unloads(&request["keep_alive"]) {
+            self.unload(service);
+            ("200 OK", "unload")
+        } else {
+            match self.load(service) {
+                Ok(()) => ("200 OK", "load"),
+                Err(message) => {
+                    return (
+                        "500 Internal Server Error",
+                        serde_json::json!({ "error": message }).to_string(),
+                    )
+                }
+            }
+        };
+        let body = serde_json::json!({
+            "model": self.model,
+            "response": "",
+            "done": true,
+            "done_reason": done_reason,
+        });
+        (status, body.to_string())
+    }
+
+    /// Frees the model's memory after the unload delay, on a thread of its own so that
+    /// the answer comes at once, as Ollama's does.
+    fn unload(&self, service: &Service) {
+        if self.state() != ModelState::Loaded {
+            return;
+        }
+        self.set_state(ModelState::Unloading);
+        log(
+            &service.name,
+            &format_args!(
+                "unloading model {} in {} ms",
+                self.model,
+                self.unload_delay.as_millis()
+            ),
+        );
+        let (dir, delay, state) = (self.dir.clone(), self.unload_delay, self.state.clone());
+        let (name, model) = (service.name.clone(), self.model.clone());
+        thread::spawn(move || {
+            thread::sleep(delay);
+            match dir.release(std::process::id()) {
+                Ok(()) => {
+                    *state.lock().unwrap_or_else(PoisonError::into_inner) = ModelState::Unloaded;
+                    log(
+                        &name,
+                        &format_args!("model {model} unloaded: its memory is free"),
+                    );
+                }
+                Err(error) => log(
+                    &name,
+                    &format_args!("cannot free the model's memory: {error}"),
+                ),
+            }
+        });
+    }
+
+    /// Takes the model's memory again, unless it still holds it.
+    fn load(&self, service: &Service) -> Result<(), String> {
+        if self.state() != ModelState::Unloaded {
+            return Ok(());
+        }
+        match self.dir.allocate(std::process::id(), service.vram_mb) {
+            Ok(()) => {
+                self.set_state(ModelState::Loaded);
+                log(
+                    &service.name,
+                    &format_args!("model {} loaded: {} MB", self.model, service.vram_mb),
+                );
+                Ok(())
+            }
+            Err(error) => Err(format!("cannot load model {}: {error}", self.model)),
+        }
+    }
+}
+
+/// Whether a `keep_alive` asks for an unload: 0, or a zero duration such as "0" or "0s".
+fn unloads(keep_alive: &serde_json::Value) -> bool {
+    match keep_alive {
+        serde_json::Value::Number(number) => number.as_f64() == Some(0.0),
+        serde_json::Value::String(text) => {
+            let digits = text.trim_end_matches(['s', 'm', 'h']);
+            !digits.is_empty() && digits.parse::<f64>().is_ok_and(|n| n == 0.0)
+        }
+        _ => false,
+    }
 }
 
 /// Runs until a stop signal (exit 0 after the stop delay) or the crash deadline (exit 3).

@@ -1,0 +1,238 @@
+//! A docker service's container as the daemon holds it: one run of one container (a
+//! restart is another run), and a watch that reports when that run ends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::models::ContainerInspectResponse;
+use tokio::sync::{watch, Notify};
+
+use crate::act::docker::DockerDriver;
+use crate::act::instance::LOG_LINES_IN_ERRORS;
+use crate::act::ExitInfo;
+use crate::config::ServiceName;
+
+/// How often a watched container is inspected for its end: an inspect of a local engine
+/// costs about a millisecond, and a crash should fail a start within a fraction of a
+/// second.
+const EXIT_POLL: Duration = Duration::from_millis(200);
+
+/// What an inspect says of a container's current (or last) run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ContainerRun {
+    pub id: String,
+    pub running: bool,
+    /// The host pid of its main process; 0 when it does not run.
+    pub pid: u32,
+    /// When this run started: with the id, names the run, as a restart changes it.
+    pub started_at: String,
+    pub exit_code: i64,
+}
+
+impl ContainerRun {
+    pub fn from_inspect(response: &ContainerInspectResponse) -> Self {
+        let state = response.state.as_ref();
+        Self {
+            id: response.id.clone().unwrap_or_default(),
+            running: state.and_then(|s| s.running).unwrap_or(false),
+            pid: state
+                .and_then(|s| s.pid)
+                .and_then(|pid| u32::try_from(pid).ok())
+                .unwrap_or(0),
+            started_at: state.and_then(|s| s.started_at.clone()).unwrap_or_default(),
+            exit_code: state.and_then(|s| s.exit_code).unwrap_or(0),
+        }
+    }
+
+    /// How the run ended, from its exit code.
+    pub fn exit(&self) -> ExitInfo {
+        exit_info(self.exit_code)
+    }
+}
+
+/// Docker reports a process that a signal ended as exit code 128 + the signal.
+pub fn exit_info(code: i64) -> ExitInfo {
+    match code {
+        129..=192 => ExitInfo::Signal((code - 128) as i32),
+        _ => ExitInfo::Code(i32::try_from(code).unwrap_or(i32::MAX)),
+    }
+}
+
+/// A run of a service's container, watched for its end. Clones share the watch.
+#[derive(Debug, Clone)]
+pub struct ContainerHandle {
+    name: String,
+    id: String,
+    pid: u32,
+    started_at: String,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    watcher: Arc<Watcher>,
+}
+
+/// Lets the daemon stop watching a container it leaves running.
+#[derive(Debug, Default)]
+struct Watcher {
+    released: AtomicBool,
+    stop: Notify,
+}
+
+impl ContainerHandle {
+    /// Watches `run` of the container `name` until it ends; must run inside a Tokio
+    /// runtime. The watch ends with the run, or when no handle is left, or on
+    /// [`ContainerHandle::release`].
+    pub(crate) fn watch(
+        driver: &DockerDriver,
+        service: &ServiceName,
+        name: &str,
+        run: ContainerRun,
+    ) -> Self {
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let handle = Self {
+            name: name.to_owned(),
+            id: run.id,
+            pid: run.pid,
+            started_at: run.started_at,
+            exit: exit_rx,
+            watcher: Arc::default(),
+        };
+        tokio::spawn(watch_run(
+            driver.clone(),
+            service.clone(),
+            handle.run_identity(),
+            exit_tx,
+        ));
+        handle
+    }
+
+    /// The container's name, as the config gives it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The container's full id, as its processes' cgroups name it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) fn started_at(&self) -> &str {
+        &self.started_at
+    }
+
+    /// The host pid of the container's main process, whose process tree belongs to the
+    /// service; None once the handle is released.
+    pub fn root_pid(&self) -> Option<u32> {
+        (!self.watcher.released.load(Ordering::SeqCst)).then_some(self.pid)
+    }
+
+    /// Waits until this run has ended. Cancel-safe. A released handle answers
+    /// [`ExitInfo::Unknown`] at once: the daemon no longer follows the container.
+    pub async fn wait_exit(&self) -> ExitInfo {
+        let mut exit = self.exit.clone();
+        let seen = exit.wait_for(Option::is_some).await.map(|info| *info);
+        seen.ok().flatten().unwrap_or(ExitInfo::Unknown)
+    }
+
+    /// Lets the container run on without the daemon: its watch ends and the handle no
+    /// longer names a process (an evicted Ollama keeps running, holding no memory).
+    pub fn release(&self) {
+        self.watcher.released.store(true, Ordering::SeqCst);
+        self.watcher.stop.notify_one();
+    }
+
+    /// What the watch task needs, without a receiver that would keep it watching.
+    fn run_identity(&self) -> RunIdentity {
+        RunIdentity {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            started_at: self.started_at.clone(),
+            watcher: self.watcher.clone(),
+        }
+    }
+}
+
+/// Which run a watch task follows.
+struct RunIdentity {
+    name: String,
+    id: String,
+    started_at: String,
+    watcher: Arc<Watcher>,
+}
+
+/// Inspects the container until its run ends, then keeps its last log lines for the
+/// failure message and publishes how it ended. An engine that cannot be reached is
+/// retried: the container may outlive the engine's absence, and only the engine can say.
+async fn watch_run(
+    driver: DockerDriver,
+    service: ServiceName,
+    run: RunIdentity,
+    exit: watch::Sender<Option<ExitInfo>>,
+) {
+    let mut unanswered = false;
+    loop {
+        tokio::select! {
+            () = exit.closed() => return,
+            () = run.watcher.stop.notified() => return,
+            () = tokio::time::sleep(EXIT_POLL) => {}
+        }
+        let info = match driver.inspect(&run.id).await {
+            Ok(Some(now)) if now.started_at == run.started_at && now.running => {
+                unanswered = false;
+                continue;
+            }
+            Ok(Some(now)) if now.started_at == run.started_at => now.exit(),
+            // Restarted since (a restart policy) or removed: this run ended, how is not
+            // known.
+            Ok(Some(_)) | Ok(None) => ExitInfo::Unknown,
+            Err(error) => {
+                if !unanswered {
+                    let error = driver.service_error(error, &service, &run.name, "inspect");
+                    tracing::warn!(%service, container = run.name, %error, "cannot watch the container; retrying");
+                }
+                unanswered = true;
+                continue;
+            }
+        };
+        let lines = driver.last_log_lines(&run.id, LOG_LINES_IN_ERRORS).await;
+        driver.remember_exit_log(&run.name, lines);
+        tracing::info!(%service, container = run.name, "container {info}");
+        exit.send_replace(Some(info));
+        return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_above_128_are_signals() {
+        assert_eq!(exit_info(0), ExitInfo::Code(0));
+        assert_eq!(exit_info(3), ExitInfo::Code(3));
+        assert_eq!(exit_info(137), ExitInfo::Signal(9));
+        assert_eq!(exit_info(143), ExitInfo::Signal(15));
+        assert_eq!(exit_info(128), ExitInfo::Code(128));
+        assert_eq!(exit_info(255), ExitInfo::Code(255));
+    }
+
+    #[test]
+    fn a_run_is_read_from_an_inspect_answer() {
+        let response: ContainerInspectResponse = serde_json::from_value(serde_json::json!({
+            "Id": "4f1c",
+            "State": { "Running": false, "Pid": 0, "ExitCode": 3, "StartedAt": "2026-01-01T00:00:00Z" }
+        }))
+        .unwrap();
+        let run = ContainerRun::from_inspect(&response);
+        assert_eq!(
+            run,
+            ContainerRun {
+                id: "4f1c".into(),
+                running: false,
+                pid: 0,
+                started_at: "2026-01-01T00:00:00Z".into(),
+                exit_code: 3,
+            }
+        );
+        assert_eq!(run.exit(), ExitInfo::Code(3));
+    }
+}

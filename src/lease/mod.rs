@@ -1,0 +1,222 @@
+//! The lease every transition runs under, so one actor at a time changes what runs on
+//! the GPU.
+//!
+//! - With `lease.redis_url`: the redis-py `Lock` protocol on `lease.key` (`gpu_lock`),
+//!   taken only while a transition acts, so the Python consumers that lock the GPU with
+//!   redis-py and this daemon exclude each other; and `<key>:leader`, held continuously
+//!   by the one daemon that acts, so a second daemon on the same Redis stays standby
+//!   and takes over when the leader's key expires.
+//! - Without: an in-process lease; this daemon is the only actor and the lease only
+//!   records who holds it, for status.
+
+mod in_process;
+mod keeper;
+mod protocol;
+mod redis;
+#[cfg(test)]
+#[path = "../../tests/common/redis_server.rs"]
+mod test_redis;
+
+use crate::config::LeaseConfig;
+use crate::status::{now_ms, LeaseRefusal, LockStatus};
+
+pub use self::in_process::InProcessLease;
+pub use self::redis::RedisLease;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("the GPU lease {key} is held by {holder} (waited {waited_ms} ms for it); retry when it is released")]
+    HeldElsewhere {
+        key: String,
+        holder: String,
+        /// When this daemon first saw that holder.
+        since_ms: Option<u64>,
+        waited_ms: u64,
+    },
+    #[error("this daemon is standby: {leader} leads and acts; send requests to it (this daemon takes over if it stops)")]
+    NotLeader { leader: String },
+    #[error("the lease backend is unreachable: {detail}")]
+    Unreachable { detail: String },
+    #[error("the GPU lease {key} was lost while acting: {detail}")]
+    Lost {
+        key: String,
+        detail: String,
+        /// Who holds it now, when known.
+        holder: Option<String>,
+    },
+}
+
+impl LeaseError {
+    /// The HTTP status an API answer should carry: 423 while someone else holds the
+    /// lease, 503 while its backend cannot be reached.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            LeaseError::HeldElsewhere { .. } | LeaseError::NotLeader { .. } => 423,
+            LeaseError::Lost {
+                holder: Some(_), ..
+            } => 423,
+            LeaseError::Lost { holder: None, .. } | LeaseError::Unreachable { .. } => 503,
+        }
+    }
+
+    /// Who holds the lease instead of this daemon, when known.
+    pub fn holder(&self) -> Option<&str> {
+        match self {
+            LeaseError::HeldElsewhere { holder, .. } => Some(holder),
+            LeaseError::NotLeader { leader } => Some(leader),
+            LeaseError::Lost { holder, .. } => holder.as_deref(),
+            LeaseError::Unreachable { .. } => None,
+        }
+    }
+
+    pub fn refusal(&self) -> LeaseRefusal {
+        LeaseRefusal {
+            http_status: self.http_status(),
+            error: self.to_string(),
+            holder: self.holder().map(str::to_owned),
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// What `Lease::refresh` found: whether this daemon acts, and whether that just changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leadership {
+    /// Leads, as at the last refresh.
+    Leading,
+    /// Just became the leader: adopt what runs before acting.
+    Gained,
+    /// Standby, as at the last refresh.
+    Standby,
+    /// Just lost the lead: another daemon acts now; let go of what this one tracked.
+    Lost,
+}
+
+impl Leadership {
+    pub fn leads(self) -> bool {
+        matches!(self, Leadership::Leading | Leadership::Gained)
+    }
+
+    fn between(was_leading: bool, leading: bool) -> Self {
+        match (was_leading, leading) {
+            (true, true) => Leadership::Leading,
+            (false, true) => Leadership::Gained,
+            (false, false) => Leadership::Standby,
+            (true, false) => Leadership::Lost,
+        }
+    }
+}
+
+/// The lease the reconciler acts under.
+pub enum Lease {
+    InProcess(InProcessLease),
+    Redis(Box<RedisLease>),
+}
+
+impl Lease {
+    /// The configured lease: Redis when `redis_url` is set, else in-process. Connects
+    /// lazily: nothing is claimed before the first `refresh`.
+    pub fn from_config(config: &LeaseConfig) -> Result<Self, LeaseError> {
+        let identity = holder_identity();
+        let lease = match &config.redis_url {
+            Some(_) => Lease::Redis(Box::new(RedisLease::new(config, identity)?)),
+            None => Lease::InProcess(InProcessLease::new(identity)),
+        };
+        tracing::info!(summary = %lease.status().summary, "lease");
+        Ok(lease)
+    }
+
+    /// Once per reconcile round: renews nothing itself (background tasks do), but reads
+    /// who leads and who holds the transition lock, for status and for the round.
+    pub async fn refresh(&mut self) -> Leadership {
+        match self {
+            Lease::InProcess(lease) => lease.refresh(),
+            Lease::Redis(lease) => lease.refresh().await,
+        }
+    }
+
+    /// Takes the transition lock, waiting up to `lease.wait_ms` for another holder.
+    /// The lease logs and records refusals itself (status `lock.last_refusal`).
+    pub async fn acquire(&mut self) -> Result<(), LeaseError> {
+        match self {
+            Lease::InProcess(lease) => lease.acquire(),
+            Lease::Redis(lease) => lease.acquire().await,
+        }
+    }
+
+    /// Before each action: is the transition lock still ours? Stop acting if not.
+    pub async fn check(&mut self) -> Result<(), LeaseError> {
+        match self {
+            Lease::InProcess(_) => Ok(()),
+            Lease::Redis(lease) => lease.check().await,
+        }
+    }
+
+    pub async fn release(&mut self) {
+        match self {
+            Lease::InProcess(lease) => lease.release(),
+            Lease::Redis(lease) => lease.release().await,
+        }
+    }
+
+    pub fn status(&self) -> LockStatus {
+        match self {
+            Lease::InProcess(lease) => lease.status(),
+            Lease::Redis(lease) => lease.status(),
+        }
+    }
+}
+
+/// Names this daemon as a lease holder: host, pid, and a per-run id.
+pub fn holder_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("gpu-manager:{host}:{}:{:x}", std::process::id(), now_ms())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_contract_http_statuses() {
+        let held = LeaseError::HeldElsewhere {
+            key: "gpu_lock".into(),
+            holder: "5f2a".into(),
+            since_ms: None,
+            waited_ms: 3000,
+        };
+        assert_eq!(held.http_status(), 423);
+        assert_eq!(held.refusal().holder.as_deref(), Some("5f2a"));
+        assert!(held.to_string().contains("held by 5f2a"), "{held}");
+        let down = LeaseError::Unreachable {
+            detail: "connection refused".into(),
+        };
+        assert_eq!(down.http_status(), 503);
+        let taken = LeaseError::Lost {
+            key: "gpu_lock".into(),
+            detail: "taken".into(),
+            holder: Some("x".into()),
+        };
+        assert_eq!(taken.http_status(), 423);
+        let vanished = LeaseError::Lost {
+            key: "gpu_lock".into(),
+            detail: "gone".into(),
+            holder: None,
+        };
+        assert_eq!(vanished.http_status(), 503);
+        let standby = LeaseError::NotLeader {
+            leader: "gpu-manager:h:1:a".into(),
+        };
+        assert_eq!(standby.http_status(), 423);
+    }
+
+    #[test]
+    fn leadership_changes() {
+        assert_eq!(Leadership::between(false, true), Leadership::Gained);
+        assert_eq!(Leadership::between(true, false), Leadership::Lost);
+        assert!(Leadership::Gained.leads() && Leadership::Leading.leads());
+        assert!(!Leadership::Standby.leads() && !Leadership::Lost.leads());
+    }
+}
