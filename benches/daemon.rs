@@ -1,0 +1,122 @@
+//! The daemon's own costs (issue 2's performance targets), against the real daemon
+//! (`gpu-manager serve`) with the test harness's simulated 24 GB GPU read through the
+//! fake libnvidia-ml and the four stand-in services:
+//!
+//! 1. overhead on a phase transition: each action's duration minus the stand-in's own
+//!    delays (start delay; stop delay plus the GPU's reclaim time), target median < 50 ms;
+//! 2. a hand edit of the desired-state file to the first action, target < 200 ms;
+//! 3. the idle daemon with four services (one running): RSS < 20 MB, CPU < 1% of a core.
+//!
+//! Run: `cargo build --release --workspace && cargo bench --bench daemon`. Everything it
+//! starts is stopped when it ends; it only talks to 127.0.0.1.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{mcn_inventory, Harness};
+
+/// Phase 2 -> 3 -> 4 -> 2 ... : every step stops one stand-in and starts another.
+const TRANSITIONS: usize = 24;
+const EDITS: usize = 20;
+const IDLE: Duration = Duration::from_secs(30);
+/// The harness's simulated GPU frees a dead process's memory this long after its death.
+const RECLAIM_MS: u64 = 300;
+
+fn main() {
+    let mut harness = Harness::new(mcn_inventory());
+    let api = harness.serve("");
+    let delays = |name: &str| {
+        let s = harness.service(name);
+        (s.start_delay_ms, s.stop_delay_ms)
+    };
+
+    let mut overheads = Vec::new();
+    for phase in [2, 3, 4].iter().cycle().take(TRANSITIONS) {
+        let report = api.post(&format!("/gpu/prepare-phase/{phase}")).json();
+        for action in report["actions"].as_array().expect("actions") {
+            let service = action["service"].as_str().unwrap_or_default();
+            let (start_delay, stop_delay) = delays(service);
+            let own = match action["op"].as_str() {
+                Some("start") => start_delay,
+                _ => stop_delay + RECLAIM_MS,
+            };
+            let took = action["duration_ms"].as_u64().expect("duration");
+            overheads.push(took.saturating_sub(own) as f64);
+        }
+    }
+
+    let mut latencies = Vec::new();
+    for i in 0..EDITS {
+        let mut events = api.events();
+        let phase = if i % 2 == 0 { 2 } else { 3 };
+        let edited = Instant::now();
+        harness.set_desired(&format!("phase: {phase}\n"));
+        loop {
+            let event = events.next_event();
+            if event["type"] == "action_started" {
+                latencies.push(edited.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        api.wait_state(if phase == 2 { "vidi" } else { "cosyvoice" }, "ready");
+    }
+
+    let report = api.post("/gpu/prepare-phase/4");
+    assert_eq!(report.code, 200, "{}", report.body);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = harness.daemon.as_ref().expect("daemon").id();
+    let (cpu_before, _) = cpu_and_rss(pid);
+    std::thread::sleep(IDLE);
+    let (cpu_after, rss_kb) = cpu_and_rss(pid);
+    let cpu_pct = (cpu_after - cpu_before) / IDLE.as_secs_f64() * 100.0;
+
+    println!("| measure | samples | median | p90 | max | target |");
+    println!("|---|---|---|---|---|---|");
+    row(
+        "transition overhead per action (ms)",
+        &mut overheads,
+        "median < 50",
+    );
+    row("hand edit to first action (ms)", &mut latencies, "< 200");
+    println!(
+        "| idle daemon, 4 services (comfyui running), {} s | 1 | RSS {:.1} MB, CPU {cpu_pct:.2} % of a core | | | < 20 MB, < 1 % |",
+        IDLE.as_secs(),
+        rss_kb as f64 / 1024.0
+    );
+}
+
+/// CPU seconds used so far and resident memory (KB) of a process.
+fn cpu_and_rss(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of stat; here indexes 11 and 12 after the ")".
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf takes a constant name and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    (ticks / hz, rss_kb)
+}
+
+fn row(name: &str, samples: &mut [f64], target: &str) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "| {name} | {} | {:.1} | {:.1} | {:.1} | {target} |",
+        samples.len(),
+        at(0.5),
+        at(0.9),
+        at(1.0)
+    );
+}
