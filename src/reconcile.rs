@@ -4,8 +4,12 @@
 //! memory came back, then starts, waiting until each is healthy.
 
 mod docker;
+mod observe;
+mod requests;
+mod snapshot;
+mod waits;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,20 +20,15 @@ use crate::act::instance::{ActError, Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
-use crate::lease::{Leadership, Lease, LeaseError};
-use crate::observe::gpu::{GpuSample, SharedGpu};
-use crate::observe::owners::Owners;
-use crate::observe::process::ProcessTable;
-use crate::plan::{
-    self, Action, Budget, Observation, Op, Plan, Presence, ServiceView, StartGate, Verdict,
-};
+use crate::lease::{Leadership, Lease};
+use crate::observe::gpu::SharedGpu;
+use crate::plan::{self, Action, Op, Plan, Verdict};
 use crate::status::{
-    now_ms, ActionRecord, DaemonEvent, DesiredStatus, FailureKind, GpuProcessStatus, GpuStatus,
-    LeaseRole, ServiceState, ServiceStatus, Status, TransitionStats, Vram,
+    now_ms, ActionRecord, DaemonEvent, FailureKind, ServiceState, Status, TransitionStats,
 };
-use crate::transition::{
-    Change, RoundEnd, TransitionError, TransitionReply, TransitionReport, Waiters,
-};
+use crate::transition::{Change, RoundEnd, TransitionError, TransitionReply, Waiters};
+
+use observe::GpuView;
 
 /// Restarts back off 1 s, 2 s, 4 s... up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -135,16 +134,6 @@ impl Record {
             monitor.abort();
         }
     }
-}
-
-/// The GPU as last observed, with every process attributed.
-#[derive(Default)]
-struct GpuView {
-    sample: Option<GpuSample>,
-    error: Option<String>,
-    owners: HashMap<u32, ServiceName>,
-    external_mb: u64,
-    reclaiming_mb: u64,
 }
 
 /// Handles for the rest of the daemon: send events, read status.
@@ -432,85 +421,6 @@ impl Reconciler {
         self.publish();
     }
 
-    // ---- observe ----
-
-    async fn observe(&mut self) -> Observation {
-        let mut owners = Owners::default();
-        for (name, record) in &self.records {
-            if let Some(instance) = &record.instance {
-                owners.claim(name.clone(), instance.root_pid(), instance.container_id());
-            }
-        }
-        self.gpu_view = match &self.gpu {
-            GpuSource::Observed { gpu, .. } => observe_gpu(gpu.clone(), owners).await,
-            GpuSource::Unavailable { reason } => GpuView {
-                error: Some(reason.clone()),
-                ..Default::default()
-            },
-        };
-        for record in self.records.values_mut() {
-            record.observed_mb = None;
-            record.gpu_pids.clear();
-        }
-        if let Some(sample) = &self.gpu_view.sample {
-            for process in &sample.processes {
-                if let Some(owner) = self.gpu_view.owners.get(&process.pid) {
-                    let record = self.records.get_mut(owner).expect("owner is a service");
-                    *record.observed_mb.get_or_insert(0) += process.used_mb;
-                    record.gpu_pids.push(process.pid);
-                }
-            }
-        }
-        let budget = self.budget();
-        let now = Instant::now();
-        let services = self
-            .records
-            .iter()
-            .map(|(name, record)| {
-                let presence = if record.instance.is_some() {
-                    Presence::Running
-                } else {
-                    Presence::Stopped
-                };
-                let gate = match (record.state, record.retry_at) {
-                    (ServiceState::Failed, Some(at)) if at > now => StartGate::Closed {
-                        reason: record.reason.clone().unwrap_or_default(),
-                    },
-                    (ServiceState::Failed, None) => StartGate::Closed {
-                        reason: record.reason.clone().unwrap_or_default(),
-                    },
-                    (ServiceState::Unknown, _) => StartGate::Closed {
-                        reason: record.last_error.clone().unwrap_or_default(),
-                    },
-                    _ => StartGate::Open,
-                };
-                let view = ServiceView {
-                    presence,
-                    observed_mb: record.observed_mb,
-                    gate,
-                };
-                (name.clone(), view)
-            })
-            .collect();
-        Observation { budget, services }
-    }
-
-    fn budget(&self) -> Budget {
-        let reserve_mb = self.config.gpu.reserve_mb;
-        match &self.gpu_view.sample {
-            Some(sample) => Budget {
-                total_mb: sample.total_mb,
-                reserve_mb,
-                external_mb: self.gpu_view.external_mb,
-            },
-            None => Budget {
-                total_mb: self.config.gpu.total_mb.unwrap_or(0),
-                reserve_mb,
-                external_mb: 0,
-            },
-        }
-    }
-
     // ---- plan and act ----
 
     /// One round: observe, plan, act. Says whether another round should follow at once
@@ -588,105 +498,6 @@ impl Reconciler {
             .map(|(name, record)| (name.to_string(), record.state))
             .collect();
         self.waiters.finish(generation, &end, &services);
-    }
-
-    // ---- API requests ----
-
-    async fn on_command(&mut self, command: Command) {
-        match command {
-            Command::Transition {
-                change,
-                wait,
-                reply,
-            } => match self.accept_change(&change).await {
-                Ok(generation) if wait => self.waiters.add(generation, reply),
-                Ok(generation) => {
-                    let _ = reply.send(Ok(TransitionReport {
-                        generation,
-                        accepted_only: true,
-                        actions: Vec::new(),
-                        services: BTreeMap::new(),
-                        duration_ms: 0,
-                    }));
-                }
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                }
-            },
-            Command::Plan { change, reply } => {
-                let _ = reply.send(self.plan_for(change.as_ref()).await.map(|(_, plan)| plan));
-            }
-        }
-    }
-
-    /// The desired state a change leads to, and the plan for it on a fresh observation.
-    async fn plan_for(
-        &mut self,
-        change: Option<&Change>,
-    ) -> Result<(DesiredState, Plan), TransitionError> {
-        let current = self.desired.clone().unwrap_or_default();
-        let next = match change {
-            Some(change) => {
-                change.check(&self.config.inventory)?;
-                change.apply(&current)
-            }
-            None => current,
-        };
-        let mut observation = self.observe().await;
-        // A new desired state reopens the start gates that failures closed (see
-        // accept_desired); an unreachable backend keeps its gate closed.
-        if change.is_some() {
-            for (name, view) in observation.services.iter_mut() {
-                if self.records[name].state != ServiceState::Unknown {
-                    view.gate = StartGate::Open;
-                }
-            }
-        }
-        let plan = plan::plan(&self.config.inventory, &next, &observation);
-        Ok((next, plan))
-    }
-
-    /// What a standby answers: it does not act, the leader does (423, naming it).
-    fn standby_refusal(&self) -> TransitionError {
-        let leader = self
-            .lease
-            .status()
-            .leader
-            .unwrap_or_else(|| "another gpu-manager".to_owned());
-        LeaseError::NotLeader { leader }.into()
-    }
-
-    /// Checks a change (404, 409, 423 on a standby), writes it to the desired-state file
-    /// and accepts it.
-    async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
-        if self.lease.status().role == LeaseRole::Standby {
-            return Err(self.standby_refusal());
-        }
-        let (next, plan) = self.plan_for(Some(change)).await?;
-        for name in change.targets(&self.config.inventory) {
-            let record = &self.records[name];
-            if record.state == ServiceState::Unknown {
-                return Err(TransitionError::BackendDown {
-                    backend: "docker".to_owned(),
-                    detail: record
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| format!("{name}'s backend cannot be reached")),
-                });
-            }
-        }
-        change.check_fits(&self.config.inventory, &plan)?;
-        desired::write_atomic(&self.config.desired_state, &next).map_err(|e| {
-            TransitionError::NotWritten {
-                detail: format!("{e}; nothing was changed"),
-            }
-        })?;
-        tracing::info!(?change, "desired state changed through the API");
-        self.desired_error = None;
-        if self.desired.as_ref() != Some(&next) {
-            self.accept_desired(next);
-        }
-        Ok(self.generation)
     }
 
     /// Another daemon leads now: forget the instances this one tracked (they keep
@@ -830,101 +641,6 @@ impl Reconciler {
         }
     }
 
-    /// Trusts the GPU, not the bookkeeping: a stop is done when the GPU no longer lists
-    /// the service's processes. Skipped when it held no GPU memory.
-    async fn wait_pids_gone(
-        &mut self,
-        spec: &ServiceSpec,
-        pids: &[u32],
-    ) -> Result<(), ActionFailure> {
-        let GpuSource::Observed { gpu, .. } = &self.gpu else {
-            return Ok(());
-        };
-        if pids.is_empty() {
-            return Ok(());
-        }
-        let gpu = gpu.clone();
-        let deadline = Instant::now() + self.config.gpu.reclaim_timeout;
-        loop {
-            let sample = sample_gpu(gpu.clone())
-                .await
-                .map_err(ActionFailure::other)?;
-            let left: Vec<_> = sample
-                .processes
-                .iter()
-                .filter(|p| pids.contains(&p.pid))
-                .collect();
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let holders: Vec<String> = left
-                    .iter()
-                    .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
-                    .collect();
-                return Err(ActionFailure::timeout(format!(
-                    "the GPU still lists the memory of {} {:?} after it was asked to free it: {}",
-                    spec.name,
-                    self.config.gpu.reclaim_timeout,
-                    holders.join(", ")
-                )));
-            }
-            tokio::time::sleep(RECLAIM_POLL).await;
-        }
-    }
-
-    /// Before a start: waits until the GPU shows enough free memory (a stop's memory
-    /// may still be in the driver's teardown), naming who holds it on timeout.
-    async fn wait_for_room(
-        &mut self,
-        spec: &ServiceSpec,
-        need_mb: u64,
-    ) -> Result<(), ActionFailure> {
-        let GpuSource::Observed { gpu, .. } = &self.gpu else {
-            return Ok(());
-        };
-        let gpu = gpu.clone();
-        let reserve = self.config.gpu.reserve_mb;
-        let deadline = Instant::now() + self.config.gpu.reclaim_timeout;
-        loop {
-            let sample = sample_gpu(gpu.clone())
-                .await
-                .map_err(ActionFailure::other)?;
-            let room = sample.free_mb.saturating_sub(reserve);
-            if room >= need_mb {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                let holders: Vec<String> = sample
-                    .processes
-                    .iter()
-                    .map(|p| {
-                        let owner = self
-                            .gpu_view
-                            .owners
-                            .get(&p.pid)
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| "external".to_owned());
-                        format!(
-                            "pid {} ({}, {owner}) {} MB",
-                            p.pid,
-                            process_name(p.pid),
-                            p.used_mb
-                        )
-                    })
-                    .collect();
-                return Err(ActionFailure::timeout(format!(
-                    "cannot start {}: it needs {need_mb} MB but only {room} MB is free after {:?} ({} MB reserve); held by: {}",
-                    spec.name,
-                    self.config.gpu.reclaim_timeout,
-                    reserve,
-                    if holders.is_empty() { "no listed process".to_owned() } else { holders.join(", ") }
-                )));
-            }
-            tokio::time::sleep(RECLAIM_POLL).await;
-        }
-    }
-
     async fn start_for_plan(
         &mut self,
         spec: &ServiceSpec,
@@ -1016,133 +732,6 @@ impl Reconciler {
         }
         self.publish();
     }
-
-    // ---- status ----
-
-    /// Publishes a fresh snapshot, and a state-changed event for each service whose
-    /// state differs from the last snapshot's.
-    fn publish(&self) {
-        let status = self.snapshot();
-        let previous = self.status_tx.send_replace(status.clone());
-        for (name, service) in &status.services {
-            let before = previous.services.get(name).map(|s| s.state);
-            if before.is_some_and(|b| b != service.state) {
-                let _ = self.feed.send(DaemonEvent::StateChanged {
-                    service: name.clone(),
-                    from: before.unwrap_or(ServiceState::Stopped),
-                    to: service.state,
-                    reason: service.reason.clone(),
-                });
-            }
-        }
-    }
-
-    fn snapshot(&self) -> Status {
-        let view = &self.gpu_view;
-        let budget = self.budget();
-        let vram = match &view.sample {
-            Some(sample) => Vram {
-                total_mb: sample.total_mb,
-                used_mb: sample.used_mb,
-                free_mb: sample.free_mb,
-                external_mb: view.external_mb,
-                reclaiming_mb: view.reclaiming_mb,
-                reserve_mb: budget.reserve_mb,
-            },
-            None => {
-                let used: u64 = self
-                    .config
-                    .inventory
-                    .iter()
-                    .filter(|s| self.records[&s.name].instance.is_some())
-                    .map(|s| s.vram_mb)
-                    .sum();
-                Vram {
-                    total_mb: budget.total_mb,
-                    used_mb: used,
-                    free_mb: budget.total_mb.saturating_sub(used),
-                    reserve_mb: budget.reserve_mb,
-                    ..Default::default()
-                }
-            }
-        };
-        let wanted = self
-            .desired
-            .as_ref()
-            .map(|d| d.wanted(&self.config.inventory))
-            .unwrap_or_default();
-        let services = self
-            .config
-            .inventory
-            .iter()
-            .map(|spec| {
-                let record = &self.records[&spec.name];
-                let container = match &spec.runtime {
-                    crate::config::Runtime::Docker(docker) => Some(docker.container.clone()),
-                    crate::config::Runtime::Native(_) => None,
-                };
-                let status = ServiceStatus {
-                    state: record.state,
-                    kind: spec.runtime.kind().to_owned(),
-                    priority: spec.priority,
-                    phases: spec.phases.clone(),
-                    declared_vram_mb: spec.vram_mb,
-                    observed_vram_mb: record.observed_mb,
-                    pids: record
-                        .instance
-                        .as_ref()
-                        .and_then(Instance::root_pid)
-                        .into_iter()
-                        .collect(),
-                    container,
-                    wanted: wanted.contains_key(&spec.name),
-                    reason: record.reason.clone(),
-                    last_error: record.last_error.clone(),
-                    since_ms: record.since_ms,
-                    restarts: record.restarts,
-                };
-                (spec.name.to_string(), status)
-            })
-            .collect();
-        let gpu = GpuStatus {
-            source: match &self.gpu {
-                GpuSource::Observed { source, .. } => (*source).to_owned(),
-                GpuSource::Unavailable { .. } => "unavailable".to_owned(),
-            },
-            name: view.sample.as_ref().map(|s| s.name.clone()),
-            temperature_c: view.sample.as_ref().and_then(|s| s.temperature_c),
-            utilization_pct: view.sample.as_ref().and_then(|s| s.utilization_pct),
-            error: view.error.clone(),
-            processes: view
-                .sample
-                .iter()
-                .flat_map(|s| &s.processes)
-                .map(|p| GpuProcessStatus {
-                    pid: p.pid,
-                    used_mb: p.used_mb,
-                    service: view.owners.get(&p.pid).map(|s| s.to_string()),
-                })
-                .collect(),
-        };
-        let desired = self.desired.clone().unwrap_or_default();
-        Status {
-            vram,
-            services,
-            lock: self.lease.status(),
-            gpu,
-            desired: DesiredStatus {
-                phase: desired.phase,
-                pinned: desired.pinned.iter().map(|n| n.to_string()).collect(),
-                held: desired.held.iter().map(|n| n.to_string()).collect(),
-                generation: self.generation,
-                converged_generation: self.converged_generation,
-                error: self.desired_error.clone(),
-            },
-            recent_actions: self.history.clone(),
-            transitions: self.transitions.clone(),
-            observed_at_ms: now_ms(),
-        }
-    }
 }
 
 /// Whether the run loop starts another round at once.
@@ -1182,59 +771,4 @@ impl From<&ActError> for ActionFailure {
             message: error.to_string(),
         }
     }
-}
-
-/// How often reclaim and room waits re-read the GPU: an observation costs well under a
-/// millisecond, and every poll interval adds to the transition's latency.
-const RECLAIM_POLL: Duration = Duration::from_millis(10);
-
-async fn sample_gpu(gpu: SharedGpu) -> Result<GpuSample, String> {
-    tokio::task::spawn_blocking(move || gpu.sample())
-        .await
-        .map_err(|e| format!("GPU observation panicked: {e}"))?
-        .map_err(|e| e.to_string())
-}
-
-/// One GPU observation with every process attributed to a service, external, or
-/// reclaiming (its process has exited; the driver has not freed its memory yet).
-async fn observe_gpu(gpu: SharedGpu, owners: Owners<ServiceName>) -> GpuView {
-    let result = tokio::task::spawn_blocking(move || {
-        let sample = gpu.sample().map_err(|e| e.to_string())?;
-        let table = ProcessTable::read().map_err(|e| format!("cannot read /proc: {e}"))?;
-        Ok::<_, String>((sample, table))
-    })
-    .await
-    .map_err(|e| format!("GPU observation panicked: {e}"))
-    .and_then(|r| r);
-    let (sample, table) = match result {
-        Ok(pair) => pair,
-        Err(error) => {
-            return GpuView {
-                error: Some(error),
-                ..Default::default()
-            }
-        }
-    };
-    let mut view = GpuView::default();
-    let mut listed_mb = 0;
-    for process in &sample.processes {
-        listed_mb += process.used_mb;
-        if let Some(owner) = owners.owner_of(&table, process.pid) {
-            view.owners.insert(process.pid, owner.clone());
-        } else if table.get(process.pid).is_some_and(|p| !p.zombie) {
-            view.external_mb += process.used_mb;
-        } else {
-            view.reclaiming_mb += process.used_mb;
-        }
-    }
-    // Memory no listed process holds (a desktop, the driver) is external too.
-    view.external_mb += sample.used_mb.saturating_sub(listed_mb);
-    view.sample = Some(sample);
-    view
-}
-
-fn process_name(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim().to_owned())
-        .unwrap_or_else(|_| "exited".to_owned())
 }

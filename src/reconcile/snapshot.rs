@@ -1,0 +1,137 @@
+//! Publishing status: the snapshot the API, metrics and CLI read, and a state-changed
+//! event for every service whose state moved since the last one.
+
+use crate::config::Runtime;
+use crate::status::{
+    now_ms, DaemonEvent, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState, ServiceStatus,
+    Status, Vram,
+};
+
+use super::{GpuSource, Instance, Reconciler};
+
+impl Reconciler {
+    /// Publishes a fresh snapshot, and a state-changed event for each service whose
+    /// state differs from the last snapshot's.
+    pub(super) fn publish(&self) {
+        let status = self.snapshot();
+        let previous = self.status_tx.send_replace(status.clone());
+        for (name, service) in &status.services {
+            let before = previous.services.get(name).map(|s| s.state);
+            if before.is_some_and(|b| b != service.state) {
+                let _ = self.feed.send(DaemonEvent::StateChanged {
+                    service: name.clone(),
+                    from: before.unwrap_or(ServiceState::Stopped),
+                    to: service.state,
+                    reason: service.reason.clone(),
+                });
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Status {
+        let view = &self.gpu_view;
+        let budget = self.budget();
+        let vram = match &view.sample {
+            Some(sample) => Vram {
+                total_mb: sample.total_mb,
+                used_mb: sample.used_mb,
+                free_mb: sample.free_mb,
+                external_mb: view.external_mb,
+                reclaiming_mb: view.reclaiming_mb,
+                reserve_mb: budget.reserve_mb,
+            },
+            None => {
+                let used: u64 = self
+                    .config
+                    .inventory
+                    .iter()
+                    .filter(|s| self.records[&s.name].instance.is_some())
+                    .map(|s| s.vram_mb)
+                    .sum();
+                Vram {
+                    total_mb: budget.total_mb,
+                    used_mb: used,
+                    free_mb: budget.total_mb.saturating_sub(used),
+                    reserve_mb: budget.reserve_mb,
+                    ..Default::default()
+                }
+            }
+        };
+        let wanted = self
+            .desired
+            .as_ref()
+            .map(|d| d.wanted(&self.config.inventory))
+            .unwrap_or_default();
+        let services = self
+            .config
+            .inventory
+            .iter()
+            .map(|spec| {
+                let record = &self.records[&spec.name];
+                let container = match &spec.runtime {
+                    Runtime::Docker(docker) => Some(docker.container.clone()),
+                    Runtime::Native(_) => None,
+                };
+                let status = ServiceStatus {
+                    state: record.state,
+                    kind: spec.runtime.kind().to_owned(),
+                    priority: spec.priority,
+                    phases: spec.phases.clone(),
+                    declared_vram_mb: spec.vram_mb,
+                    observed_vram_mb: record.observed_mb,
+                    pids: record
+                        .instance
+                        .as_ref()
+                        .and_then(Instance::root_pid)
+                        .into_iter()
+                        .collect(),
+                    container,
+                    wanted: wanted.contains_key(&spec.name),
+                    reason: record.reason.clone(),
+                    last_error: record.last_error.clone(),
+                    since_ms: record.since_ms,
+                    restarts: record.restarts,
+                };
+                (spec.name.to_string(), status)
+            })
+            .collect();
+        let gpu = GpuStatus {
+            source: match &self.gpu {
+                GpuSource::Observed { source, .. } => (*source).to_owned(),
+                GpuSource::Unavailable { .. } => "unavailable".to_owned(),
+            },
+            name: view.sample.as_ref().map(|s| s.name.clone()),
+            temperature_c: view.sample.as_ref().and_then(|s| s.temperature_c),
+            utilization_pct: view.sample.as_ref().and_then(|s| s.utilization_pct),
+            error: view.error.clone(),
+            processes: view
+                .sample
+                .iter()
+                .flat_map(|s| &s.processes)
+                .map(|p| GpuProcessStatus {
+                    pid: p.pid,
+                    used_mb: p.used_mb,
+                    service: view.owners.get(&p.pid).map(|s| s.to_string()),
+                })
+                .collect(),
+        };
+        let desired = self.desired.clone().unwrap_or_default();
+        Status {
+            vram,
+            services,
+            lock: self.lease.status(),
+            gpu,
+            desired: DesiredStatus {
+                phase: desired.phase,
+                pinned: desired.pinned.iter().map(|n| n.to_string()).collect(),
+                held: desired.held.iter().map(|n| n.to_string()).collect(),
+                generation: self.generation,
+                converged_generation: self.converged_generation,
+                error: self.desired_error.clone(),
+            },
+            recent_actions: self.history.clone(),
+            transitions: self.transitions.clone(),
+            observed_at_ms: now_ms(),
+        }
+    }
+}
