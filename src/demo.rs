@@ -84,13 +84,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
         } else {
             println!("  HTTP {code}: {}", body["error"].as_str().unwrap_or(""));
         }
-        let status: Status = client
-            .get(format!("{base}/gpu/status"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        print!("{}", status_table(&status));
+        print!("{}", status_table(&fetch_status(&client, &base).await?));
         let ooms = gpu.oom_log()?;
         anyhow::ensure!(
             ooms.is_empty(),
@@ -107,16 +101,20 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn fetch_status(client: &reqwest::Client, base: &str) -> anyhow::Result<Status> {
+    Ok(client
+        .get(format!("{base}/gpu/status"))
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
 /// Waits until every service is stopped (after the demo's last step).
 async fn wait_all_stopped(client: &reqwest::Client, base: &str) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let status: Status = client
-            .get(format!("{base}/gpu/status"))
-            .send()
-            .await?
-            .json()
-            .await?;
+        let status = fetch_status(client, base).await?;
         if status.services.values().all(|s| s.pids.is_empty()) {
             return Ok(());
         }

@@ -39,4 +39,11 @@ say "building the workspace (daemon, stand-in services, fake libnvidia-ml)"
 cargo build --workspace --all-targets
 
 say "running the tests"
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (cargo prints one per binary, the last often
+# a doc-test run of 0).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
