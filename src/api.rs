@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use warp::http::StatusCode;
 use warp::reply::{Reply, Response};
@@ -16,7 +17,7 @@ use warp::{Filter, Rejection};
 
 use crate::config::{ApiConfig, Phase, ServiceName};
 use crate::reconcile::{Command, Event, ReconcilerHandle};
-use crate::status::{now_ms, Status};
+use crate::status::{now_ms, DaemonEvent, Status};
 use crate::transition::{Change, TransitionError};
 
 /// Requests carry no body; anything larger than this is refused.
@@ -228,11 +229,13 @@ pub fn routes(
         .map(|handle: ReconcilerHandle| {
             let stream =
                 BroadcastStream::new(handle.feed.subscribe()).filter_map(|event| async move {
-                    let event = event.ok()?;
-                    warp::sse::Event::default()
-                        .json_data(&event)
-                        .ok()
-                        .map(Ok::<_, Infallible>)
+                    // A client that fell behind is told how much it missed, not left to
+                    // believe it saw everything.
+                    let event = event.unwrap_or_else(|BroadcastStreamRecvError::Lagged(missed)| {
+                        DaemonEvent::Lagged { missed }
+                    });
+                    let sse = warp::sse::Event::default().json_data(&event).ok()?;
+                    Some(Ok::<_, Infallible>(sse))
                 });
             warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response()
         });

@@ -174,7 +174,7 @@ impl Reconciler {
             .iter()
             .map(|s| (s.name.clone(), Record::new(s.name.clone())))
             .collect();
-        Self {
+        let reconciler = Self {
             config,
             gpu,
             effects: Arc::new(effects),
@@ -192,7 +192,10 @@ impl Reconciler {
             events_tx,
             events_rx,
             status_tx,
-        }
+        };
+        // The API checks names against the snapshot: it lists every service from the start.
+        reconciler.publish();
+        reconciler
     }
 
     pub fn handle(&self) -> ReconcilerHandle {

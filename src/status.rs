@@ -253,6 +253,10 @@ pub enum DaemonEvent {
         to: ServiceState,
         reason: Option<String>,
     },
+    /// Sent to a stream client that fell behind: this many events were dropped for it.
+    Lagged {
+        missed: u64,
+    },
 }
 
 /// Milliseconds since the epoch, for timestamps people and tools can read.

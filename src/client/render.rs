@@ -140,6 +140,9 @@ pub fn event_line(event: &DaemonEvent) -> String {
         DaemonEvent::StateChanged {
             service, from, to, ..
         } => format!("{service}: {from} -> {to}"),
+        DaemonEvent::Lagged { missed } => {
+            format!("(fell behind the event stream: {missed} events not shown)")
+        }
     }
 }
 
