@@ -525,3 +525,69 @@ fn client_commands_show_progress_status_and_exit_codes() {
     assert_eq!(code, 2);
     assert_no_oom(&h);
 }
+
+#[test]
+fn a_transition_while_python_holds_the_gpu_lock_is_423_naming_the_holder() {
+    let Some(redis) = common::lease::redis_with_python() else {
+        return;
+    };
+    let mut h = Harness::new(mcn_inventory());
+    let api = h.serve_with("", &common::lease::lease_block(&redis, 5000, 300));
+    let python = common::lease::PythonLock::hold(&redis, "gpu_lock", 120);
+    let refused = api.post("/gpu/prepare-phase/2");
+    assert_eq!(refused.code, 423, "{}", refused.body);
+    let body = refused.json();
+    assert_eq!(body["kind"], "lease_held");
+    assert_eq!(body["holder"], python.token.as_str(), "{body}");
+    assert!(
+        h.is_down("vidi"),
+        "nothing started while Python held the lock"
+    );
+    python.release();
+    let done = api.post("/gpu/prepare-phase/2");
+    assert_eq!(done.code, 200, "{}", done.body);
+    assert!(h.is_ready("vidi"));
+}
+
+#[test]
+fn a_transition_while_redis_is_down_is_503() {
+    let Some(mut redis) = common::lease::redis_with_python() else {
+        return;
+    };
+    let mut h = Harness::new(mcn_inventory());
+    let api = h.serve_with("", &common::lease::lease_block(&redis, 5000, 300));
+    redis.stop();
+    let refused = api.post("/gpu/prepare-phase/2");
+    assert_eq!(refused.code, 503, "{}", refused.body);
+    assert_eq!(refused.json()["kind"], "backend_down");
+    assert!(h.is_down("vidi"));
+}
+
+#[test]
+fn a_start_that_needs_an_unreachable_docker_engine_is_503_naming_it() {
+    let mut h = Harness::new(vec![
+        Standin::new("cosyvoice", 4096, 50, "[3]").in_docker(),
+        Standin::new("vidi", 4096, 40, "[2]"),
+    ]);
+    let socket = h.path("no-docker.sock");
+    h.daemon_env
+        .push(("DOCKER_HOST".into(), format!("unix://{}", socket.display())));
+    let api = h.serve("");
+    api.wait_state("cosyvoice", "unknown");
+    let refused = api.post("/gpu/service/cosyvoice/start");
+    assert_eq!(refused.code, 503, "{}", refused.body);
+    let body = refused.json();
+    assert_eq!(body["kind"], "backend_down");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&socket.display().to_string())),
+        "names the engine tried: {body}"
+    );
+    let native = api.post("/gpu/prepare-phase/2");
+    assert_eq!(
+        native.code, 200,
+        "native services are unaffected: {}",
+        native.body
+    );
+}

@@ -38,9 +38,14 @@ impl Harness {
     /// Writes the config with `api: { listen: 127.0.0.1:<free port> <api_extra> }`, starts
     /// `gpu-manager serve` and waits until it answers `/healthz`.
     pub fn serve(&mut self, api_extra: &str) -> Api {
+        self.serve_with(api_extra, "")
+    }
+
+    /// `serve` with more top-level config (e.g. a `lease:` block).
+    pub fn serve_with(&mut self, api_extra: &str, config_extra: &str) -> Api {
         let port = free_port();
         self.write_config(&format!(
-            "api: {{ listen: \"127.0.0.1:{port}\"{api_extra} }}"
+            "api: {{ listen: \"127.0.0.1:{port}\"{api_extra} }}\n{config_extra}"
         ));
         self.start_daemon_with(&["serve"]);
         let api = Api { port, token: None };

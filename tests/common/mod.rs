@@ -154,6 +154,8 @@ pub struct Harness {
     pub daemon: Option<Child>,
     /// The config's `gpu:` block.
     pub gpu_config: String,
+    /// Environment variables the daemon is started with (e.g. `DOCKER_HOST`).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Harness {
@@ -181,6 +183,7 @@ impl Harness {
                 "{{ nvml_library: {:?}, reserve_mb: 512, reclaim_timeout_ms: 10000 }}",
                 fake_nvml_library()
             ),
+            daemon_env: Vec::new(),
         };
         harness.write_config("");
         harness.set_desired("phase: null\n");
@@ -259,6 +262,7 @@ impl Harness {
             .arg(self.config_path())
             .env("FAKE_NVML_DIR", self.gpu.path())
             .env("RUST_LOG", "info,gpu_manager=debug")
+            .envs(self.daemon_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
