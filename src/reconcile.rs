@@ -658,7 +658,9 @@ impl Reconciler {
             Err(error) => return Err(self.start_failed(&spec.name, &error)),
         };
         let record = self.record(&spec.name);
-        if record.consecutive_failures > 0 || record.restarts > 0 || record.last_error.is_some() {
+        // A restart is a start retried after failures; a new desired state resets the
+        // count of failures, so a start it asks for is not one.
+        if record.consecutive_failures > 0 {
             record.restarts += 1;
         }
         record.reason = Some(action.reason.clone());

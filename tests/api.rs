@@ -591,3 +591,35 @@ fn a_start_that_needs_an_unreachable_docker_engine_is_503_naming_it() {
         native.body
     );
 }
+
+#[test]
+fn a_service_that_crashes_is_restarted_and_counted_but_a_requested_start_is_not_a_restart() {
+    let mut crashing = Standin::new("vidi", 4096, 40, "[2]");
+    crashing.start_delay_ms = 100;
+    crashing.extra_args = vec!["--exit-after-ms".into(), "3000".into()];
+    let mut h = Harness::new(vec![crashing, Standin::new("cosyvoice", 4096, 50, "[3]")]);
+    let api = h.serve("");
+    let report = api.post("/gpu/prepare-phase/2");
+    assert_eq!(report.code, 200, "{}", report.body);
+    h.wait_until("vidi crashed and was restarted", |_| {
+        api.status()["services"]["vidi"]["restarts"].as_u64() >= Some(1)
+    });
+    let vidi = &api.status()["services"]["vidi"];
+    assert!(
+        vidi["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("code 3")),
+        "the crash is reported: {vidi}"
+    );
+    // Phase 3 stops vidi (no more crashes or restarts); phase 2 then asks for a start.
+    let report = api.post("/gpu/prepare-phase/3");
+    assert_eq!(report.code, 200, "{}", report.body);
+    let after_crashes = api.status()["services"]["vidi"]["restarts"].as_u64();
+    let report = api.post("/gpu/prepare-phase/2");
+    assert_eq!(report.code, 200, "{}", report.body);
+    assert_eq!(
+        api.status()["services"]["vidi"]["restarts"].as_u64(),
+        after_crashes,
+        "a start the desired state asked for is not a restart"
+    );
+}
