@@ -53,19 +53,7 @@ fn ac1_phases_2_3_4_with_cosyvoice_in_a_container_never_overrun_vram() {
     let mut h = Harness::new(cosyvoice_in_docker());
     h.create_containers();
     h.start_daemon();
-    for (phase, ready, mb) in [
-        (2, "vidi", 4096),
-        (3, "cosyvoice", 4096),
-        (4, "comfyui", 20480),
-    ] {
-        h.set_desired(&format!("phase: {phase}\n"));
-        h.wait_converged(&[ready]);
-        assert_eq!(
-            allocated_mb(&h),
-            [mb],
-            "only {ready} holds VRAM after phase {phase}"
-        );
-        assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+    h.run_ac1_by_file(|h, ready| {
         if ready == "cosyvoice" {
             let pids: Vec<u32> = h.allocations().into_keys().collect();
             assert_eq!(
@@ -74,7 +62,7 @@ fn ac1_phases_2_3_4_with_cosyvoice_in_a_container_never_overrun_vram() {
                 "the container holds it"
             );
         }
-    }
+    });
     assert!(
         !h.container_running("cosyvoice"),
         "phase 4 stopped the container"

@@ -344,6 +344,28 @@ impl Harness {
         });
     }
 
+    /// The requirements' AC-1 by file: phase 2 -> 3 -> 4, each step converging on its
+    /// one service, which alone holds VRAM, with no OOM. `after_step(h, ready)` adds a
+    /// caller's checks after each step.
+    pub fn run_ac1_by_file(&self, after_step: impl Fn(&Self, &str)) {
+        for (phase, ready, mb) in [
+            (2, "vidi", 4096),
+            (3, "cosyvoice", 4096),
+            (4, "comfyui", 20480),
+        ] {
+            self.set_desired(&format!("phase: {phase}\n"));
+            self.wait_converged(&[ready]);
+            let allocated: Vec<u64> = self.allocations().into_values().collect();
+            assert_eq!(
+                allocated,
+                [mb],
+                "only {ready} holds VRAM after phase {phase}"
+            );
+            assert!(self.oom_log().is_empty(), "OOM: {:?}", self.oom_log());
+            after_step(self, ready);
+        }
+    }
+
     /// Counts processes whose command line runs this stand-in (to detect double starts).
     pub fn instances_of(&self, name: &str) -> usize {
         let needle = format!("--name\0{name}\0");
