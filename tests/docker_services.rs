@@ -28,10 +28,6 @@ fn cosyvoice_in_docker() -> Vec<Standin> {
         .collect()
 }
 
-fn allocated_mb(h: &Harness) -> Vec<u64> {
-    h.allocations().into_values().collect()
-}
-
 /// A service's state; None before the daemon's first status.
 fn state(status: &Status, name: &str) -> Option<ServiceState> {
     status.services.get(name).map(|service| service.state)
@@ -77,20 +73,11 @@ fn ac3_starting_comfyui_stops_the_cosyvoice_container_and_waits_for_its_memory()
     let mut h = Harness::new(cosyvoice_in_docker());
     h.create_containers();
     h.start_daemon();
-    h.set_desired("phase: 3\n");
-    h.wait_converged(&["cosyvoice"]);
-    assert!(h.container_running("cosyvoice"));
-    h.set_desired("phase: 3\npinned: [comfyui]\n");
-    h.wait_converged(&["comfyui"]);
-    assert!(!h.container_running("cosyvoice"));
-    assert_eq!(allocated_mb(&h), [20480]);
-    // ComfyUI allocates at start: had it started before the container's memory was
-    // reclaimed (300 ms after its process died), the allocation would have been refused.
-    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
-    assert!(
-        h.daemon_log().contains("preempted"),
-        "the stop says why:\n{}",
-        h.daemon_log()
+    // ComfyUI's memory may only be taken once the container's is reclaimed (300 ms
+    // after its process died).
+    h.run_ac3_by_file(
+        |h| assert!(h.container_running("cosyvoice")),
+        |h| assert!(!h.container_running("cosyvoice")),
     );
 }
 
@@ -327,7 +314,7 @@ fn ollama_unloads_its_models_instead_of_being_stopped() {
     h.wait_until("comfyui is ready", |h| h.is_ready("comfyui"));
     assert!(h.container_running("ollama"), "the container keeps running");
     assert_eq!(h.container_started_at("ollama"), run, "never restarted");
-    assert_eq!(allocated_mb(&h), [20480], "only ComfyUI holds memory");
+    assert_eq!(h.allocated_mb(), [20480], "only ComfyUI holds memory");
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
     let log = h.daemon_log();
     assert!(log.contains("asked Ollama to unload the model"), "{log}");
@@ -361,7 +348,7 @@ fn ollama_is_stopped_when_the_gpu_does_not_confirm_the_unload() {
     h.set_desired("phase: 4\npinned: [ollama]\n");
     h.wait_converged(&["comfyui"]);
     assert!(!h.container_running("ollama"), "stopped after all");
-    assert_eq!(allocated_mb(&h), [20480]);
+    assert_eq!(h.allocated_mb(), [20480]);
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
     let log = h.daemon_log();
     assert!(log.contains("asked Ollama to unload the model"), "{log}");

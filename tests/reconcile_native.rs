@@ -8,10 +8,6 @@ use std::time::Duration;
 
 use common::{mcn_inventory, pid_is_alive, Harness, Standin};
 
-fn allocated_mb(h: &Harness) -> Vec<u64> {
-    h.allocations().into_values().collect()
-}
-
 #[test]
 fn ac1_phases_2_3_4_by_file_never_overrun_vram() {
     let mut h = Harness::new(mcn_inventory());
@@ -23,19 +19,7 @@ fn ac1_phases_2_3_4_by_file_never_overrun_vram() {
 fn ac3_pinning_comfyui_preempts_cosyvoice_after_its_memory_is_free() {
     let mut h = Harness::new(mcn_inventory());
     h.start_daemon();
-    h.set_desired("phase: 3\n");
-    h.wait_converged(&["cosyvoice"]);
-    h.set_desired("phase: 3\npinned: [comfyui]\n");
-    h.wait_converged(&["comfyui"]);
-    assert_eq!(allocated_mb(&h), [20480]);
-    // The stand-in allocates at start: had ComfyUI started before CosyVoice's memory
-    // was reclaimed, its allocation would have been refused and logged here.
-    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
-    assert!(
-        h.daemon_log().contains("preempted"),
-        "the stop says why:\n{}",
-        h.daemon_log()
-    );
+    h.run_ac3_by_file(|_| {}, |_| {});
 }
 
 #[test]

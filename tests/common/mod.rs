@@ -311,6 +311,11 @@ impl Harness {
             .collect()
     }
 
+    /// The MB each live allocation holds, ordered by pid.
+    pub fn allocated_mb(&self) -> Vec<u64> {
+        self.allocations().into_values().collect()
+    }
+
     pub fn oom_log(&self) -> Vec<String> {
         self.gpu.oom_log().expect("oom.log")
     }
@@ -364,6 +369,26 @@ impl Harness {
             assert!(self.oom_log().is_empty(), "OOM: {:?}", self.oom_log());
             after_step(self, ready);
         }
+    }
+
+    /// The requirements' AC-3 by file: CosyVoice runs (phase 3), then ComfyUI is pinned:
+    /// CosyVoice is preempted and ComfyUI alone holds VRAM, with no OOM (the stand-in
+    /// allocates at start, so starting before CosyVoice's memory was reclaimed would
+    /// have been refused and logged). `after_phase_3` and `after_pin` add a caller's checks.
+    pub fn run_ac3_by_file(&self, after_phase_3: impl Fn(&Self), after_pin: impl Fn(&Self)) {
+        self.set_desired("phase: 3\n");
+        self.wait_converged(&["cosyvoice"]);
+        after_phase_3(self);
+        self.set_desired("phase: 3\npinned: [comfyui]\n");
+        self.wait_converged(&["comfyui"]);
+        after_pin(self);
+        assert_eq!(self.allocated_mb(), [20480]);
+        assert!(self.oom_log().is_empty(), "OOM: {:?}", self.oom_log());
+        assert!(
+            self.daemon_log().contains("preempted"),
+            "the stop says why:\n{}",
+            self.daemon_log()
+        );
     }
 
     /// Counts processes whose command line runs this stand-in (to detect double starts).
