@@ -170,7 +170,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let (commands_tx, commands_rx) = mpsc::channel(64);
         let (status_tx, _) = watch::channel(Status::default());
         let records = Records::new(&config.inventory);
-        let reconciler = Self {
+        let mut reconciler = Self {
             config,
             gpu,
             effects: Arc::new(effects),
@@ -199,8 +199,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             next_wake: None,
             lifecycle: Lifecycle::Running,
         };
-        // The API checks names against the snapshot: it lists every service from the start.
-        reconciler.publish();
+        // The API checks names against the snapshot: it lists every service from the
+        // start, with the desired state already read.
+        reconciler.reload_desired();
         reconciler
     }
 
@@ -218,7 +219,6 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// are released. GPU services keep running: the next daemon adopts them.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let _watch = self.watch_desired_file();
-        self.reload_desired();
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -705,6 +705,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             }
             (Op::Stop, None) => return,
             (Op::Start, _) => {
+                // A restart is a start retried after failures; a new desired state
+                // forgives failures, so a start it asks for is not one.
+                if record.consecutive_failures > 0 {
+                    record.restarts += 1;
+                }
                 record.condition = Condition::Healthy;
                 record.set_state(ServiceState::Starting);
                 self.spawn_task(&action.service, tasks::start(context));
