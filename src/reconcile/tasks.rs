@@ -184,7 +184,7 @@ pub(super) async fn stop<E: ServiceEffects>(
             },
             Err(error) => note = format!("giving the memory back failed ({error}); "),
         }
-        tracing::warn!(service = %ctx.spec.name, %note, "stopping it instead");
+        tracing::warn!(service = %ctx.spec.name, %note, "eviction failed: stopping it instead");
     }
     match ctx.effects.stop(&ctx.spec, &instance).await {
         Ok(how) => Outcome::Stopped {
