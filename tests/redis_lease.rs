@@ -135,7 +135,8 @@ fn a_lease_lost_mid_transition_stops_further_actions() {
     h.set_desired("phase: 3\n");
     // The stop of vidi is in flight (3 s) when someone else takes the key.
     h.wait_until("the stop of vidi runs", |h| {
-        h.daemon_log().contains("action begins op=stop service=vidi")
+        h.daemon_log()
+            .contains("action begins op=stop service=vidi")
     });
     set(&redis, "gpu_lock", "intruder", 120_000);
     h.wait_until("the loss is reported", |h| {

@@ -169,8 +169,8 @@ impl ServiceEffects for Effects {
         }
     }
 
-    fn wait_exit(instance: Instance) -> impl Future<Output = ExitInfo> + Send + 'static {
-        async move { instance.wait_exit().await }
+    async fn wait_exit(instance: Instance) -> ExitInfo {
+        instance.wait_exit().await
     }
 
     async fn probe(&self, check: &HealthCheck) -> Result<(), String> {
