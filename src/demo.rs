@@ -35,7 +35,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("simulated GPU: 24576 MB, 1024 MB used by a desktop, 300 ms to reclaim a dead process's memory\n");
 
     let config = Arc::new(Config::load(&config_path)?);
-    let reconciler = daemon::build(config.clone())?;
+    let reconciler = daemon::build(config.clone()).await?;
     let (addr, api) = api::serve(reconciler.handle(), &config.api).await?;
     let daemon = tokio::spawn(reconciler.run());
     let server = tokio::spawn(api);

@@ -1,5 +1,5 @@
 //! gpu-manager: keeps the GPU services of one host started and stopped so that what the
-//! pipeline wants now fits in VRAM. See DESIGN.md for the shape: observe, plan, act.
+//! pipeline wants now fits in VRAM. See docs/ARCHITECTURE.md for the shape: observe, plan, act.
 
 pub mod act;
 pub mod api;
@@ -12,6 +12,7 @@ pub mod lease;
 pub mod metrics;
 pub mod observe;
 pub mod plan;
+pub mod process_exit;
 pub mod reconcile;
 pub mod status;
 pub mod transition;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use crate::act::instance::{ActError, Effects, Instance};
+use crate::act::instance::{ActError, ActErrorKind, Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
@@ -256,7 +256,7 @@ impl Reconciler {
         tracing::debug!(?event, "event");
         match event {
             Event::DesiredFileChanged => self.reload_desired(),
-            Event::Exited { service, pid, exit } => self.on_exit(&service, pid, exit),
+            Event::Exited { service, pid, exit } => self.on_exit(&service, pid, exit).await,
             Event::Unhealthy {
                 service,
                 pid,
@@ -325,7 +325,7 @@ impl Reconciler {
     /// instances are found as adoption would find them, but left alone.
     pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
         for spec in self.config.inventory.iter() {
-            if let Ok(Some(instance)) = self.effects.adopt(spec).await {
+            if let Ok(Some(instance)) = self.effects.find_running(spec).await {
                 let record = self.records.get_mut(&spec.name).expect("inventory service");
                 record.instance = Some(instance);
                 record.state = ServiceState::Ready;
@@ -372,8 +372,12 @@ impl Reconciler {
 
     // ---- events ----
 
-    fn on_exit(&mut self, service: &ServiceName, pid: u32, exit: ExitInfo) {
-        let log = self.effects.last_log_lines(self.spec(service)).join("\n");
+    async fn on_exit(&mut self, service: &ServiceName, pid: u32, exit: ExitInfo) {
+        let log = self
+            .effects
+            .last_log_lines(self.spec(service))
+            .await
+            .join("\n");
         let record = self.record(service);
         let current = record.instance.as_ref().and_then(Instance::root_pid);
         if current != Some(pid) || record.state == ServiceState::Stopping {
@@ -772,8 +776,18 @@ impl ActionFailure {
 impl From<&ActError> for ActionFailure {
     fn from(error: &ActError) -> Self {
         Self {
-            kind: error.failure_kind(),
+            kind: failure_kind(error.kind()),
             message: error.to_string(),
         }
+    }
+}
+
+/// How an effect's failure shows in the API: 504 on a start timeout, 503 when the
+/// backend is down.
+fn failure_kind(kind: ActErrorKind) -> FailureKind {
+    match kind {
+        ActErrorKind::NotReady => FailureKind::Timeout,
+        ActErrorKind::BackendDown => FailureKind::BackendDown,
+        ActErrorKind::Other => FailureKind::Other,
     }
 }
