@@ -148,11 +148,35 @@ impl DockerDriver {
         spec: &DockerSpec,
     ) -> Result<Option<ContainerHandle>, DockerError> {
         let container = &spec.container;
+        let Some(run) = self.running(service, container).await? else {
+            return Ok(None);
+        };
+        tracing::info!(%service, container, pid = run.pid, "adopted a running container");
+        Ok(Some(self.watch(service, container, run)))
+    }
+
+    /// Finds the service's container running, as [`DockerDriver::adopt`] would, without
+    /// taking it over: nothing watches the handle (its `wait_exit` answers at once).
+    /// For `plan`, which only looks.
+    pub async fn find(
+        &self,
+        service: &ServiceName,
+        spec: &DockerSpec,
+    ) -> Result<Option<ContainerHandle>, DockerError> {
+        let container = &spec.container;
+        let run = self.running(service, container).await?;
+        Ok(run.map(|run| ContainerHandle::new(container, run).0))
+    }
+
+    /// The container's current run if it is running; a missing container is warned
+    /// about.
+    async fn running(
+        &self,
+        service: &ServiceName,
+        container: &str,
+    ) -> Result<Option<ContainerRun>, DockerError> {
         match self.inspect(container).await {
-            Ok(Some(run)) if run.running => {
-                tracing::info!(%service, container, pid = run.pid, "adopted a running container");
-                Ok(Some(self.watch(service, container, run)))
-            }
+            Ok(Some(run)) if run.running => Ok(Some(run)),
             Ok(Some(_)) => Ok(None),
             Ok(None) => {
                 tracing::warn!(%service, container, "the container does not exist: docker create it before the service is wanted");
@@ -292,22 +316,6 @@ impl DockerDriver {
             .get(container)
             .cloned()
             .unwrap_or_default()
-    }
-
-    /// Finds the service's container running, as [`DockerDriver::adopt`] would, without
-    /// taking it over: nothing watches the handle (its `wait_exit` answers at once).
-    /// For `plan`, which only looks.
-    pub async fn find(
-        &self,
-        service: &ServiceName,
-        spec: &DockerSpec,
-    ) -> Result<Option<ContainerHandle>, DockerError> {
-        let container = &spec.container;
-        match self.inspect(container).await {
-            Ok(Some(run)) if run.running => Ok(Some(ContainerHandle::new(container, run).0)),
-            Ok(_) => Ok(None),
-            Err(error) => Err(self.service_error(error, service, container, "inspect")),
-        }
     }
 
     /// A handle on `run`, with a task that inspects the container until the run ends
