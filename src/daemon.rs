@@ -11,7 +11,7 @@ use crate::desired;
 use crate::lease::Lease;
 use crate::observe::health::HealthProber;
 use crate::observe::open;
-use crate::reconcile::{GpuSource, Reconciler};
+use crate::reconcile::{DaemonReconciler, GpuSource, Reconciler};
 
 /// Opens the configured GPU (off the async workers: NVML init can take seconds). A
 /// missing NVML is not fatal: the daemon still runs and budgets from declared sizes
@@ -51,14 +51,18 @@ pub fn check_against_gpu(config: &Config, gpu: &GpuSource) -> Result<(), ConfigE
 
 /// Builds the reconciler for a validated config, with the Docker engine `DOCKER_HOST`
 /// names (or the default socket).
-pub async fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
+pub async fn build(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
     build_with(config, DockerDriver::from_env()).await
 }
 
 /// Builds the reconciler for a validated config, with docker services going through
 /// `docker`. It is not connected yet: an engine that is down leaves docker services
-/// `unknown` and native ones untouched.
-pub async fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Result<Reconciler> {
+/// `unknown` and native ones untouched. Writes an empty desired-state file if there is
+/// none yet, for people to see and edit.
+pub async fn build_with(
+    config: Arc<Config>,
+    docker: DockerDriver,
+) -> anyhow::Result<DaemonReconciler> {
     let gpu = open_checked_gpu(&config).await?;
     desired::create_if_missing(&config.desired_state)?;
     let native = NativeDriver::new(&config.state_dir)
@@ -78,7 +82,7 @@ pub async fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Re
 
 /// Builds a reconciler for `plan`, which only looks: it creates no state folder and no
 /// desired-state file, and its dry run finds running services without adopting them.
-pub async fn build_read_only(config: Arc<Config>) -> anyhow::Result<Reconciler> {
+pub async fn build_read_only(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
     let gpu = open_checked_gpu(&config).await?;
     let native = NativeDriver::read_only(&config.state_dir);
     let effects = Effects::new(native, DockerDriver::from_env(), prober()?);

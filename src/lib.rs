@@ -4,6 +4,7 @@
 pub mod act;
 pub mod api;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod demo;
@@ -14,5 +15,6 @@ pub mod observe;
 pub mod plan;
 pub mod process_exit;
 pub mod reconcile;
+pub mod schedule;
 pub mod status;
 pub mod transition;

@@ -137,7 +137,7 @@ impl Effects {
     /// Finds an instance that is already running, as [`Effects::adopt`] would, changing
     /// nothing: no pid file is written or removed, no task watches it (its `wait_exit`
     /// answers at once), a container is only inspected. For dry runs (`plan`).
-    pub async fn find_running(&self, spec: &ServiceSpec) -> Result<Option<Instance>, ActError> {
+    pub async fn look_up(&self, spec: &ServiceSpec) -> Result<Option<Instance>, ActError> {
         match &spec.runtime {
             Runtime::Native(native) => Ok(self
                 .off_worker(&spec.name, native, NativeDriver::find)

@@ -280,7 +280,7 @@ impl InProcessDaemon {
             .block_on(daemon::build_with(config, docker))
             .expect("daemon");
         let status = reconciler.handle().status;
-        runtime.spawn(reconciler.run());
+        runtime.spawn(reconciler.run(tokio_util::sync::CancellationToken::new()));
         Self {
             status,
             _runtime: runtime,
