@@ -12,14 +12,16 @@ mod records;
 mod requests;
 mod snapshot;
 mod tasks;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::{Id, JoinError, JoinSet};
-use tokio::time::{sleep_until, MissedTickBehavior};
+use tokio::time::{sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::act::instance::Effects;
@@ -127,7 +129,7 @@ pub struct ReconcilerHandle {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Lifecycle {
     Running,
-    ShuttingDown { deadline: tokio::time::Instant },
+    ShuttingDown { deadline: Instant },
 }
 
 pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
@@ -229,7 +231,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             } else if self.dirty {
                 self.round().await;
             }
-            let timer = self.next_wake.map(tokio::time::Instant::from_std);
+            let timer = self.next_wake;
             let deadline = match self.lifecycle {
                 Lifecycle::ShuttingDown { deadline } => Some(deadline),
                 Lifecycle::Running => None,
@@ -239,7 +241,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 () = shutdown.cancelled(), if self.lifecycle == Lifecycle::Running => {
                     self.begin_shutdown();
                 }
-                () = sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     tracing::warn!(left = self.actions.len(), "shutdown deadline: leaving the actions still under way where they are");
                     self.abandon.cancel();
                     self.actions.abort_all();
@@ -247,16 +249,18 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                         self.on_finished(joined);
                     }
                 }
+                // Before finished actions: a task's word that it spawned an instance is
+                // sent before the task ends, and must be heard first.
+                Some(wake) = self.wake_rx.recv() => self.on_wake(wake).await,
                 Some(joined) = self.actions.join_next_with_id(), if !self.actions.is_empty() => {
                     self.on_finished(joined);
                 }
                 Some(command) = self.commands_rx.recv() => self.on_command(command).await,
-                Some(wake) = self.wake_rx.recv() => self.on_wake(wake).await,
                 _ = resync.tick() => {
                     self.reload_desired();
                     self.dirty = true;
                 }
-                () = sleep_until(timer.unwrap_or_else(tokio::time::Instant::now)), if timer.is_some() => {
+                () = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
                     self.next_wake = None;
                     self.dirty = true;
                 }
@@ -807,11 +811,6 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let (outcome, failure): (Result<String, String>, Option<FailureKind>) =
             match finished.outcome {
                 Outcome::Started { instance, took } => {
-                    // A restart is a start retried after failures; a new desired state
-                    // forgives failures, so a start it asks for is not one.
-                    if record.consecutive_failures > 0 && flight.cause != Cause::Adopted {
-                        record.restarts += 1;
-                    }
                     record.instance = Some(instance);
                     let detail = match flight.cause {
                         Cause::Adopted => format!("adopted; ready after {} ms", took.as_millis()),
@@ -1079,7 +1078,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             "shutting down: new transitions are refused; GPU services keep running and are adopted by the next daemon"
         );
         self.lifecycle = Lifecycle::ShuttingDown {
-            deadline: tokio::time::Instant::now() + timeout,
+            deadline: Instant::now() + timeout,
         };
         self.waiters.fail_all(TransitionError::shutting_down());
         // Starts are left running at a safe point (their pid files are on disk); stops

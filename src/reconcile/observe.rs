@@ -4,7 +4,7 @@
 //! workers.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::config::ServiceName;
 use crate::lease::LeaseBackend;

@@ -3,7 +3,9 @@
 //! inventory does not hold is ignored, never a panic.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;

@@ -9,7 +9,9 @@
 //! service's processes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -184,7 +186,7 @@ pub(super) async fn stop<E: ServiceEffects>(
             },
             Err(error) => note = format!("giving the memory back failed ({error}); "),
         }
-        tracing::warn!(service = %ctx.spec.name, %note, "stopping it instead");
+        tracing::warn!(service = %ctx.spec.name, %note, "eviction failed: stopping it instead");
     }
     match ctx.effects.stop(&ctx.spec, &instance).await {
         Ok(how) => Outcome::Stopped {
