@@ -82,6 +82,7 @@ pub enum ActErrorKind {
 }
 
 impl ActError {
+    /// What kind of failure this is; the reconciler maps it to the API's status code.
     pub fn kind(&self) -> ActErrorKind {
         match self {
             ActError::NotReady { .. } => ActErrorKind::NotReady,
