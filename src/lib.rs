@@ -13,6 +13,7 @@ pub mod lease;
 pub mod metrics;
 pub mod observe;
 pub mod plan;
+pub mod process_exit;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;

@@ -274,7 +274,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
         let specs: Vec<_> = self.records.iter().map(|r| r.spec.clone()).collect();
         for spec in specs {
-            if let Ok(Some(instance)) = self.effects.find_running(&spec).await {
+            if let Ok(Some(instance)) = self.effects.look_up(&spec).await {
                 if let Some(record) = self.records.get_mut(&spec.name) {
                     record.instance = Some(instance);
                     record.state = ServiceState::Ready;

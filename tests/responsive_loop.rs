@@ -20,11 +20,18 @@ fn slow(mut standin: Standin, start_delay_ms: u64) -> Standin {
     standin
 }
 
+/// The service's pid, waiting for it: a start shows `starting` before its process is
+/// spawned (on a blocking thread) and attached.
 fn pid_of(api: &Api, service: &str) -> u32 {
-    let status = api.status();
-    status["services"][service]["pids"][0]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{service} has no pid: {status}")) as u32
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = api.status();
+        if let Some(pid) = status["services"][service]["pids"][0].as_u64() {
+            return pid as u32;
+        }
+        assert!(Instant::now() < deadline, "{service} has no pid: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn daemon_pid(h: &Harness) -> u32 {
