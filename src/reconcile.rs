@@ -501,12 +501,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// lease go.
     async fn converged(&mut self) {
         self.converged_generation = self.generation;
-        self.finish_waiters(RoundEnd::Completed);
         if let Some(started) = self.transition_started.take() {
             self.transitions
                 .observe(started.elapsed().as_millis() as u64);
         }
         self.release_lease().await;
+        // Callers read status right after their answer: publish it first.
+        self.publish();
+        self.finish_waiters(RoundEnd::Completed);
     }
 
     async fn release_lease(&mut self) {
