@@ -225,3 +225,67 @@ fn an_unhealthy_service_is_left_alone_while_a_python_lock_holds_the_gpu() {
     assert_ne!(pid_of(&api, "vidi"), vidi);
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
 }
+
+#[test]
+fn a_stop_that_fails_backs_off_then_the_service_is_failed() {
+    // A daemon running as nobody adopts a service that a root daemon started: the
+    // kernel refuses every signal it sends (EPERM), as a real stop can fail.
+    let mut h = Harness::new(vec![Standin::new("vidi", 4096, 40, "[2]")]);
+    h.start_daemon();
+    h.set_desired("phase: 2\n");
+    h.wait_converged(&["vidi"]);
+    h.kill_daemon();
+    let vidi = h.instances_of("vidi");
+    assert_eq!(vidi, 1);
+    h.set_desired("phase: null\n");
+    let opened = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(h.path(""))
+        .status()
+        .expect("chmod");
+    assert!(opened.success());
+    h.daemon_wrapper = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+    ]
+    .map(String::from)
+    .to_vec();
+    let began = Instant::now();
+    let api = h.serve("");
+    h.wait_until("vidi's stop gave up", |_| {
+        let status = api.status();
+        let vidi = &status["services"]["vidi"];
+        vidi["state"] == "failed"
+            && vidi["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("stop failed 5 times in a row"))
+    });
+    let log = h.daemon_log();
+    assert_eq!(
+        log.matches("action begins op=stop service=vidi").count(),
+        5,
+        "five tries, no hot loop:\n{log}"
+    );
+    // 1 + 2 + 4 + 8 s of backoff between the five tries.
+    assert!(
+        began.elapsed() >= Duration::from_secs(15),
+        "{:?}",
+        began.elapsed()
+    );
+    let status = api.status();
+    let error = status["services"]["vidi"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("cannot signal vidi"), "{status}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        h.daemon_log()
+            .matches("action begins op=stop service=vidi")
+            .count(),
+        5,
+        "no more tries until the desired state changes"
+    );
+    assert_eq!(h.instances_of("vidi"), 1, "still running");
+}
