@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use common::api::Api;
-use common::lease::{eventually, get, lease_block, redis_with_python, PythonLock, TestRedis};
+use common::lease::{leads, lease_block, redis_with_python, PythonLock, TestRedis};
 use common::{mcn_inventory, pid_is_alive, send_signal, Harness, Standin};
 
 fn slow(mut standin: Standin, start_delay_ms: u64) -> Standin {
@@ -128,23 +128,11 @@ fn sigterm_hands_the_lead_to_a_standby_at_once() {
     let mut h = Harness::new(mcn_inventory());
     // A 10 s TTL: a standby that waited for the key to expire would take 10 s.
     h.write_config(&lease_block(&redis, 10_000, 500));
-    let mut leader = h.spawn_daemon("leader.log");
-    let leads =
-        |pid: u32| get(&redis, "gpu_lock:leader").is_some_and(|l| l.contains(&format!(":{pid}:")));
-    eventually(
-        "the first daemon leads",
-        || leads(leader.pid),
-        || leader.log(),
-    );
-    h.start_daemon();
-    let standby = daemon_pid(&h);
-    h.wait_until("the second daemon is standby", |h| {
-        h.daemon_log().contains("standby: another daemon leads")
-    });
+    let (mut leader, standby) = h.leader_and_standby(&redis);
     let signalled = Instant::now();
     let status = leader.terminate();
     assert!(status.success(), "{status}\n{}", leader.log());
-    h.wait_until("the standby leads", |_| leads(standby));
+    h.wait_until("the standby leads", |_| leads(&redis, standby));
     assert!(
         signalled.elapsed() < Duration::from_secs(1),
         "took over {:?} after SIGTERM",
