@@ -3,6 +3,7 @@
 
 pub mod act;
 pub mod api;
+pub mod can_fit;
 pub mod client;
 pub mod config;
 pub mod daemon;
@@ -10,6 +11,7 @@ pub mod demo;
 pub mod desired;
 pub mod lease;
 pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;

@@ -12,7 +12,7 @@ use gpu_manager::config::Config;
 use gpu_manager::observe::gpu::Gpu;
 use gpu_manager::observe::nvml::NvmlGpu;
 use gpu_manager::reconcile::GpuSource;
-use gpu_manager::{api, daemon, demo, desired, plan};
+use gpu_manager::{api, daemon, demo, desired, notify, plan};
 
 #[derive(Parser)]
 #[command(
@@ -82,6 +82,15 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Ask a running daemon whether MB fit on the GPU now: exit 0 if so, 1 if not.
+    CanFit {
+        mb: u64,
+        /// Also say what a start of that size at this priority would stop.
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i64>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Ask a running daemon to prepare a phase; waits until it has converged.
     Phase {
         phase: u32,
@@ -121,10 +130,17 @@ struct DaemonArgs {
 }
 
 impl DaemonArgs {
+    fn client(&self) -> Result<Client, client::ClientError> {
+        Client::new(
+            self.url.clone(),
+            self.config.as_deref(),
+            self.token_file.as_deref(),
+        )
+    }
+
     /// Runs a client command against the daemon: its exit code.
     async fn run(self, request: Option<Request>) -> ExitCode {
-        let client = Client::new(self.url, self.config.as_deref(), self.token_file.as_deref());
-        client::run(client, request, self.json).await
+        client::run(self.client(), request, self.json).await
     }
 }
 
@@ -150,6 +166,9 @@ enum Mode {
 async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config)?);
     let reconciler = daemon::build(config.clone())?;
+    if let Some(notifier) = notify::Notifier::from_env() {
+        tokio::spawn(notify::follow(notifier, reconciler.handle().status));
+    }
     let api = match mode {
         Mode::WithApi => Some(api::serve(reconciler.handle(), &config.api).await?.1),
         Mode::WatchOnly => None,
@@ -164,6 +183,7 @@ async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
         () = reconciler.run() => Ok(()),
         () = api => Ok(()),
         _ = tokio::signal::ctrl_c() => {
+            notify::stopping();
             tracing::info!("interrupted: services keep running and will be adopted on restart");
             Ok(())
         }
@@ -271,6 +291,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { dir } => demo::run(dir).await?,
         Command::Status { daemon } => return Ok(daemon.run(None).await),
+        Command::CanFit {
+            mb,
+            priority,
+            daemon,
+        } => return Ok(client::run_can_fit(daemon.client(), mb, priority, daemon.json).await),
         Command::Phase { phase, daemon } => {
             return Ok(daemon.run(Some(Request::Phase(phase))).await)
         }

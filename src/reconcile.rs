@@ -163,6 +163,9 @@ pub struct Reconciler {
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     status_tx: watch::Sender<Status>,
+    /// The first round's observation (and adoption, when leading) is done; published as
+    /// `Status::first_round_done` for the readiness notification (src/notify.rs).
+    first_round_done: bool,
 }
 
 impl Reconciler {
@@ -192,6 +195,7 @@ impl Reconciler {
             events_tx,
             events_rx,
             status_tx,
+            first_round_done: false,
         };
         // The API checks names against the snapshot: it lists every service from the start.
         reconciler.publish();
@@ -424,6 +428,14 @@ impl Reconciler {
         self.publish();
     }
 
+    /// Publishes, once, that the first observation and adoption are done.
+    fn mark_first_round_done(&mut self) {
+        if !self.first_round_done {
+            self.first_round_done = true;
+            self.publish();
+        }
+    }
+
     // ---- plan and act ----
 
     /// One round: observe, plan, act. Says whether another round should follow at once
@@ -440,12 +452,14 @@ impl Reconciler {
                 self.let_go();
             }
             self.observe().await;
+            self.mark_first_round_done();
             let refusal = self.standby_refusal();
             self.finish_round(self.generation, RoundEnd::Blocked(refusal));
             return Again::OnNextTrigger;
         }
         self.recheck_unknown().await;
         let observation = self.observe().await;
+        self.mark_first_round_done();
         let Some(desired) = self.desired.clone() else {
             self.publish();
             return Again::OnNextTrigger;
