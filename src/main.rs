@@ -182,11 +182,29 @@ async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     tokio::select! {
         () = reconciler.run() => Ok(()),
         () = api => Ok(()),
-        _ = tokio::signal::ctrl_c() => {
+        () = shutdown_signal() => {
             notify::stopping();
             tracing::info!("interrupted: services keep running and will be adopted on restart");
             Ok(())
         }
+    }
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (systemctl stop): the daemon stops, the services stay.
+async fn shutdown_signal() {
+    let mut terminate = match tokio::signal::unix::signal(
+        tokio::signal::unix::SignalKind::terminate(),
+    ) {
+        Ok(terminate) => terminate,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM: only Ctrl-C stops the daemon cleanly");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
     }
 }
 

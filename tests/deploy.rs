@@ -124,8 +124,8 @@ fn systemd_is_told_ready_after_adoption_then_stopping() {
     assert!(lines.iter().all(|l| l.starts_with("STATUS=")), "{lines:?}");
 
     let pid = h.daemon.as_ref().unwrap().id() as i32;
-    // SAFETY: kill(2) on the daemon this test started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    // SAFETY: kill(2) on the daemon this test started; SIGTERM is what systemctl stop sends.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let stopping = loop {
         let message = notification(&socket);
         if !message.starts_with("STATUS=phase") {
