@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod desired;
+pub mod doctor;
 pub mod lease;
 pub mod metrics;
 pub mod notify;

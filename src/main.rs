@@ -12,7 +12,7 @@ use gpu_manager::config::Config;
 use gpu_manager::observe::gpu::Gpu;
 use gpu_manager::observe::nvml::NvmlGpu;
 use gpu_manager::reconcile::GpuSource;
-use gpu_manager::{api, daemon, demo, desired, notify, plan};
+use gpu_manager::{api, daemon, demo, desired, doctor, notify, plan};
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +58,15 @@ enum Command {
     Validate {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Check this host against a config: PASS / WARN / FAIL, each with its fix. Exit 0
+    /// when nothing fails.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the checks as JSON (for machines).
+        #[arg(long)]
+        json: bool,
     },
     /// Print what the daemon sees of the GPU (NVML, or the config's simulated GPU).
     Gpu {
@@ -290,6 +299,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 config.inventory.len(),
                 config.inventory.phases()
             );
+        }
+        Command::Doctor { config, json } => {
+            let report = doctor::run(&config).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Gpu {
             config,
