@@ -285,3 +285,204 @@ fn one_daemon_per_gpu_places_services_by_cuda_visible_devices() {
         assert_eq!(status["lock"]["key"], format!("gpu_lock_gpu{index}"));
     }
 }
+
+/// `gpu-manager doctor --json` on a config: (exit code, check -> [(status, detail, fix)]).
+fn doctor(config: &std::path::Path, env: &[(&str, &str)]) -> (i32, Vec<Value>) {
+    let output = Command::new(env!("CARGO_BIN_EXE_gpu-manager"))
+        .args(["doctor", "--json", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run gpu-manager doctor");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json is not JSON ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(report["ok"], output.status.success(), "{report}");
+    let checks = report["checks"].as_array().unwrap().clone();
+    (output.status.code().unwrap_or(-1), checks)
+}
+
+/// The findings of one check, as (status, detail) pairs.
+fn findings(checks: &[Value], check: &str) -> Vec<(String, String)> {
+    checks
+        .iter()
+        .filter(|c| c["check"] == check)
+        .map(|c| {
+            if c["status"] != "PASS" {
+                assert!(
+                    c["fix"].as_str().is_some_and(|f| !f.is_empty()),
+                    "a {} says what to do: {c}",
+                    c["status"]
+                );
+            }
+            (
+                c["status"].as_str().unwrap().to_owned(),
+                c["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn doctor_passes_a_healthy_host_and_only_warns_without_redis() {
+    let h = Harness::new(mcn_inventory());
+    let (code, checks) = doctor(
+        &h.config_path(),
+        &[("FAKE_NVML_DIR", h.gpu.path().to_str().unwrap())],
+    );
+    assert_eq!(code, 0, "{checks:#?}");
+    let gpu = findings(&checks, "gpu");
+    assert_eq!(gpu.len(), 1);
+    assert_eq!(gpu[0].0, "PASS");
+    assert!(
+        gpu[0].1.contains("driver")
+            && gpu[0].1.contains("Simulated RTX 4090")
+            && gpu[0].1.contains("24576 MB total"),
+        "{gpu:?}"
+    );
+    for check in [
+        "config",
+        "command",
+        "port",
+        "api",
+        "phases",
+        "state_dir",
+        "desired",
+    ] {
+        let found = findings(&checks, check);
+        assert!(!found.is_empty(), "{check} was checked");
+        assert!(
+            found.iter().all(|(status, _)| status == "PASS"),
+            "{check}: {found:?}"
+        );
+    }
+    assert_eq!(findings(&checks, "command").len(), 4);
+    assert_eq!(findings(&checks, "phases").len(), 3);
+    assert_eq!(findings(&checks, "redis")[0].0, "WARN");
+    assert_eq!(
+        findings(&checks, "docker")[0].0,
+        "PASS",
+        "no docker services"
+    );
+}
+
+#[test]
+fn doctor_fails_each_broken_thing_and_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let gpu = SimGpuDir::create(
+        dir.path().join("gpu"),
+        &DeviceSpec {
+            name: "Simulated RTX 4090".into(),
+            total_mb: 24576,
+            baseline_mb: 0,
+            reclaim_ms: 100,
+            temperature_c: 40,
+            utilization_pct: 0,
+        },
+    )
+    .unwrap();
+    // Ports held by this test: a foreign process to the daemon.
+    let api_taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health_taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port_of = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+    std::fs::write(dir.path().join("state"), "a file where a folder should be").unwrap();
+    let config = format!(
+        "api: {{ listen: \"127.0.0.1:{}\" }}\n\
+         gpu: {{ simulated: {:?}, reserve_mb: 512 }}\n\
+         lease: {{ redis_url: \"redis://127.0.0.1:{}\" }}\n\
+         state_dir: state\n\
+         services:\n\
+         \x20 big:\n    kind: native\n    command: [\"no-such-program-for-doctor\"]\n    vram_mb: 20000\n    priority: 30\n    phases: [2]\n\
+         \x20 vidi:\n    kind: native\n    command: [\"true\"]\n    workdir: /nonexistent/vidi\n    vram_mb: 4096\n    priority: 40\n    phases: [2]\n    health: {{ url: \"http://127.0.0.1:{}/health\" }}\n\
+         \x20 tts:\n    kind: docker\n    container: doctor-missing-{}\n    vram_mb: 1024\n    priority: 50\n    phases: [3]\n",
+        port_of(&api_taken),
+        gpu.path(),
+        free_port(),
+        port_of(&health_taken),
+        std::process::id()
+    );
+    let path = dir.path().join("gpu-manager.yaml");
+    std::fs::write(&path, config).unwrap();
+    let no_engine = format!("unix://{}/no-docker.sock", dir.path().display());
+    let (code, checks) = doctor(&path, &[("DOCKER_HOST", no_engine.as_str())]);
+    assert_eq!(code, 1, "{checks:#?}");
+
+    let failed = |check: &str, needle: &str| {
+        let found = findings(&checks, check);
+        assert!(
+            found
+                .iter()
+                .any(|(status, detail)| status == "FAIL" && detail.contains(needle)),
+            "{check} should FAIL with {needle:?}: {found:?}"
+        );
+    };
+    let me = format!("pid {}", std::process::id());
+    failed("command", "no-such-program-for-doctor");
+    failed("command", "/nonexistent/vidi does not exist");
+    failed("docker", "no-docker.sock");
+    failed("port", &format!("port {} of", port_of(&health_taken)));
+    failed("port", &me);
+    failed("api", &me);
+    failed("redis", "unreachable");
+    failed(
+        "phases",
+        "phase 2: vidi 4096 MB + big 20000 MB = 24096 MB of a 24064 MB budget",
+    );
+    failed("state_dir", "is not a folder");
+    assert_eq!(
+        findings(&checks, "phases").len(),
+        2,
+        "phase 3 fits: {checks:#?}"
+    );
+}
+
+#[test]
+fn doctor_points_at_the_offending_key_of_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "services:\n  a:\n    kind: native\n    vram_mb: lots\n    command: \"true\"\n",
+    )
+    .unwrap();
+    let (code, checks) = doctor(&path, &[]);
+    assert_eq!(code, 1);
+    let config = findings(&checks, "config");
+    assert_eq!(config.len(), 1, "nothing else is checked: {checks:#?}");
+    assert!(
+        config[0]
+            .1
+            .contains("bad.yaml:4:5: services.a.vram_mb: invalid type"),
+        "{config:?}"
+    );
+    let (code, _, err) = cli(&["validate", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.yaml:4:5: services.a.vram_mb"), "{err}");
+}
+
+#[test]
+fn doctor_names_who_holds_the_lease_key() {
+    let Some(redis) = redis_with_python() else {
+        return;
+    };
+    let h = Harness::new(mcn_inventory());
+    h.write_config(&common::lease::lease_block(&redis, 5000, 500));
+    let fake = [("FAKE_NVML_DIR", h.gpu.path().to_str().unwrap())];
+    let (code, checks) = doctor(&h.config_path(), &fake);
+    assert_eq!(code, 0, "{checks:#?}");
+    assert_eq!(findings(&checks, "redis")[0].0, "PASS");
+    assert!(findings(&checks, "redis")[0].1.contains("gpu_lock is free"));
+
+    let lock = PythonLock::hold(&redis, "gpu_lock", 30);
+    let (_, checks) = doctor(&h.config_path(), &fake);
+    let redis_finding = &findings(&checks, "redis")[0];
+    assert!(
+        redis_finding.1.contains(&format!("held by {}", lock.token)),
+        "{redis_finding:?}"
+    );
+    lock.release();
+}
