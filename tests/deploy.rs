@@ -13,7 +13,7 @@ use sim_gpu::{DeviceSpec, SimGpuDir};
 
 use common::api::Api;
 use common::lease::{eventually, redis_with_python, PythonLock};
-use common::{free_port, http_get, mcn_inventory, standin_binary, Harness, Standin};
+use common::{free_port, http_get, kill_standin, mcn_inventory, standin_binary, Harness, Standin};
 
 fn cli(args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_gpu-manager"))
@@ -147,6 +147,19 @@ fn without_notify_socket_nothing_is_sent_and_the_daemon_runs() {
     assert!(!h.daemon_log().contains("systemd"), "{}", h.daemon_log());
 }
 
+/// A simulated 24 GB GPU with nothing on it (no desktop), at `path`.
+fn empty_gpu(path: &std::path::Path) -> SimGpuDir {
+    let device = DeviceSpec {
+        name: "Simulated RTX 4090".into(),
+        total_mb: 24576,
+        baseline_mb: 0,
+        reclaim_ms: 100,
+        temperature_c: 40,
+        utilization_pct: 0,
+    };
+    SimGpuDir::create(path, &device).expect("simulated GPU")
+}
+
 /// One daemon of the per-GPU recipe: its own GPU (a simulated folder), API port,
 /// state_dir, desired-state file and lease key, and one service started with
 /// `CUDA_VISIBLE_DEVICES` naming its GPU.
@@ -160,13 +173,7 @@ impl Drop for GpuDaemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = Command::new("pkill")
-            .args([
-                "-KILL",
-                "-f",
-                &format!("gpu-standin.*--port {}", self.service_port),
-            ])
-            .status();
+        kill_standin(self.service_port);
     }
 }
 
@@ -220,20 +227,7 @@ fn one_daemon_per_gpu_places_services_by_cuda_visible_devices() {
     };
     let root = tempfile::tempdir().unwrap();
     let gpus: Vec<SimGpuDir> = (0..2)
-        .map(|index| {
-            SimGpuDir::create(
-                root.path().join(format!("gpus/{index}")),
-                &DeviceSpec {
-                    name: format!("Simulated RTX 4090 #{index}"),
-                    total_mb: 24576,
-                    baseline_mb: 0,
-                    reclaim_ms: 100,
-                    temperature_c: 40,
-                    utilization_pct: 0,
-                },
-            )
-            .unwrap()
-        })
+        .map(|index| empty_gpu(&root.path().join(format!("gpus/{index}"))))
         .collect();
     // A Python consumer holds GPU 0's lease: only daemon 0 must wait for it.
     let lock = PythonLock::hold(&redis, "gpu_lock_gpu0", 60);
@@ -373,18 +367,7 @@ fn doctor_passes_a_healthy_host_and_only_warns_without_redis() {
 #[test]
 fn doctor_fails_each_broken_thing_and_says_how_to_fix_it() {
     let dir = tempfile::tempdir().unwrap();
-    let gpu = SimGpuDir::create(
-        dir.path().join("gpu"),
-        &DeviceSpec {
-            name: "Simulated RTX 4090".into(),
-            total_mb: 24576,
-            baseline_mb: 0,
-            reclaim_ms: 100,
-            temperature_c: 40,
-            utilization_pct: 0,
-        },
-    )
-    .unwrap();
+    let gpu = empty_gpu(&dir.path().join("gpu"));
     // Ports held by this test: a foreign process to the daemon.
     let api_taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let health_taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
