@@ -274,9 +274,15 @@ fn one_daemon_per_gpu_places_services_by_cuda_visible_devices() {
     assert_eq!(allocated(1), [20000]);
     for (index, gpu) in gpus.iter().enumerate() {
         assert!(gpu.oom_log().unwrap().is_empty(), "GPU {index} OOM");
-        let status = daemons[index].api.status();
-        assert_eq!(status["vram"]["used_mb"], 20000, "daemon {index}: {status}");
-        assert_eq!(status["lock"]["key"], format!("gpu_lock_gpu{index}"));
+        let api = &daemons[index].api;
+        api.wait_state("llm", "ready");
+        // Each daemon sees its own GPU only (its next observation, once the service runs).
+        eventually(
+            &format!("daemon {index} sees 20000 MB used on its GPU"),
+            || api.status()["vram"]["used_mb"] == 20000,
+            || api.status().to_string(),
+        );
+        assert_eq!(api.status()["lock"]["key"], format!("gpu_lock_gpu{index}"));
     }
 }
 
