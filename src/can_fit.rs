@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{footprint_mb, Budget, Presence, ServiceView, StartGate};
+use crate::plan::{footprint_mb, Budget, Presence, ServiceView};
 use crate::status::{ServiceState, ServiceStatus, Status};
 
 /// The answer, as the API sends it.
@@ -85,9 +85,8 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
         .filter(|(_, service)| holds_memory(service))
         .map(|(name, service)| {
             let view = ServiceView {
-                presence: Presence::Running,
                 observed_mb: service.observed_vram_mb,
-                gate: StartGate::Open,
+                ..ServiceView::new(Presence::Running)
             };
             Holder {
                 name,
