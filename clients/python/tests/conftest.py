@@ -164,8 +164,10 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
     )
     url = f"http://127.0.0.1:{port}"
     the_daemon = Daemon(tmp_path, url, process, gpu, redis_url, key)
-    wait_until("the daemon answers /healthz",
-               lambda: requests.get(url + "/healthz", timeout=1).ok, log=the_daemon.log)
+    # Ready as systemd is told: the first observation and adoption are done.
+    wait_until("the daemon's first round",
+               lambda: requests.get(url + "/gpu/status", timeout=1).json()["first_round_done"],
+               log=the_daemon.log)
     yield the_daemon
     process.kill()
     process.wait()
