@@ -94,7 +94,7 @@ pub struct GpuConfig {
     pub reserve_mb: u64,
     /// Another libnvidia-ml to load (the fake one in tests).
     pub nvml_library: Option<PathBuf>,
-    /// A simulated GPU folder (DESIGN.md) instead of NVML: the demo uses it.
+    /// A simulated GPU folder (the `sim-gpu` crate) instead of NVML: the demo uses it.
     pub simulated: Option<PathBuf>,
     /// The GPU's size for budgeting when it cannot be observed (no NVML).
     pub total_mb: Option<u64>,
@@ -376,11 +376,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let source = Source { path, text };
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| source.yaml_error(&e))?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let base = std::path::absolute(&base).unwrap_or(base);
+        let base = config_folder(path);
 
         let listen_text = raw.api.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen = listen_text.parse().map_err(|_| {
@@ -704,6 +700,17 @@ fn check_unique_priorities(
     Ok(())
 }
 
+/// The folder relative paths in the config are resolved against, made absolute so that
+/// nothing downstream depends on the working directory. A bare file name ("c.yaml") has
+/// the empty path as its parent, so the config path is made absolute first.
+fn config_folder(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match absolute.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// The config text, to turn a key path into a line and column for error messages.
 struct Source<'a> {
     path: &'a Path,
@@ -953,5 +960,17 @@ services:
     fn locate_finds_nested_keys() {
         assert_eq!(locate(GOOD, &["services", "cosyvoice", "vram_mb"]).0, 15);
         assert_eq!(locate(GOOD, &["services", "comfyui", "priority"]).0, 9);
+    }
+
+    #[test]
+    fn a_bare_config_name_anchors_relative_paths_in_the_working_directory() {
+        let text = format!(
+            "desired_state: state.yaml\nstate_dir: run\n{}",
+            &GOOD[GOOD.find("services:").unwrap()..]
+        );
+        let config = Config::parse(Path::new("c.yaml"), &text).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(config.desired_state, cwd.join("state.yaml"));
+        assert_eq!(config.state_dir, cwd.join("run"));
     }
 }

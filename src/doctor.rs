@@ -150,7 +150,7 @@ pub async fn run(path: &Path) -> Report {
 /// NVML (or the simulated GPU): its driver, name and size. Returns the GPU's total MB
 /// when known (observed, or `gpu.total_mb`).
 async fn check_gpu(report: &mut Report, config: &Config) -> Option<u64> {
-    let source = daemon::open_gpu(config);
+    let source = daemon::open_gpu(config).await;
     let total = match &source {
         GpuSource::Observed { gpu, .. } => {
             let gpu = gpu.clone();

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod notify;
 pub mod observe;
 pub mod plan;
+pub mod process_exit;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;

@@ -178,7 +178,7 @@ enum Mode {
 /// stops, and the next daemon adopts them.
 async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config)?);
-    let reconciler = daemon::build(config.clone())?;
+    let reconciler = daemon::build(config.clone()).await?;
     if let Some(notifier) = notify::Notifier::from_env() {
         tokio::spawn(notify::follow(notifier, reconciler.handle().status));
     }
@@ -291,19 +291,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { config } => run_daemon(&config, Mode::WithApi).await?,
         Command::Plan { config, phase } => {
             let config = Config::load(&config)?;
-            let mut state = desired::load(&config.desired_state, &config.inventory)?;
+            let mut state = desired::load_or_initial(&config.desired_state, &config.inventory)?;
             if let Some(phase) = phase {
                 state.phase = Some(phase);
                 state.held.clear();
                 state.check_against(&config.desired_state, &config.inventory)?;
             }
-            let reconciler = daemon::build(Arc::new(config))?;
+            let reconciler = daemon::build_read_only(Arc::new(config)).await?;
             let plan = reconciler.dry_run(&state).await;
             print!("{}", plan::render(&plan));
         }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
-            daemon::check_against_gpu(&config, &daemon::open_gpu(&config))?;
+            daemon::check_against_gpu(&config, &daemon::open_gpu(&config).await)?;
             println!(
                 "{}: valid ({} services, phases {:?})",
                 config.path.display(),
@@ -328,7 +328,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             bench,
         } => {
             let gpu = match config {
-                Some(config) => match daemon::open_gpu(&Config::load(&config)?) {
+                Some(config) => match daemon::open_gpu(&Config::load(&config)?).await {
                     GpuSource::Observed { gpu, .. } => gpu,
                     GpuSource::Unavailable { reason } => anyhow::bail!(reason),
                 },

@@ -458,13 +458,14 @@ fn stop_reason(desired: &DesiredState, cause: Cause, verdict: &Verdict) -> Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{CommandLine, NativeSpec, Runtime};
     use proptest::prelude::*;
     use std::time::Duration;
 
-    fn spec(name: &str, vram_mb: u64, priority: i64, phases: Vec<u32>) -> ServiceSpec {
+    /// A native service that runs `true`, for the planner's and the schedule's tests.
+    pub(crate) fn spec(name: &str, vram_mb: u64, priority: i64, phases: Vec<u32>) -> ServiceSpec {
         ServiceSpec {
             name: ServiceName::parse(name).unwrap(),
             runtime: Runtime::Native(NativeSpec {

@@ -278,7 +278,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
         let specs: Vec<_> = self.records.iter().map(|r| r.spec.clone()).collect();
         for spec in specs {
-            if let Ok(Some(instance)) = self.effects.find_running(&spec).await {
+            if let Ok(Some(instance)) = self.effects.look_up(&spec).await {
                 if let Some(record) = self.records.get_mut(&spec.name) {
                     record.instance = Some(instance);
                     record.state = ServiceState::Ready;
@@ -506,12 +506,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// lease go.
     async fn converged(&mut self) {
         self.converged_generation = self.generation;
-        self.finish_waiters(RoundEnd::Completed);
         if let Some(started) = self.transition_started.take() {
             self.transitions
                 .observe(started.elapsed().as_millis() as u64);
         }
         self.release_lease().await;
+        // Callers read status right after their answer: publish it first.
+        self.publish();
+        self.finish_waiters(RoundEnd::Completed);
     }
 
     async fn release_lease(&mut self) {

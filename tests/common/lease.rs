@@ -7,7 +7,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use super::redis_server::{require, TestRedis};
-use super::{Harness, CONVERGE};
+use super::{send_signal, Harness, CONVERGE};
 
 pub fn python_redis_installed() -> bool {
     Command::new("python3")
@@ -171,6 +171,13 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, as systemd or `docker stop` sends it; waits for the daemon to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        send_signal(self.pid, "TERM");
+        child.wait().expect("wait for gpu-manager")
+    }
+
     /// `kill -9`, as a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -207,6 +214,30 @@ impl Harness {
             child: Some(child),
             log: log_path,
         }
+    }
+}
+
+/// Whether the daemon with this pid holds `<key>:leader`.
+pub fn leads(server: &TestRedis, pid: u32) -> bool {
+    get(server, "gpu_lock:leader").is_some_and(|l| l.contains(&format!(":{pid}:")))
+}
+
+impl Harness {
+    /// Two daemons on the harness's config: a leader (returned) and the harness's own
+    /// daemon, once it reports standby (its pid returned).
+    pub fn leader_and_standby(&mut self, server: &TestRedis) -> (Daemon, u32) {
+        let leader = self.spawn_daemon("leader.log");
+        eventually(
+            "the first daemon leads",
+            || leads(server, leader.pid),
+            || leader.log(),
+        );
+        self.start_daemon();
+        let standby = self.daemon.as_ref().expect("started").id();
+        self.wait_until("the second daemon reports standby", |h| {
+            h.daemon_log().contains("standby: another daemon leads")
+        });
+        (leader, standby)
     }
 }
 

@@ -156,6 +156,9 @@ pub struct Harness {
     pub gpu_config: String,
     /// Environment variables the daemon is started with (e.g. `DOCKER_HOST`).
     pub daemon_env: Vec<(String, String)>,
+    /// A command the daemon is started through (e.g. `setpriv` to run it as another
+    /// user); empty: started directly.
+    pub daemon_wrapper: Vec<String>,
 }
 
 impl Harness {
@@ -184,6 +187,7 @@ impl Harness {
                 fake_nvml_library()
             ),
             daemon_env: Vec::new(),
+            daemon_wrapper: Vec::new(),
         };
         harness.write_config("");
         harness.set_desired("phase: null\n");
@@ -256,7 +260,16 @@ impl Harness {
             .append(true)
             .open(self.path("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_gpu-manager"))
+        let binary = env!("CARGO_BIN_EXE_gpu-manager");
+        let mut command = match self.daemon_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .args(subcommand)
             .arg("--config")
             .arg(self.config_path())
@@ -443,6 +456,16 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Some((code, body))
+}
+
+/// `kill -SIGNAL pid` (TERM, KILL, STOP, CONT...).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
 pub fn pid_is_alive(pid: u32) -> bool {
