@@ -511,16 +511,8 @@ fn parse_service(
             .map(|s| s.to_string())
             .collect()
     };
-    let raw: RawService = serde_yaml::from_value(value.clone()).map_err(|e| {
-        let field = e
-            .to_string()
-            .split('`')
-            .nth(1)
-            .map(str::to_owned)
-            .unwrap_or_default();
-        let path = at(&field);
-        source.invalid_owned(&path, format!("services.{name}: {e}"))
-    })?;
+    let raw: RawService = serde_path_to_error::deserialize(value.clone())
+        .map_err(|e| service_error(source, &name, &e))?;
     let invalid = |field: &str, message: String| source.invalid_owned(&at(field), message);
 
     if raw.vram_mb == 0 {
@@ -659,6 +651,34 @@ fn parse_service(
         phases: raw.phases,
         health,
     })
+}
+
+/// A service that does not deserialize, located at the offending key: the path serde
+/// reached (`vram_mb`, `health.url`), or for an unknown key the name in the message.
+fn service_error(
+    source: &Source<'_>,
+    name: &ServiceName,
+    error: &serde_path_to_error::Error<serde_yaml::Error>,
+) -> ConfigError {
+    let mut keys = vec!["services".to_owned(), name.to_string()];
+    let reached: Vec<String> = error
+        .path()
+        .iter()
+        .map_while(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let inner = error.inner().to_string();
+    let mut key_path = format!("services.{name}");
+    if reached.is_empty() {
+        // An unknown or missing field names itself in backticks.
+        keys.extend(inner.split('`').nth(1).map(str::to_owned));
+    } else {
+        key_path = format!("{key_path}.{}", reached.join("."));
+        keys.extend(reached);
+    }
+    source.invalid_owned(&keys, format!("{key_path}: {inner}"))
 }
 
 fn check_unique_priorities(
@@ -824,6 +844,23 @@ services:
         assert_eq!(line, 16);
         assert!(message.contains("priorty"), "{message}");
         assert!(message.contains("priority"), "lists valid keys: {message}");
+    }
+
+    #[test]
+    fn a_type_error_points_at_its_key() {
+        let (line, message) = error_of(&GOOD.replace("vram_mb: 4096", "vram_mb: lots"));
+        assert_eq!(line, 15, "{message}");
+        assert!(
+            message.starts_with("services.cosyvoice.vram_mb: invalid type"),
+            "{message}"
+        );
+        let text = GOOD.replace("timeout_ms: 10000 }", "timeout_ms: soon }");
+        let (line, message) = error_of(&text);
+        assert_eq!(line, 11, "{message}");
+        assert!(
+            message.starts_with("services.comfyui.health.timeout_ms:"),
+            "{message}"
+        );
     }
 
     #[test]

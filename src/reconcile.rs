@@ -164,6 +164,9 @@ pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     /// A timer for the next round: a backoff ending, a start waiting for room.
     next_wake: Option<Instant>,
     lifecycle: Lifecycle,
+    /// A round (observation, and adoption when leading) has ended: published as
+    /// `Status::first_round_done`, systemd's readiness (src/notify.rs).
+    first_round_done: bool,
 }
 
 impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
@@ -200,6 +203,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             dirty: true,
             next_wake: None,
             lifecycle: Lifecycle::Running,
+            first_round_done: false,
         };
         // The API checks names against the snapshot: it lists every service from the
         // start, with the desired state already read.
@@ -482,6 +486,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
     /// The end of every round: timers for backoffs, and a fresh snapshot.
     fn settle(&mut self) {
+        self.first_round_done = true;
         let now = Instant::now();
         let retries = self
             .records

@@ -103,6 +103,13 @@ enum CallError {
     Other(String),
 }
 
+/// What `docker inspect` says of a container, for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSummary {
+    pub image: String,
+    pub state: String,
+}
+
 /// Starts, adopts and stops docker services through one engine. Cheap to clone: clones
 /// share the connection and the logs of runs that ended.
 #[derive(Debug, Clone)]
@@ -325,6 +332,32 @@ impl DockerDriver {
         let (handle, run_watch) = ContainerHandle::new(container, run);
         tokio::spawn(watch_run(self.clone(), service.clone(), run_watch));
         handle
+    }
+
+    /// A container's image and state (`running`, `exited`...), for `gpu-manager doctor`;
+    /// Ok(None) when it does not exist.
+    pub async fn describe(
+        &self,
+        service: &ServiceName,
+        container: &str,
+    ) -> Result<Option<ContainerSummary>, DockerError> {
+        let inspected = self
+            .call(CALL_TIMEOUT, |client| async move {
+                client.inspect_container(container, None).await
+            })
+            .await;
+        match inspected {
+            Ok(response) => Ok(Some(ContainerSummary {
+                image: response.config.and_then(|c| c.image).unwrap_or_default(),
+                state: response
+                    .state
+                    .and_then(|s| s.status)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            })),
+            Err(CallError::Status { code: 404, .. }) => Ok(None),
+            Err(error) => Err(self.service_error(error, service, container, "inspect")),
+        }
     }
 
     /// The container's current run, or None when no container has this name or id.

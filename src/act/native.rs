@@ -704,6 +704,16 @@ fn spawn_error(name: &ServiceName, program: &str, source: io::Error) -> NativeEr
 }
 
 /// Ok(None) when there is no pid file; an error when it exists but cannot be used.
+/// The pid a service's pid file under `state_dir` records, if any: `gpu-manager doctor`
+/// tells the processes the daemon would adopt from the ones it would not.
+pub fn recorded_pid(state_dir: &Path, name: &ServiceName) -> Option<u32> {
+    let path = state_dir.join("pids").join(format!("{name}.pid"));
+    read_pid_file(&path)
+        .ok()
+        .flatten()
+        .map(|identity| identity.pid)
+}
+
 fn read_pid_file(path: &Path) -> io::Result<Option<ProcessIdentity>> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,

@@ -427,15 +427,16 @@ impl Drop for Harness {
             if let Runtime::Docker { container } = &service.runtime {
                 docker::remove_container(container);
             }
-            let _ = Command::new("pkill")
-                .args([
-                    "-KILL",
-                    "-f",
-                    &format!("gpu-standin.*--port {}", service.port),
-                ])
-                .status();
+            kill_standin(service.port);
         }
     }
+}
+
+/// Kills the stand-in serving `port` (SIGKILL), wherever a test left it.
+pub fn kill_standin(port: u16) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &format!("gpu-standin.*--port {port}")])
+        .status();
 }
 
 /// A minimal HTTP GET on 127.0.0.1: (status code, body).
