@@ -208,6 +208,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         // The API checks names against the snapshot: it lists every service from the
         // start, with the desired state already read.
         reconciler.reload_desired();
+        reconciler.publish();
         reconciler
     }
 
@@ -336,8 +337,8 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 self.desired_error = Some(message);
             }
         }
+        // The round this sets off publishes the result.
         self.dirty = true;
-        self.publish();
     }
 
     fn accept_desired(&mut self, state: DesiredState) {
@@ -511,9 +512,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 .observe(started.elapsed().as_millis() as u64);
         }
         self.release_lease().await;
-        // Callers read status right after their answer: publish it first.
-        self.publish();
-        self.finish_waiters(RoundEnd::Completed);
+        if !self.waiters.is_empty() {
+            // Callers read status right after their answer: publish it first.
+            self.publish();
+            self.finish_waiters(RoundEnd::Completed);
+        }
     }
 
     async fn release_lease(&mut self) {
