@@ -150,6 +150,7 @@ enum Mode {
 async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config)?);
     let reconciler = daemon::build(config.clone())?;
+    gpu_manager::act::reaper::start()?;
     let api = match mode {
         Mode::WithApi => Some(api::serve(reconciler.handle(), &config.api).await?.1),
         Mode::WatchOnly => None,
@@ -269,7 +270,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || observe_report(gpu.as_ref(), bench)).await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Demo { dir } => demo::run(dir).await?,
+        Command::Demo { dir } => {
+            gpu_manager::act::reaper::start()?;
+            demo::run(dir).await?
+        }
         Command::Status { daemon } => return Ok(daemon.run(None).await),
         Command::Phase { phase, daemon } => {
             return Ok(daemon.run(Some(Request::Phase(phase))).await)

@@ -6,6 +6,7 @@ pub mod evict;
 pub mod exit;
 pub mod instance;
 pub mod native;
+pub mod reaper;
 
 pub use exit::ExitInfo;
 

@@ -12,9 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::process::{Child, Command};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::{getpgrp, Pid};
+use tokio::process::Command;
 use tokio::sync::watch;
 
+use crate::act::reaper::{self, OwnedChild};
 use crate::act::ExitInfo;
 use crate::config::{NativeSpec, ServiceName};
 use crate::observe::process::{process_identity, ProcInfo, ProcessIdentity, ProcessTable};
@@ -215,8 +219,7 @@ impl NativeDriver {
         if let Some(workdir) = &spec.workdir {
             command.current_dir(workdir);
         }
-        let child = command
-            .spawn()
+        let child = reaper::spawn_owned(&mut command)
             .map_err(|source| spawn_error(name, program, source))?;
         let handle = self.watch_child(name, child)?;
         tracing::info!(service = %name, pid = handle.pid(), log = %self.log_path(name).display(), "started");
@@ -225,16 +228,20 @@ impl NativeDriver {
 
     /// Hands the child to its reaper task and records its pid file; a child that cannot
     /// be recorded is killed, since a restarted daemon could not find it.
-    fn watch_child(&self, name: &ServiceName, child: Child) -> Result<ProcessHandle, NativeError> {
-        // Read before the reaper owns the child: until it is reaped, its /proc entry
-        // stays, even if it has already exited. The id is there until it is reaped, too.
-        let pid = child.id().unwrap_or_default();
+    fn watch_child(
+        &self,
+        name: &ServiceName,
+        child: OwnedChild,
+    ) -> Result<ProcessHandle, NativeError> {
+        // Read before the reaper task owns the child: until it is reaped, its /proc
+        // entry stays, even if it has already exited.
+        let pid = child.id();
         let identity = process_identity(pid);
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(reap(name.clone(), child, exit_tx));
         let Some(identity) = identity else {
             // Best effort: the error returned below is what matters.
-            let _ = signal_group(pid, libc::SIGKILL);
+            let _ = signal_group(pid, Signal::SIGKILL);
             return Err(NativeError::Inspect {
                 service: name.clone(),
                 pid,
@@ -242,7 +249,7 @@ impl NativeDriver {
         };
         if let Err(source) = self.write_pid_file(name, identity) {
             // Best effort: the error returned below is what matters.
-            let _ = signal_group(identity.pid, libc::SIGKILL);
+            let _ = signal_group(identity.pid, Signal::SIGKILL);
             return Err(NativeError::PidFile {
                 service: name.clone(),
                 path: self.pid_path(name),
@@ -420,7 +427,7 @@ fn adopt_by_pattern(
 }
 
 /// Owns the child until it exits: always reaps it, then publishes how it ended.
-async fn reap(name: ServiceName, mut child: Child, exit: watch::Sender<Option<ExitInfo>>) {
+async fn reap(name: ServiceName, mut child: OwnedChild, exit: watch::Sender<Option<ExitInfo>>) {
     let info = match child.wait().await {
         Ok(status) => ExitInfo::from(status),
         Err(error) => {
@@ -461,13 +468,13 @@ async fn terminate(
         pid: handle.pid(),
         source,
     };
-    target.signal(libc::SIGTERM).map_err(signal_error)?;
+    target.signal(Signal::SIGTERM).map_err(signal_error)?;
     if target.wait_finished(handle, timeout).await {
         return Ok(false);
     }
     tracing::warn!(service = %name, pid = handle.pid(), timeout_ms = timeout.as_millis() as u64, "still running after SIGTERM; sending SIGKILL");
     target.widen();
-    target.signal(libc::SIGKILL).map_err(signal_error)?;
+    target.signal(Signal::SIGKILL).map_err(signal_error)?;
     if target.wait_finished(handle, KILL_WAIT).await {
         return Ok(true);
     }
@@ -493,8 +500,7 @@ enum KillTarget {
 
 impl KillTarget {
     fn of(handle: &ProcessHandle) -> Self {
-        // SAFETY: getpgrp(2) takes no arguments and cannot fail.
-        let own_group = unsafe { libc::getpgrp() } as u32;
+        let own_group = getpgrp().as_raw() as u32;
         if handle.pgid == handle.pid() && handle.pgid != own_group {
             return KillTarget::Group { pgid: handle.pgid };
         }
@@ -525,7 +531,7 @@ impl KillTarget {
         }
     }
 
-    fn signal(&self, signal: i32) -> io::Result<()> {
+    fn signal(&self, signal: Signal) -> io::Result<()> {
         match self {
             KillTarget::Group { pgid } => signal_group(*pgid, signal),
             KillTarget::Tree { members, .. } => members
@@ -536,8 +542,8 @@ impl KillTarget {
     }
 
     /// The service's processes still running. For a group, it also reaps members that
-    /// became this daemon's children when their parent died (it is a subreaper), so
-    /// that a stop leaves no zombies behind.
+    /// became this daemon's orphans when their parent died (it is a subreaper), so that
+    /// a stop leaves no zombies behind even where the continuous reaper is not running.
     fn survivors(&self) -> Vec<u32> {
         match self {
             KillTarget::Group { pgid } => group_survivors(*pgid),
@@ -579,8 +585,8 @@ impl KillTarget {
     }
 }
 
-/// Live members of a group; zombie members that are this daemon's children (orphans it
-/// inherited as subreaper, never the leader, which its owner reaps) are reaped on the way.
+/// Live members of a group. Zombie members that are this daemon's orphans (never the
+/// leader, which its owner reaps) are reaped on the way.
 fn group_survivors(pgid: u32) -> Vec<u32> {
     let table = match ProcessTable::read() {
         Ok(table) => table,
@@ -590,60 +596,47 @@ fn group_survivors(pgid: u32) -> Vec<u32> {
         }
     };
     let me = std::process::id();
-    let mut alive = Vec::new();
-    for member in table.in_group(pgid) {
-        if !member.zombie {
-            alive.push(member.pid);
-        } else if member.ppid == me && member.pid != pgid {
-            reap_zombie(member.pid);
-        }
+    let members: Vec<&ProcInfo> = table.in_group(pgid).collect();
+    if members.iter().any(|m| m.zombie && m.ppid == me) {
+        reaper::reap_orphans();
     }
-    alive
+    members
+        .iter()
+        .filter(|member| !member.zombie)
+        .map(|member| member.pid)
+        .collect()
 }
 
 /// Makes this process inherit the orphans of its descendants, as init would (see
-/// `NativeDriver::new`).
+/// `NativeDriver::new`); `act::reaper` reaps them as they exit.
 fn become_subreaper() {
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
-    let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
-    if result != 0 {
-        tracing::warn!(error = %io::Error::last_os_error(), "cannot become a child subreaper; orphans of stopped services are left to init");
+    if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(%error, "cannot become a child subreaper; orphans of stopped services are left to init");
     }
-}
-
-fn reap_zombie(pid: u32) {
-    // SAFETY: waitpid with a null status pointer writes nothing; WNOHANG never blocks.
-    unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
 }
 
 /// kill(2) to one process; one already gone is not an error. Pids 0 and 1 are refused:
 /// kill(0) would signal the daemon's own group, and init is never a service.
-fn signal_process(pid: u32, signal: i32) -> io::Result<()> {
-    checked_kill(pid, signal, pid as libc::pid_t)
+fn signal_process(pid: u32, signal: Signal) -> io::Result<()> {
+    checked_kill(pid, |id| kill(id, signal))
 }
 
 /// killpg(2); a group already empty is not an error. Groups 0 and 1 are refused: kill
 /// with -1 would signal every process the daemon may signal.
-fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
-    checked_kill(pgid, signal, -(pgid as libc::pid_t))
+fn signal_group(pgid: u32, signal: Signal) -> io::Result<()> {
+    checked_kill(pgid, |id| killpg(id, signal))
 }
 
-fn checked_kill(id: u32, signal: i32, target: libc::pid_t) -> io::Result<()> {
-    if id <= 1 || libc::pid_t::try_from(id).is_err() {
-        return Err(io::Error::new(
+fn checked_kill(id: u32, send: impl FnOnce(Pid) -> nix::Result<()>) -> io::Result<()> {
+    let pid = i32::try_from(id).ok().filter(|&id| id > 1).ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("refusing to signal process (group) {id}"),
-        ));
-    }
-    // SAFETY: kill(2) takes no pointers.
-    if unsafe { libc::kill(target, signal) } == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(error)
+        )
+    })?;
+    match send(Pid::from_raw(pid)) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(errno) => Err(errno.into()),
     }
 }
 
@@ -776,13 +769,13 @@ mod tests {
     #[test]
     fn init_and_the_own_group_are_never_signalled() {
         for id in [0, 1] {
-            let error = signal_group(id, 0).unwrap_err();
+            let error = signal_group(id, Signal::SIGCONT).unwrap_err();
             assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
             assert_eq!(
-                signal_process(id, 0).unwrap_err().kind(),
+                signal_process(id, Signal::SIGCONT).unwrap_err().kind(),
                 io::ErrorKind::InvalidInput
             );
         }
-        assert!(signal_process(std::process::id(), 0).is_ok());
+        assert!(signal_process(std::process::id(), Signal::SIGCONT).is_ok());
     }
 }
