@@ -320,6 +320,7 @@ mod tests {
                 workdir: None,
                 env: Default::default(),
                 match_pattern: None,
+                log: Default::default(),
             }),
             vram_mb,
             priority,

@@ -19,7 +19,11 @@ async fn reaps_orphans_but_never_an_owned_child() {
     let script = format!("sleep 0.05 & echo $! > {}", pid_file.display());
     let mut shell = spawn_owned(Command::new("sh").args(["-c", &script])).unwrap();
     assert!(shell.wait().await.unwrap().success());
-    let orphan: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let orphan: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
 
     let before = orphans_reaped();
     let deadline = Instant::now() + Duration::from_secs(10);

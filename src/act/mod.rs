@@ -7,6 +7,7 @@ pub mod exit;
 pub mod instance;
 pub mod native;
 pub mod reaper;
+pub mod service_log;
 
 pub use exit::ExitInfo;
 

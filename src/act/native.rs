@@ -19,8 +19,9 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::act::reaper::{self, OwnedChild};
+use crate::act::service_log::{self, WriterDone};
 use crate::act::ExitInfo;
-use crate::config::{NativeSpec, ServiceName};
+use crate::config::{LogTarget, NativeSpec, ServiceName};
 use crate::observe::process::{process_identity, ProcInfo, ProcessIdentity, ProcessTable};
 
 /// How often an adopted process, which is not our child, is checked for exit.
@@ -32,6 +33,10 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How much of a log's end is read for its last lines.
 const LOG_TAIL_BYTES: u64 = 64 * 1024;
+/// How long the exit of a service waits for its log writer to write the service's last
+/// words, so that an error quoting them finds them in the file. The writer is done at
+/// once unless processes the service left behind still share its output.
+const LOG_FLUSH_WAIT: Duration = Duration::from_millis(200);
 /// Starts the line written to the log before each start, so the lines of the latest run
 /// can be told from older ones.
 const START_MARKER: &str = "--- gpu-manager: starting ";
@@ -66,7 +71,7 @@ pub enum NativeError {
         "cannot start {service}: its process {pid} could not be read in /proc (is /proc mounted?)"
     )]
     Inspect { service: ServiceName, pid: u32 },
-    #[error("cannot open the log of {service} at {}: {source} (is state_dir writable?)", path.display())]
+    #[error("cannot set up the log of {service} at {}: {source} (is state_dir writable? with log: journald, is systemd-journald running?)", path.display())]
     Log {
         service: ServiceName,
         path: PathBuf,
@@ -145,6 +150,13 @@ impl ProcessHandle {
     }
 }
 
+/// Where a service about to start writes, and how to tell its log writer is done.
+struct ServiceOutput {
+    stdout: Stdio,
+    stderr: Stdio,
+    writer: Option<WriterDone>,
+}
+
 /// The outcome of a stop that succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
@@ -206,14 +218,14 @@ impl NativeDriver {
                 workdir: workdir.clone(),
             });
         }
-        let (stdout, stderr) = self.open_log(name, &argv)?;
+        let output = self.open_output(name, spec, &argv)?;
         let mut command = Command::new(program);
         command
             .args(args)
             .envs(&spec.env)
             .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(output.stdout)
+            .stderr(output.stderr)
             .process_group(0)
             .kill_on_drop(false);
         if let Some(workdir) = &spec.workdir {
@@ -221,7 +233,7 @@ impl NativeDriver {
         }
         let child = reaper::spawn_owned(&mut command)
             .map_err(|source| spawn_error(name, program, source))?;
-        let handle = self.watch_child(name, child)?;
+        let handle = self.watch_child(name, child, output.writer)?;
         tracing::info!(service = %name, pid = handle.pid(), log = %self.log_path(name).display(), "started");
         Ok(handle)
     }
@@ -232,13 +244,14 @@ impl NativeDriver {
         &self,
         name: &ServiceName,
         child: OwnedChild,
+        writer: Option<WriterDone>,
     ) -> Result<ProcessHandle, NativeError> {
         // Read before the reaper task owns the child: until it is reaped, its /proc
         // entry stays, even if it has already exited.
         let pid = child.id();
         let identity = process_identity(pid);
         let (exit_tx, exit_rx) = watch::channel(None);
-        tokio::spawn(reap(name.clone(), child, exit_tx));
+        tokio::spawn(reap(name.clone(), child, writer, exit_tx));
         let Some(identity) = identity else {
             // Best effort: the error returned below is what matters.
             let _ = signal_group(pid, Signal::SIGKILL);
@@ -264,11 +277,18 @@ impl NativeDriver {
         })
     }
 
-    /// Opens the log for appending (stdout and stderr share it) after a marker line that
-    /// starts this run's part of it.
-    fn open_log(&self, name: &ServiceName, argv: &[String]) -> Result<(File, File), NativeError> {
+    /// Connects the service's stdout and stderr to where `spec.log` sends them, after
+    /// writing a marker line that starts this run's part of the log file (see
+    /// `act::service_log`). With journald the file keeps only the marker and where the
+    /// output went, so an error quoting the last lines says where to look.
+    fn open_output(
+        &self,
+        name: &ServiceName,
+        spec: &NativeSpec,
+        argv: &[String],
+    ) -> Result<ServiceOutput, NativeError> {
         let path = self.log_path(name);
-        let open = || -> io::Result<(File, File)> {
+        let open = || -> io::Result<ServiceOutput> {
             let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
             let unix_time = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -278,7 +298,29 @@ impl NativeDriver {
                 "{START_MARKER}{name} at unix time {unix_time}: {}",
                 argv.join(" ")
             )?;
-            Ok((file.try_clone()?, file))
+            match spec.log {
+                LogTarget::Files { max_bytes, keep } => {
+                    let program = service_log::writer_program()?;
+                    let (pipe, writer) =
+                        service_log::start_writer(&program, &path, max_bytes, keep)?;
+                    Ok(ServiceOutput {
+                        stdout: Stdio::from(pipe.try_clone()?),
+                        stderr: Stdio::from(pipe),
+                        writer: Some(writer),
+                    })
+                }
+                LogTarget::Journald => {
+                    let socket = Path::new(service_log::JOURNAL_STREAM_SOCKET);
+                    let stdout = service_log::journal_stream(socket, name.as_str(), 6)?;
+                    let stderr = service_log::journal_stream(socket, name.as_str(), 3)?;
+                    writeln!(file, "(output in the journal: journalctl -t {name})")?;
+                    Ok(ServiceOutput {
+                        stdout: Stdio::from(stdout),
+                        stderr: Stdio::from(stderr),
+                        writer: None,
+                    })
+                }
+            }
         };
         open().map_err(|source| NativeError::Log {
             service: name.clone(),
@@ -367,11 +409,18 @@ impl NativeDriver {
     }
 
     /// The last `n` lines the service wrote in its latest run (since the last start
-    /// marker), oldest first; empty when there is no log.
+    /// marker), oldest first; empty when there is no log. They come from the current
+    /// log file, and from the one rotated just before it when that file alone is short.
     pub fn last_log_lines(&self, name: &ServiceName, n: usize) -> Vec<String> {
-        let Ok(tail) = read_tail(&self.log_path(name), LOG_TAIL_BYTES) else {
+        let current = self.log_path(name);
+        let Ok(mut tail) = read_tail(&current, LOG_TAIL_BYTES) else {
             return Vec::new();
         };
+        if !tail.contains(START_MARKER) && tail.lines().count() < n {
+            if let Ok(previous) = read_tail(&service_log::numbered(&current, 1), LOG_TAIL_BYTES) {
+                tail.insert_str(0, &previous);
+            }
+        }
         let lines: Vec<&str> = tail.lines().collect();
         let run_start = lines
             .iter()
@@ -426,8 +475,14 @@ fn adopt_by_pattern(
     table.get(oldest).map(ProcInfo::identity)
 }
 
-/// Owns the child until it exits: always reaps it, then publishes how it ended.
-async fn reap(name: ServiceName, mut child: OwnedChild, exit: watch::Sender<Option<ExitInfo>>) {
+/// Owns the child until it exits: always reaps it, then publishes how it ended once its
+/// log writer has its last lines (or [`LOG_FLUSH_WAIT`] has passed).
+async fn reap(
+    name: ServiceName,
+    mut child: OwnedChild,
+    writer: Option<WriterDone>,
+    exit: watch::Sender<Option<ExitInfo>>,
+) {
     let info = match child.wait().await {
         Ok(status) => ExitInfo::from(status),
         Err(error) => {
@@ -435,6 +490,9 @@ async fn reap(name: ServiceName, mut child: OwnedChild, exit: watch::Sender<Opti
             ExitInfo::Unknown
         }
     };
+    if let Some(writer) = writer {
+        writer.wait(LOG_FLUSH_WAIT).await;
+    }
     tracing::info!(service = %name, "process {info}");
     exit.send_replace(Some(info));
 }
@@ -586,7 +644,8 @@ impl KillTarget {
 }
 
 /// Live members of a group. Zombie members that are this daemon's orphans (never the
-/// leader, which its owner reaps) are reaped on the way.
+/// leader, which its owner reaps) are reaped on the way, so that a stop leaves none
+/// behind even where the continuous reaper does not run.
 fn group_survivors(pgid: u32) -> Vec<u32> {
     let table = match ProcessTable::read() {
         Ok(table) => table,
@@ -596,15 +655,15 @@ fn group_survivors(pgid: u32) -> Vec<u32> {
         }
     };
     let me = std::process::id();
-    let members: Vec<&ProcInfo> = table.in_group(pgid).collect();
-    if members.iter().any(|m| m.zombie && m.ppid == me) {
-        reaper::reap_orphans();
+    let mut alive = Vec::new();
+    for member in table.in_group(pgid) {
+        if !member.zombie {
+            alive.push(member.pid);
+        } else if member.ppid == me && member.pid != pgid {
+            reaper::reap_if_orphan(member.pid);
+        }
     }
-    members
-        .iter()
-        .filter(|member| !member.zombie)
-        .map(|member| member.pid)
-        .collect()
+    alive
 }
 
 /// Makes this process inherit the orphans of its descendants, as init would (see
@@ -755,6 +814,16 @@ mod tests {
         assert_eq!(driver.last_log_lines(&svc, 2), ["two", "three"]);
         assert_eq!(driver.last_log_lines(&svc, 10), ["one", "two", "three"]);
         assert!(driver.last_log_lines(&svc, 0).is_empty());
+
+        // Rotated mid-run: the lines before the rotation are in svc.log.1.
+        let rotated = service_log::numbered(&driver.log_path(&svc), 1);
+        fs::write(&rotated, format!("old\n{START_MARKER}svc: new\none\ntwo\n")).unwrap();
+        fs::write(driver.log_path(&svc), "three\nfour\n").unwrap();
+        assert_eq!(driver.last_log_lines(&svc, 3), ["two", "three", "four"]);
+        assert_eq!(
+            driver.last_log_lines(&svc, 9),
+            ["one", "two", "three", "four"]
+        );
     }
 
     #[test]

@@ -55,7 +55,9 @@ fn nudge() -> &'static Notify {
 fn owned() -> MutexGuard<'static, BTreeSet<u32>> {
     // The set stays consistent even if a holder panicked: every update is one insert or
     // one remove.
-    OWNED.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    OWNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A child the daemon spawned, whose exit status is its owner's alone. Dropping it (after
@@ -121,8 +123,7 @@ pub fn start() -> io::Result<()> {
 }
 
 /// Reaps every exited child of this process that nobody in it waits for, without
-/// blocking; returns how many. Safe to call from anywhere (a stop calls it to leave no
-/// zombie of a stopped service behind).
+/// blocking; returns how many.
 pub fn reap_orphans() -> usize {
     let owned = owned();
     let peek = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
@@ -147,6 +148,13 @@ pub fn reap_orphans() -> usize {
         }
         reaped += usize::from(reap(pid));
     }
+}
+
+/// Reaps `pid` if it is an exited child that nobody in the daemon waits for; returns
+/// whether it did.
+pub fn reap_if_orphan(pid: u32) -> bool {
+    let owned = owned();
+    !owned.contains(&pid) && reap(pid)
 }
 
 /// The slower path, taken while an owned child is a zombie that its owner has not reaped
