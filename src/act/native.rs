@@ -1,10 +1,11 @@
 //! Native services: processes the daemon starts, adopts and stops.
 //!
 //! Each spawned service leads its own process group, so a stop reaches every process it
-//! started (DESIGN.md, "Kill the whole tree"). Its pid and start time go to a pid file
-//! under the state folder, so a restarted daemon adopts it instead of starting it twice
-//! ("Idempotent, restart-safe"). Its stdout and stderr go to one log file, whose tail
-//! explains a failed start.
+//! started, and the daemon is their child subreaper, so none escapes by losing its
+//! parent (docs/ARCHITECTURE.md, "Reaping orphans"). Its pid and start time go to a pid
+//! file under the state folder, so a restarted daemon adopts it instead of starting it
+//! twice. Its stdout and stderr go to a size-rotated log file or to the journal
+//! (docs/ARCHITECTURE.md, "Service logs"); the log's tail explains a failed start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
