@@ -603,14 +603,19 @@ fn parse_service(
                 ("workdir", raw.workdir.is_some()),
                 ("match", raw.match_pattern.is_some()),
                 ("env", !raw.env.is_empty()),
-                ("log", raw.log.is_some()),
             ] {
                 if present {
                     return Err(invalid(
                         field,
-                        format!("services.{name}.{field} is for kind: native; a docker service names its container (its output is in `docker logs`)"),
+                        format!("services.{name}.{field} is for kind: native; a docker service names its container"),
                     ));
                 }
+            }
+            if raw.log.is_some() {
+                return Err(invalid(
+                    "log",
+                    format!("services.{name}.log is for kind: native; the engine keeps a container's output (docker logs, or the container's --log-driver)"),
+                ));
             }
             let container = raw.container.filter(|c| !c.is_empty()).ok_or_else(|| {
                 invalid(
