@@ -146,7 +146,11 @@ pub fn reap_orphans() -> usize {
         if owned.contains(&pid) {
             return reaped + reap_unowned_zombies(&owned);
         }
-        reaped += usize::from(reap(pid));
+        if !reap(pid) {
+            // Taken by someone else meanwhile; the next SIGCHLD starts a new round.
+            return reaped;
+        }
+        reaped += 1;
     }
 }
 
