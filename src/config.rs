@@ -200,6 +200,27 @@ pub struct NativeSpec {
     pub env: BTreeMap<String, String>,
     /// A substring of a running process's command line that marks it as this service.
     pub match_pattern: Option<String>,
+    /// Where its stdout and stderr go.
+    pub log: LogTarget,
+}
+
+/// Where a native service's stdout and stderr go (`services.NAME.log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// `state_dir/logs/NAME.log`, renamed to `NAME.log.1` (older ones shifted up to
+    /// `NAME.log.<keep>`) before it would pass `max_bytes`.
+    Files { max_bytes: u64, keep: u32 },
+    /// The systemd journal, with the service's name as identifier.
+    Journald,
+}
+
+impl Default for LogTarget {
+    fn default() -> Self {
+        LogTarget::Files {
+            max_bytes: DEFAULT_LOG_MAX_MB * MB,
+            keep: DEFAULT_LOG_KEEP,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -253,6 +274,11 @@ const DEFAULT_RESYNC_MS: u64 = 2_000;
 /// Default bound on a graceful shutdown (SIGTERM, SIGINT).
 const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_RECLAIM_TIMEOUT_MS: u64 = 30_000;
+const DEFAULT_LOG_MAX_MB: u64 = 64;
+const DEFAULT_LOG_KEEP: u32 = 3;
+const MAX_LOG_MAX_MB: u64 = 1024 * 1024;
+const MAX_LOG_KEEP: u32 = 100;
+const MB: u64 = 1024 * 1024;
 
 // ---- the file as written (serde), before validation ----
 
@@ -338,6 +364,15 @@ struct RawService {
     health: Option<RawHealth>,
     start_timeout_ms: Option<u64>,
     stop_timeout_ms: Option<u64>,
+    /// `journald` or `{max_mb, keep}`; checked by hand for clearer errors.
+    log: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogFiles {
+    max_mb: Option<u64>,
+    keep: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -557,6 +592,7 @@ fn parse_service(
                 workdir: raw.workdir.map(|w| base.join(w)),
                 env: raw.env,
                 match_pattern: raw.match_pattern,
+                log: parse_log(&name, raw.log.as_ref(), invalid)?,
             })
         }
         RawKind::Docker => {
@@ -572,6 +608,12 @@ fn parse_service(
                         format!("services.{name}.{field} is for kind: native; a docker service names its container"),
                     ));
                 }
+            }
+            if raw.log.is_some() {
+                return Err(invalid(
+                    "log",
+                    format!("services.{name}.log is for kind: native; the engine keeps a container's output (docker logs, or the container's --log-driver)"),
+                ));
             }
             let container = raw.container.filter(|c| !c.is_empty()).ok_or_else(|| {
                 invalid(
@@ -650,6 +692,53 @@ fn parse_service(
         priority: raw.priority,
         phases: raw.phases,
         health,
+    })
+}
+
+/// `services.NAME.log`: absent (64 MB files, 3 kept), `journald`, or `{max_mb, keep}`.
+fn parse_log(
+    name: &ServiceName,
+    raw: Option<&serde_yaml::Value>,
+    invalid: impl Fn(&str, String) -> ConfigError,
+) -> Result<LogTarget, ConfigError> {
+    let valid = "journald, or {max_mb: 64, keep: 3} for size-rotated files in state_dir/logs";
+    let files = match raw {
+        None => return Ok(LogTarget::default()),
+        Some(serde_yaml::Value::String(word)) if word == "journald" => {
+            return Ok(LogTarget::Journald)
+        }
+        Some(serde_yaml::Value::Mapping(_)) => {
+            serde_yaml::from_value::<RawLogFiles>(raw.cloned().unwrap_or_default())
+                .map_err(|e| invalid("log", format!("services.{name}.log: {e}; valid: {valid}")))?
+        }
+        Some(other) => {
+            let written = serde_yaml::to_string(other).unwrap_or_default();
+            return Err(invalid(
+                "log",
+                format!(
+                    "services.{name}.log: {} is not valid: use {valid}",
+                    written.trim()
+                ),
+            ));
+        }
+    };
+    let max_mb = files.max_mb.unwrap_or(DEFAULT_LOG_MAX_MB);
+    if !(1..=MAX_LOG_MAX_MB).contains(&max_mb) {
+        return Err(invalid(
+            "log",
+            format!("services.{name}.log.max_mb is {max_mb}: give the size at which the log is rotated, from 1 to {MAX_LOG_MAX_MB} MB"),
+        ));
+    }
+    let keep = files.keep.unwrap_or(DEFAULT_LOG_KEEP);
+    if keep > MAX_LOG_KEEP {
+        return Err(invalid(
+            "log",
+            format!("services.{name}.log.keep is {keep}: keep at most {MAX_LOG_KEEP} rotated files (0 keeps none)"),
+        ));
+    }
+    Ok(LogTarget::Files {
+        max_bytes: max_mb * MB,
+        keep,
     })
 }
 
@@ -904,6 +993,56 @@ services:
         assert!(config.check_fits_gpu(24576).is_ok());
         let error = config.check_fits_gpu(16384).unwrap_err().to_string();
         assert!(error.contains("comfyui.vram_mb 20480"), "{error}");
+    }
+
+    #[test]
+    fn service_logs_default_to_rotated_files_and_are_checked() {
+        let native = |config: &Config| match &config.inventory.find("comfyui").unwrap().runtime {
+            Runtime::Native(native) => native.log,
+            Runtime::Docker(_) => unreachable!(),
+        };
+        let default = native(&parse(GOOD).unwrap());
+        assert_eq!(
+            default,
+            LogTarget::Files {
+                max_bytes: 64 << 20,
+                keep: 3
+            }
+        );
+        let with = |log: &str| {
+            GOOD.replace(
+                "    phases: [4]\n",
+                &format!("    phases: [4]\n    log: {log}\n"),
+            )
+        };
+        assert_eq!(
+            native(&parse(&with("journald")).unwrap()),
+            LogTarget::Journald
+        );
+        assert_eq!(
+            native(&parse(&with("{ max_mb: 2, keep: 0 }")).unwrap()),
+            LogTarget::Files {
+                max_bytes: 2 << 20,
+                keep: 0
+            }
+        );
+        for (log, expected) in [
+            ("syslog", "services.comfyui.log: syslog is not valid"),
+            ("{ max_mb: 0 }", "services.comfyui.log.max_mb is 0"),
+            ("{ keep: 1000 }", "services.comfyui.log.keep is 1000"),
+            ("{ max_mb: 1, kept: 2 }", "unknown field `kept`"),
+        ] {
+            let (line, message) = error_of(&with(log));
+            assert_eq!(line, 11, "{log}: {message}");
+            assert!(message.contains(expected), "{log}: {message}");
+        }
+        let docker = GOOD.replace("    phases: [3]\n", "    phases: [3]\n    log: journald\n");
+        let (line, message) = error_of(&docker);
+        assert_eq!(line, 18);
+        assert!(
+            message.contains("services.cosyvoice.log is for kind: native"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -57,6 +57,17 @@ enum Command {
         #[arg(long)]
         phase: Option<u32>,
     },
+    /// Internal: a native service's log writer, reading the service's output on stdin
+    /// (started by the daemon; see `act::service_log`).
+    #[command(name = "service-log", hide = true)]
+    ServiceLog {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        max_bytes: u64,
+        #[arg(long)]
+        keep: u32,
+    },
     /// Check a config file; exit non-zero with the file, line and key if it is invalid.
     Validate {
         #[arg(long, short)]
@@ -182,6 +193,7 @@ async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     if let Some(notifier) = notify::Notifier::from_env() {
         tokio::spawn(notify::follow(notifier, reconciler.handle().status));
     }
+    gpu_manager::act::reaper::start()?;
     let shutdown = CancellationToken::new();
     let api_stop = CancellationToken::new();
     let api = match mode {
@@ -264,6 +276,19 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::ServiceLog {
+        path,
+        max_bytes,
+        keep,
+    } = &cli.command
+    {
+        // Before the async runtime: the writer is one blocking loop, one per service.
+        let stdin = std::io::stdin().lock();
+        return match gpu_manager::act::service_log::write_rotated(stdin, path, *max_bytes, *keep) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -301,6 +326,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let plan = reconciler.dry_run(&state).await;
             print!("{}", plan::render(&plan));
         }
+        Command::ServiceLog { .. } => unreachable!("handled in main, before the runtime"),
         Command::Validate { config } => {
             let config = Config::load(&config)?;
             daemon::check_against_gpu(&config, &daemon::open_gpu(&config).await)?;
@@ -338,7 +364,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tokio::task::spawn_blocking(move || observe_report(gpu.as_ref(), bench)).await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Demo { dir } => demo::run(dir).await?,
+        Command::Demo { dir } => {
+            gpu_manager::act::reaper::start()?;
+            demo::run(dir).await?
+        }
         Command::Status { daemon } => return Ok(daemon.run(None).await),
         Command::CanFit {
             mb,

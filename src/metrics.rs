@@ -87,6 +87,13 @@ pub fn render(status: &Status) -> String {
         &per_service(&|s| f64::from(s.restarts)),
     );
 
+    counter(
+        &mut out,
+        "gpu_manager_orphans_reaped_total",
+        "Orphaned processes of services the daemon reaped as their subreaper",
+        &[(String::new(), crate::act::reaper::orphans_reaped() as f64)],
+    );
+
     let stats = &status.transitions;
     let _ = writeln!(
         out,
@@ -197,5 +204,6 @@ mod tests {
         assert!(text.contains("gpu_manager_transition_duration_seconds_bucket{le=\"1\"} 1\n"));
         assert!(text.contains("gpu_manager_transition_duration_seconds_bucket{le=\"0.5\"} 0\n"));
         assert!(text.contains("gpu_manager_lease_held{holder=\"a\\\"b\"} 1\n"));
+        assert!(text.contains("# TYPE gpu_manager_orphans_reaped_total counter\n"));
     }
 }

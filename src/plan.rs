@@ -473,6 +473,7 @@ pub(crate) mod tests {
                 workdir: None,
                 env: Default::default(),
                 match_pattern: None,
+                log: Default::default(),
             }),
             vram_mb,
             priority,

@@ -13,6 +13,7 @@ fn sleeper() -> NativeSpec {
         workdir: None,
         env: BTreeMap::new(),
         match_pattern: None,
+        log: Default::default(),
     }
 }
 

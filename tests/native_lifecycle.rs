@@ -28,6 +28,7 @@ fn spec(command: CommandLine) -> NativeSpec {
         workdir: None,
         env: BTreeMap::new(),
         match_pattern: None,
+        log: Default::default(),
     }
 }
 

@@ -63,6 +63,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
+say "soak: 1,000 phase transitions with crashes, health failures and event-stream clients (a few minutes)"
+cargo test --test soak soak_in_ci -- --ignored --exact --nocapture 2>&1 | tee -a "$log" || status=$?
 # One closing line over every test binary (cargo prints one per binary, the last often
 # a doc-test run of 0).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"

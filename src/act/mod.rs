@@ -8,5 +8,7 @@ pub mod docker;
 pub mod evict;
 pub mod instance;
 pub mod native;
+pub mod reaper;
+pub mod service_log;
 
 pub use crate::process_exit::ExitInfo;

@@ -1,10 +1,12 @@
 //! Native services: processes the daemon starts, adopts and stops.
 //!
 //! Each spawned service leads its own process group, so a stop reaches every process it
-//! started. Its pid and start time go to a pid file under the state folder, so a
-//! restarted daemon adopts it instead of starting it twice (docs/ARCHITECTURE.md,
-//! "Restart safety"). Its stdout and stderr go to one log file, whose tail explains a
-//! failed start.
+//! started, and the daemon is their child subreaper, so none escapes by losing its
+//! parent (docs/ARCHITECTURE.md, "Reaping orphans"). Its pid and start time go to a pid
+//! file under the state folder, so a restarted daemon adopts it instead of starting it
+//! twice (docs/ARCHITECTURE.md, "Restart safety"). Its stdout and stderr go to a
+//! size-rotated log file or to the journal (docs/ARCHITECTURE.md, "Service logs"); the
+//! log's tail explains a failed start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -12,11 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::process::{Child, Command};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::{getpgrp, Pid};
+use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::act::common::StopReport;
-use crate::config::{NativeSpec, ServiceName};
+use crate::act::reaper::{self, OwnedChild};
+use crate::act::service_log::{self, WriterDone};
+use crate::config::{LogTarget, NativeSpec, ServiceName};
 use crate::observe::process::{process_identity, ProcInfo, ProcessIdentity, ProcessTable};
 use crate::process_exit::ExitInfo;
 
@@ -29,6 +36,10 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How much of a log's end is read for its last lines.
 const LOG_TAIL_BYTES: u64 = 64 * 1024;
+/// How long the exit of a service waits for its log writer to write the service's last
+/// words, so that an error quoting them finds them in the file. The writer is done at
+/// once unless processes the service left behind still share its output.
+const LOG_FLUSH_WAIT: Duration = Duration::from_millis(200);
 /// Starts the line written to the log before each start, so the lines of the latest run
 /// can be told from older ones.
 const START_MARKER: &str = "--- gpu-manager: starting ";
@@ -63,7 +74,7 @@ pub enum NativeError {
         "cannot start {service}: its process {pid} could not be read in /proc (is /proc mounted?)"
     )]
     Inspect { service: ServiceName, pid: u32 },
-    #[error("cannot open the log of {service} at {}: {source} (is state_dir writable?)", path.display())]
+    #[error("cannot set up the log of {service} at {}: {source} (is state_dir writable? with log: journald, is systemd-journald running?)", path.display())]
     Log {
         service: ServiceName,
         path: PathBuf,
@@ -142,6 +153,13 @@ impl ProcessHandle {
     }
 }
 
+/// Where a service about to start writes, and how to tell its log writer is done.
+struct ServiceOutput {
+    stdout: Stdio,
+    stderr: Stdio,
+    writer: Option<WriterDone>,
+}
+
 /// Starts, adopts and stops native services, keeping their logs and pid files in the
 /// state folder.
 #[derive(Debug, Clone)]
@@ -204,39 +222,43 @@ impl NativeDriver {
                 workdir: workdir.clone(),
             });
         }
-        let (stdout, stderr) = self.open_log(name, &argv)?;
+        let output = self.open_output(name, spec, &argv)?;
         let mut command = Command::new(program);
         command
             .args(args)
             .envs(&spec.env)
             .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(output.stdout)
+            .stderr(output.stderr)
             .process_group(0)
             .kill_on_drop(false);
         if let Some(workdir) = &spec.workdir {
             command.current_dir(workdir);
         }
-        let child = command
-            .spawn()
+        let child = reaper::spawn_owned(&mut command)
             .map_err(|source| spawn_error(name, program, source))?;
-        let handle = self.watch_child(name, child)?;
+        let handle = self.watch_child(name, child, output.writer)?;
         tracing::info!(service = %name, pid = handle.pid(), log = %self.log_path(name).display(), "started");
         Ok(handle)
     }
 
     /// Hands the child to its reaper task and records its pid file; a child that cannot
     /// be recorded is killed, since a restarted daemon could not find it.
-    fn watch_child(&self, name: &ServiceName, child: Child) -> Result<ProcessHandle, NativeError> {
-        // Read before the reaper owns the child: until it is reaped, its /proc entry
-        // stays, even if it has already exited. The id is there until it is reaped, too.
-        let pid = child.id().unwrap_or_default();
+    fn watch_child(
+        &self,
+        name: &ServiceName,
+        child: OwnedChild,
+        writer: Option<WriterDone>,
+    ) -> Result<ProcessHandle, NativeError> {
+        // Read before the reaper task owns the child: until it is reaped, its /proc
+        // entry stays, even if it has already exited.
+        let pid = child.id();
         let identity = process_identity(pid);
         let (exit_tx, exit_rx) = watch::channel(None);
-        tokio::spawn(reap(name.clone(), child, exit_tx));
+        tokio::spawn(reap(name.clone(), child, writer, exit_tx));
         let Some(identity) = identity else {
             // Best effort: the error returned below is what matters.
-            let _ = signal_group(pid, libc::SIGKILL);
+            let _ = signal_group(pid, Signal::SIGKILL);
             return Err(NativeError::Inspect {
                 service: name.clone(),
                 pid,
@@ -244,7 +266,7 @@ impl NativeDriver {
         };
         if let Err(source) = self.write_pid_file(name, identity) {
             // Best effort: the error returned below is what matters.
-            let _ = signal_group(identity.pid, libc::SIGKILL);
+            let _ = signal_group(identity.pid, Signal::SIGKILL);
             return Err(NativeError::PidFile {
                 service: name.clone(),
                 path: self.pid_path(name),
@@ -259,11 +281,18 @@ impl NativeDriver {
         })
     }
 
-    /// Opens the log for appending (stdout and stderr share it) after a marker line that
-    /// starts this run's part of it.
-    fn open_log(&self, name: &ServiceName, argv: &[String]) -> Result<(File, File), NativeError> {
+    /// Connects the service's stdout and stderr to where `spec.log` sends them, after
+    /// writing a marker line that starts this run's part of the log file (see
+    /// `act::service_log`). With journald the file keeps only the marker and where the
+    /// output went, so an error quoting the last lines says where to look.
+    fn open_output(
+        &self,
+        name: &ServiceName,
+        spec: &NativeSpec,
+        argv: &[String],
+    ) -> Result<ServiceOutput, NativeError> {
         let path = self.log_path(name);
-        let open = || -> io::Result<(File, File)> {
+        let open = || -> io::Result<ServiceOutput> {
             let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
             let unix_time = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -273,7 +302,29 @@ impl NativeDriver {
                 "{START_MARKER}{name} at unix time {unix_time}: {}",
                 argv.join(" ")
             )?;
-            Ok((file.try_clone()?, file))
+            match spec.log {
+                LogTarget::Files { max_bytes, keep } => {
+                    let program = service_log::writer_program()?;
+                    let (pipe, writer) =
+                        service_log::start_writer(&program, &path, max_bytes, keep)?;
+                    Ok(ServiceOutput {
+                        stdout: Stdio::from(pipe.try_clone()?),
+                        stderr: Stdio::from(pipe),
+                        writer: Some(writer),
+                    })
+                }
+                LogTarget::Journald => {
+                    let socket = Path::new(service_log::JOURNAL_STREAM_SOCKET);
+                    let stdout = service_log::journal_stream(socket, name.as_str(), 6)?;
+                    let stderr = service_log::journal_stream(socket, name.as_str(), 3)?;
+                    writeln!(file, "(output in the journal: journalctl -t {name})")?;
+                    Ok(ServiceOutput {
+                        stdout: Stdio::from(stdout),
+                        stderr: Stdio::from(stderr),
+                        writer: None,
+                    })
+                }
+            }
         };
         open().map_err(|source| NativeError::Log {
             service: name.clone(),
@@ -386,11 +437,18 @@ impl NativeDriver {
     }
 
     /// The last `n` lines the service wrote in its latest run (since the last start
-    /// marker), oldest first; empty when there is no log.
+    /// marker), oldest first; empty when there is no log. They come from the current
+    /// log file, and from the one rotated just before it when that file alone is short.
     pub fn last_log_lines(&self, name: &ServiceName, n: usize) -> Vec<String> {
-        let Ok(tail) = read_tail(&self.log_path(name), LOG_TAIL_BYTES) else {
+        let current = self.log_path(name);
+        let Ok(mut tail) = read_tail(&current, LOG_TAIL_BYTES) else {
             return Vec::new();
         };
+        if !tail.contains(START_MARKER) && tail.lines().count() < n {
+            if let Ok(previous) = read_tail(&service_log::numbered(&current, 1), LOG_TAIL_BYTES) {
+                tail.insert_str(0, &previous);
+            }
+        }
         let lines: Vec<&str> = tail.lines().collect();
         let run_start = lines
             .iter()
@@ -461,8 +519,14 @@ fn adopt_by_pattern(
     table.get(oldest).map(ProcInfo::identity)
 }
 
-/// Owns the child until it exits: always reaps it, then publishes how it ended.
-async fn reap(name: ServiceName, mut child: Child, exit: watch::Sender<Option<ExitInfo>>) {
+/// Owns the child until it exits: always reaps it, then publishes how it ended once its
+/// log writer has its last lines (or [`LOG_FLUSH_WAIT`] has passed).
+async fn reap(
+    name: ServiceName,
+    mut child: OwnedChild,
+    writer: Option<WriterDone>,
+    exit: watch::Sender<Option<ExitInfo>>,
+) {
     let info = match child.wait().await {
         Ok(status) => ExitInfo::from(status),
         Err(error) => {
@@ -470,6 +534,9 @@ async fn reap(name: ServiceName, mut child: Child, exit: watch::Sender<Option<Ex
             ExitInfo::Unknown
         }
     };
+    if let Some(writer) = writer {
+        writer.wait(LOG_FLUSH_WAIT).await;
+    }
     tracing::info!(service = %name, "process {info}");
     exit.send_replace(Some(info));
 }
@@ -503,13 +570,13 @@ async fn terminate(
         pid: handle.pid(),
         source,
     };
-    target.signal(libc::SIGTERM).map_err(signal_error)?;
+    target.signal(Signal::SIGTERM).map_err(signal_error)?;
     if target.wait_finished(handle, timeout).await {
         return Ok(false);
     }
     tracing::warn!(service = %name, pid = handle.pid(), timeout_ms = timeout.as_millis() as u64, "still running after SIGTERM; sending SIGKILL");
     target.widen();
-    target.signal(libc::SIGKILL).map_err(signal_error)?;
+    target.signal(Signal::SIGKILL).map_err(signal_error)?;
     if target.wait_finished(handle, KILL_WAIT).await {
         return Ok(true);
     }
@@ -535,8 +602,7 @@ enum KillTarget {
 
 impl KillTarget {
     fn of(handle: &ProcessHandle) -> Self {
-        // SAFETY: getpgrp(2) takes no arguments and cannot fail.
-        let own_group = unsafe { libc::getpgrp() } as u32;
+        let own_group = getpgrp().as_raw() as u32;
         if handle.pgid == handle.pid() && handle.pgid != own_group {
             return KillTarget::Group { pgid: handle.pgid };
         }
@@ -567,7 +633,7 @@ impl KillTarget {
         }
     }
 
-    fn signal(&self, signal: i32) -> io::Result<()> {
+    fn signal(&self, signal: Signal) -> io::Result<()> {
         match self {
             KillTarget::Group { pgid } => signal_group(*pgid, signal),
             KillTarget::Tree { members, .. } => members
@@ -578,8 +644,8 @@ impl KillTarget {
     }
 
     /// The service's processes still running. For a group, it also reaps members that
-    /// became this daemon's children when their parent died (it is a subreaper), so
-    /// that a stop leaves no zombies behind.
+    /// became this daemon's orphans when their parent died (it is a subreaper), so that
+    /// a stop leaves no zombies behind even where the continuous reaper is not running.
     fn survivors(&self) -> Vec<u32> {
         match self {
             KillTarget::Group { pgid } => group_survivors(*pgid),
@@ -621,8 +687,9 @@ impl KillTarget {
     }
 }
 
-/// Live members of a group; zombie members that are this daemon's children (orphans it
-/// inherited as subreaper, never the leader, which its owner reaps) are reaped on the way.
+/// Live members of a group. Zombie members that are this daemon's orphans (never the
+/// leader, which its owner reaps) are reaped on the way, so that a stop leaves none
+/// behind even where the continuous reaper does not run.
 fn group_survivors(pgid: u32) -> Vec<u32> {
     let table = match ProcessTable::read() {
         Ok(table) => table,
@@ -637,55 +704,42 @@ fn group_survivors(pgid: u32) -> Vec<u32> {
         if !member.zombie {
             alive.push(member.pid);
         } else if member.ppid == me && member.pid != pgid {
-            reap_zombie(member.pid);
+            reaper::reap_if_orphan(member.pid);
         }
     }
     alive
 }
 
 /// Makes this process inherit the orphans of its descendants, as init would (see
-/// `NativeDriver::new`).
+/// `NativeDriver::new`); `act::reaper` reaps them as they exit.
 fn become_subreaper() {
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
-    let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
-    if result != 0 {
-        tracing::warn!(error = %io::Error::last_os_error(), "cannot become a child subreaper; orphans of stopped services are left to init");
+    if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(%error, "cannot become a child subreaper; orphans of stopped services are left to init");
     }
-}
-
-fn reap_zombie(pid: u32) {
-    // SAFETY: waitpid with a null status pointer writes nothing; WNOHANG never blocks.
-    unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
 }
 
 /// kill(2) to one process; one already gone is not an error. Pids 0 and 1 are refused:
 /// kill(0) would signal the daemon's own group, and init is never a service.
-fn signal_process(pid: u32, signal: i32) -> io::Result<()> {
-    checked_kill(pid, signal, pid as libc::pid_t)
+fn signal_process(pid: u32, signal: Signal) -> io::Result<()> {
+    checked_kill(pid, |id| kill(id, signal))
 }
 
 /// killpg(2); a group already empty is not an error. Groups 0 and 1 are refused: kill
 /// with -1 would signal every process the daemon may signal.
-fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
-    checked_kill(pgid, signal, -(pgid as libc::pid_t))
+fn signal_group(pgid: u32, signal: Signal) -> io::Result<()> {
+    checked_kill(pgid, |id| killpg(id, signal))
 }
 
-fn checked_kill(id: u32, signal: i32, target: libc::pid_t) -> io::Result<()> {
-    if id <= 1 || libc::pid_t::try_from(id).is_err() {
-        return Err(io::Error::new(
+fn checked_kill(id: u32, send: impl FnOnce(Pid) -> nix::Result<()>) -> io::Result<()> {
+    let pid = i32::try_from(id).ok().filter(|&id| id > 1).ok_or_else(|| {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("refusing to signal process (group) {id}"),
-        ));
-    }
-    // SAFETY: kill(2) takes no pointers.
-    if unsafe { libc::kill(target, signal) } == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(error)
+        )
+    })?;
+    match send(Pid::from_raw(pid)) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(errno) => Err(errno.into()),
     }
 }
 
@@ -814,6 +868,16 @@ mod tests {
         assert_eq!(driver.last_log_lines(&svc, 2), ["two", "three"]);
         assert_eq!(driver.last_log_lines(&svc, 10), ["one", "two", "three"]);
         assert!(driver.last_log_lines(&svc, 0).is_empty());
+
+        // Rotated mid-run: the lines before the rotation are in svc.log.1.
+        let rotated = service_log::numbered(&driver.log_path(&svc), 1);
+        fs::write(&rotated, format!("old\n{START_MARKER}svc: new\none\ntwo\n")).unwrap();
+        fs::write(driver.log_path(&svc), "three\nfour\n").unwrap();
+        assert_eq!(driver.last_log_lines(&svc, 3), ["two", "three", "four"]);
+        assert_eq!(
+            driver.last_log_lines(&svc, 9),
+            ["one", "two", "three", "four"]
+        );
     }
 
     #[test]
@@ -828,13 +892,13 @@ mod tests {
     #[test]
     fn init_and_the_own_group_are_never_signalled() {
         for id in [0, 1] {
-            let error = signal_group(id, 0).unwrap_err();
+            let error = signal_group(id, Signal::SIGCONT).unwrap_err();
             assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
             assert_eq!(
-                signal_process(id, 0).unwrap_err().kind(),
+                signal_process(id, Signal::SIGCONT).unwrap_err().kind(),
                 io::ErrorKind::InvalidInput
             );
         }
-        assert!(signal_process(std::process::id(), 0).is_ok());
+        assert!(signal_process(std::process::id(), Signal::SIGCONT).is_ok());
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod docker;
+pub mod process_stats;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -74,6 +75,11 @@ pub struct Standin {
     pub runtime: Runtime,
     /// Speaks Ollama's API with this model loaded, and is evicted through it.
     pub ollama_model: Option<&'static str>,
+    /// A native service run by `sh -c` with this script, in which `STANDIN` stands for
+    /// the stand-in's own command line (e.g. `noisy-loop & exec STANDIN`).
+    pub shell_script: Option<String>,
+    /// More lines of the service's config block (e.g. `    log: journald\n`).
+    pub config_extra: String,
 }
 
 impl Standin {
@@ -91,6 +97,8 @@ impl Standin {
             port: free_port(),
             runtime: Runtime::Native,
             ollama_model: None,
+            shell_script: None,
+            config_extra: String::new(),
         }
     }
 
@@ -215,11 +223,16 @@ impl Harness {
         for s in &self.services {
             let runtime = match &s.runtime {
                 Runtime::Native => {
-                    let mut command = vec![standin.display().to_string()];
-                    command.extend(s.args());
+                    let mut argv = vec![standin.display().to_string()];
+                    argv.extend(s.args());
+                    let command = match &s.shell_script {
+                        Some(script) => format!("{:?}", script.replace("STANDIN", &argv.join(" "))),
+                        None => format!("{argv:?}"),
+                    };
                     format!(
-                        "    kind: native\n    command: {command:?}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n",
-                        self.gpu.path()
+                        "    kind: native\n    command: {command}\n    env: {{ FAKE_NVML_DIR: {:?} }}\n{}",
+                        self.gpu.path(),
+                        s.config_extra
                     )
                 }
                 Runtime::Docker { container } => {
