@@ -174,6 +174,8 @@ pub fn routes(
     auth: Auth,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let cache = StatusCache::new(handle.status.clone());
+    let counters = crate::metrics::Counters::start(&handle.feed);
+    let extra = crate::web::routes(&handle);
     let with_handle = warp::any().map(move || handle.clone());
     let authorized = warp::header::optional::<String>("authorization")
         .and(warp::any().map(move || auth.clone()))
@@ -239,11 +241,12 @@ pub fn routes(
                 });
             warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response()
         });
+    let metrics_counters = counters.clone();
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_handle)
-        .map(|handle: ReconcilerHandle| {
-            let text = crate::metrics::render(&handle.status.borrow());
+        .map(move |handle: ReconcilerHandle| {
+            let text = crate::metrics::render(&handle.status.borrow(), &metrics_counters);
             warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                 .into_response()
         });
@@ -266,7 +269,9 @@ pub fn routes(
         .unify()
         .or(healthz)
         .unify()
-        .recover(recover)
+        .or(extra)
+        .unify()
+        .recover(move |rejection| recover(rejection, counters.clone()))
         .unify()
 }
 
@@ -363,7 +368,10 @@ async fn plan(query: PlanQuery, handle: ReconcilerHandle) -> Result<Response, Re
 }
 
 /// Every error as JSON `{"error": ...}` with the status the contract names.
-async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+async fn recover(
+    rejection: Rejection,
+    counters: Arc<crate::metrics::Counters>,
+) -> Result<Response, Infallible> {
     let (code, body) = if let Some(Refused(error)) = rejection.find::<Refused>() {
         (
             StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -395,6 +403,7 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
             serde_json::json!({"error": format!("bad request: {rejection:?}")}),
         )
     };
+    counters.record_refusal(code.as_u16(), &body);
     Ok(warp::reply::with_status(warp::reply::json(&body), code).into_response())
 }
 
