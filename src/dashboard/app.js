@@ -443,7 +443,7 @@ function renderTimeline() {
   const names = new Set();
   for (const s of samples) for (const name of Object.keys(s.services)) names.add(name);
   const series = [...names].sort().map((name) => ({ value: (s) => s.services[name] || 0, fill: colours[name] || "#777", label: name }))
-    .concat(OTHER_SERIES.map((o) => ({ value: (s) => s[o.key] || 0, fill: `url(#${o.pattern})`, label: o.label })));
+    .concat(OTHER_SERIES.map((o) => ({ value: (s) => s[o.key] || 0, fill: `url(#${o.pattern})`, cls: o.cls, label: o.label })));
 
   if (samples.length === 0) {
     chart.append(svg("text", { class: "empty", x: pad.left + plotW / 2, y: pad.top + plotH / 2, "text-anchor": "middle", text: "no samples yet" }));
@@ -463,18 +463,32 @@ function renderTimeline() {
       top.forEach((v, i) => { base[i] = v; });
     }
     let previous;
+    let lastLabelAt = -Infinity;
     samples.forEach((s, i) => {
       if (i > 0 && s.phase !== previous) {
         const at = x(times[i]);
         chart.append(svg("line", { class: "phase-mark", x1: at, x2: at, y1: pad.top, y2: pad.top + plotH }));
-        chart.append(svg("text", { class: "phase-label", x: at + 3, y: pad.top - 4, text: `phase ${s.phase ?? "none"}` }));
+        // Labels of changes closer together than a label's width would overprint: the
+        // first one speaks for them (each still has its line, and a title).
+        const label = `phase ${s.phase ?? "none"}`;
+        if (at - lastLabelAt > 56) {
+          chart.append(svg("text", { class: "phase-label", x: at + 3, y: pad.top - 4, text: label }));
+          lastLabelAt = at;
+        }
+        chart.lastChild.append(svg("title", { text: `${label} at ${clock(s.at_ms)}` }));
       }
       previous = s.phase;
     });
   }
   chart.append(svg("line", { class: "axis", x1: pad.left, x2: pad.left, y1: pad.top, y2: pad.top + plotH }));
   chart.append(svg("line", { class: "axis", x1: pad.left, x2: pad.left + plotW, y1: pad.top + plotH, y2: pad.top + plotH }));
-  box.replaceChildren(chart);
+  const legend = el("ul", { class: "legend" }, ...series.map((line) => {
+    const swatch = el("span", { class: "swatch" });
+    if (line.cls) swatch.classList.add(line.cls);
+    else swatch.style.background = line.fill;
+    return el("li", {}, swatch, line.label);
+  }));
+  box.replaceChildren(chart, legend);
 }
 
 // ---- start -------------------------------------------------------------------------
