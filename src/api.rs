@@ -98,6 +98,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Deserialize)]
 struct WaitQuery {
     wait: Option<bool>,
+    /// `?force=true` skips draining (docs/openapi.json). Nothing drains yet, so there is
+    /// nothing to skip; it is parsed so that a malformed value is a 400 as documented.
+    #[allow(dead_code)]
+    force: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -254,7 +258,7 @@ pub fn routes(
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"ok": true})).into_response());
 
-    status
+    let api = status
         .or(phase)
         .unify()
         .or(start)
@@ -272,7 +276,10 @@ pub fn routes(
         .or(extra)
         .unify()
         .recover(move |rejection| recover(rejection, counters.clone()))
-        .unify()
+        .unify();
+    warp::path::full()
+        .and(api)
+        .map(crate::web::with_allow_header)
 }
 
 /// Refuses a declared body over [`MAX_BODY_BYTES`]; unlike warp's

@@ -3,6 +3,9 @@
 //! timeline (`GET /gpu/history`). They come after the API's own routes, so they cost
 //! `GET /gpu/status` nothing.
 
+use warp::http::header::{HeaderValue, ALLOW};
+use warp::http::StatusCode;
+use warp::path::FullPath;
 use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
@@ -27,4 +30,16 @@ pub fn routes(
         .unify()
         .or(history)
         .unify()
+}
+
+/// A 405 says which method the path takes (RFC 9110 requires the `Allow` header): the
+/// changes are POSTs, everything else is a GET.
+pub fn with_allow_header(path: FullPath, mut response: Response) -> Response {
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        let path = path.as_str();
+        let post = path.starts_with("/gpu/prepare-phase/") || path.starts_with("/gpu/service/");
+        let allow = HeaderValue::from_static(if post { "POST" } else { "GET" });
+        response.headers_mut().insert(ALLOW, allow);
+    }
+    response
 }
