@@ -131,7 +131,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{ServiceState, ServiceStatus};
+    use crate::status::ServiceStatus;
 
     fn sample(at_ms: u64) -> Sample {
         Sample {
@@ -170,21 +170,7 @@ mod tests {
         status.desired.phase = Some(2);
         status.services.insert(
             "vidi".into(),
-            ServiceStatus {
-                state: ServiceState::Ready,
-                kind: "native".into(),
-                priority: 40,
-                phases: vec![2],
-                declared_vram_mb: 4096,
-                observed_vram_mb: Some(4096),
-                pids: vec![1],
-                container: None,
-                wanted: true,
-                reason: None,
-                last_error: None,
-                since_ms: 0,
-                restarts: 0,
-            },
+            ServiceStatus::ready_for_test(4096, 4096, vec![2]),
         );
         // Ten snapshots within 100 ms: one sample now, one for the latest a second on.
         for ms in 1..=10u64 {

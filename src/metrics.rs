@@ -313,7 +313,6 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::ServiceStatus;
 
     fn action(op: &str, duration_ms: u64, outcome: Result<String, String>) -> ActionRecord {
         ActionRecord {
@@ -334,24 +333,9 @@ mod tests {
         status.vram.total_mb = 24576;
         status.gpu.temperature_c = Some(50);
         status.gpu.utilization_pct = Some(7);
-        status.services.insert(
-            "vidi".into(),
-            ServiceStatus {
-                state: ServiceState::Ready,
-                kind: "native".into(),
-                priority: 40,
-                phases: vec![2],
-                declared_vram_mb: 4096,
-                observed_vram_mb: Some(4000),
-                pids: vec![1],
-                container: None,
-                wanted: true,
-                reason: None,
-                last_error: None,
-                since_ms: 0,
-                restarts: 2,
-            },
-        );
+        let mut vidi = ServiceStatus::ready_for_test(4096, 4000, vec![2]);
+        vidi.restarts = 2;
+        status.services.insert("vidi".into(), vidi);
         status.transitions.observe(700);
         status.lock.holder = Some("a\"b".into());
         let counters = Counters::default();
