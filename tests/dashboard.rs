@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -41,8 +42,9 @@ fn artifacts(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs the browser script against `api`; fails with its output and the daemon's log.
-fn run_browser(h: &Harness, api: &Api, artifacts_name: &str) {
+/// Runs the browser script against `api`, restarting the daemon when it asks (to see the
+/// page reconnect); fails with its output and the daemon's log.
+fn run_browser(h: &mut Harness, api: &Api, artifacts_name: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.py");
     let mut command = Command::new("python3");
     command
@@ -50,20 +52,38 @@ fn run_browser(h: &Harness, api: &Api, artifacts_name: &str) {
         .arg("--url")
         .arg(api.url())
         .arg("--artifacts")
-        .arg(artifacts(artifacts_name));
+        .arg(artifacts(artifacts_name))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(token) = &api.token {
         command.arg("--token").arg(token);
     }
-    let output = command.output().expect("run python3");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut browser = command.spawn().expect("run python3");
+    let mut answer = browser.stdin.take().unwrap();
+    let mut said = String::new();
+    for line in BufReader::new(browser.stdout.take().unwrap()).lines() {
+        let line = line.expect("the script's output");
+        println!("{line}");
+        if line == "RESTART-DAEMON" {
+            h.kill_daemon();
+            h.start_daemon_with(&["serve"]);
+            h.wait_until("the restarted API answers /healthz", |_| {
+                common::http_get(api.port, "/healthz").is_some_and(|(code, _)| code == 200)
+            });
+            writeln!(answer, "restarted").unwrap();
+        }
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let output = browser.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("{stdout}");
     assert!(
         output.status.success(),
-        "the browser checks failed:\n{stdout}\n{stderr}\n--- daemon log ---\n{}",
+        "the browser checks failed:\n{said}\n{stderr}\n--- daemon log ---\n{}",
         h.daemon_log()
     );
-    assert!(stdout.contains("PASS"), "the script checked something");
+    assert!(said.contains("PASS"), "the script checked something");
 }
 
 #[test]
@@ -73,7 +93,7 @@ fn the_dashboard_shows_changes_live_and_drives_the_daemon() {
     }
     let mut h = Harness::new(mcn_inventory());
     let api = h.serve("");
-    run_browser(&h, &api, "dashboard");
+    run_browser(&mut h, &api, "dashboard");
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
 }
 
@@ -87,5 +107,5 @@ fn the_dashboard_asks_for_the_token_when_one_is_configured() {
     std::fs::write(&token_file, "dashboard-s3cret\n").unwrap();
     let mut api = h.serve(&format!(", token_file: {token_file:?}"));
     api.token = Some("dashboard-s3cret".into());
-    run_browser(&h, &api, "dashboard-token");
+    run_browser(&mut h, &api, "dashboard-token");
 }

@@ -139,6 +139,8 @@ function connectEvents() {
   const source = new EventSource("/gpu/events");
   source.onopen = () => {
     setConnection("live");
+    const badge = byId("connection");
+    badge.dataset.connects = String(Number(badge.dataset.connects || 0) + 1);
     // After a daemon restart the page may have missed anything: read it all again.
     refreshStatus();
     loadHistory();
@@ -327,14 +329,22 @@ function renderDesired(status) {
     `generation ${d.generation}, ${converged}`];
   if (d.error) line.push(`desired-state file refused: ${d.error}`);
   byId("desired-line").textContent = line.join(" · ");
+  // Buttons are built once and then only updated: one replaced under the pointer would
+  // lose the click.
   const controls = byId("phase-controls");
-  controls.replaceChildren(...knownPhases(status).map((phase) => el("button", {
-    type: "button",
-    "data-phase": phase,
-    "aria-pressed": String(d.phase === phase),
-    text: `Prepare phase ${phase}`,
-    onclick: () => change(`phase ${phase}`, `/gpu/prepare-phase/${phase}`),
-  })));
+  const phases = knownPhases(status);
+  if (controls.dataset.phases !== phases.join(",")) {
+    controls.dataset.phases = phases.join(",");
+    controls.replaceChildren(...phases.map((phase) => el("button", {
+      type: "button",
+      "data-phase": phase,
+      text: `Prepare phase ${phase}`,
+      onclick: () => change(`phase ${phase}`, `/gpu/prepare-phase/${phase}`),
+    })));
+  }
+  for (const button of controls.children) {
+    button.setAttribute("aria-pressed", String(d.phase === Number(button.dataset.phase)));
+  }
 }
 
 function renderProgress() {
@@ -360,32 +370,53 @@ function renderLease(lock) {
   byId("lease").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { "data-fact": name, text: value })]));
 }
 
+const SERVICE_CELLS = ["name", "state", "declared", "observed", "priority", "phases", "wanted", "reason",
+  "restarts", "where", "error"];
+
+// One row per service, built once with its buttons, then updated cell by cell.
+function serviceRow(name) {
+  const cells = SERVICE_CELLS.map((cell) => el("td", { "data-cell": cell }));
+  cells[0].textContent = name;
+  for (const cell of ["declared", "observed", "priority", "restarts"]) cells[SERVICE_CELLS.indexOf(cell)].className = "num";
+  cells[SERVICE_CELLS.indexOf("reason")].className = "reason";
+  cells[SERVICE_CELLS.indexOf("error")].className = "error";
+  cells[SERVICE_CELLS.indexOf("state")].append(el("span", { class: "state" }));
+  const controls = el("div", { class: "controls" },
+    el("button", { type: "button", "data-action": "start", "data-service": name, text: "Start",
+      onclick: () => change(`start ${name}`, `/gpu/service/${name}/start`) }),
+    el("button", { type: "button", "data-action": "stop", "data-service": name, text: "Stop",
+      onclick: () => change(`stop ${name}`, `/gpu/service/${name}/stop`) }));
+  return el("tr", { "data-service": name }, ...cells, el("td", {}, controls));
+}
+
 function renderServices(status) {
   const d = status.desired;
-  const rows = Object.keys(status.services).sort().map((name) => {
+  const names = Object.keys(status.services).sort();
+  const body = byId("services").tBodies[0];
+  if (body.dataset.names !== names.join(",")) {
+    body.dataset.names = names.join(",");
+    body.replaceChildren(...names.map(serviceRow));
+  }
+  for (const row of body.rows) {
+    const name = row.dataset.service;
     const s = status.services[name];
     const wanted = d.pinned.includes(name) ? "pinned" : d.held.includes(name) ? "held" : s.wanted ? "yes" : "no";
-    const where = s.container ? s.container : s.pids.join(", ") || "-";
-    const controls = el("div", { class: "controls" },
-      el("button", { type: "button", "data-action": "start", "data-service": name, text: "Start",
-        onclick: () => change(`start ${name}`, `/gpu/service/${name}/start`) }),
-      el("button", { type: "button", "data-action": "stop", "data-service": name, text: "Stop",
-        onclick: () => change(`stop ${name}`, `/gpu/service/${name}/stop`) }));
-    return el("tr", { "data-service": name },
-      el("td", { class: "name", text: name }),
-      el("td", {}, el("span", { class: `state state-${s.state}`, text: s.state })),
-      el("td", { class: "num", text: mb(s.declared_vram_mb) }),
-      el("td", { class: "num", text: mb(s.observed_vram_mb) }),
-      el("td", { class: "num", text: String(s.priority) }),
-      el("td", { text: s.phases.join(", ") || "-" }),
-      el("td", { text: wanted }),
-      el("td", { class: "reason", text: s.reason || "" }),
-      el("td", { class: "num", text: String(s.restarts) }),
-      el("td", { text: where }),
-      el("td", { class: "error", text: s.last_error || "" }),
-      el("td", {}, controls));
-  });
-  byId("services").tBodies[0].replaceChildren(...rows);
+    const text = {
+      declared: mb(s.declared_vram_mb),
+      observed: mb(s.observed_vram_mb),
+      priority: String(s.priority),
+      phases: s.phases.join(", ") || "-",
+      wanted,
+      reason: s.reason || "",
+      restarts: String(s.restarts),
+      where: s.container ? s.container : s.pids.join(", ") || "-",
+      error: s.last_error || "",
+    };
+    for (const [cell, value] of Object.entries(text)) row.querySelector(`[data-cell="${cell}"]`).textContent = value;
+    const badge = row.querySelector(".state");
+    badge.className = `state state-${s.state}`;
+    badge.textContent = s.state;
+  }
 }
 
 function renderActions(actions) {

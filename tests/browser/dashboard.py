@@ -78,6 +78,14 @@ def wait_for(description, condition, timeout_s):
     raise Check(f"timed out after {timeout_s} s waiting for: {description} (last: {last!r})")
 
 
+def click(driver, selector):
+    """Clicks the element; retried if the page re-rendered it between finding and clicking."""
+    def attempt():
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+    wait_for(f"a click on {selector}", attempt, 5)
+
+
 def page_states(driver):
     rows = driver.find_elements(By.CSS_SELECTOR, "#services tbody tr")
     return {row.get_attribute("data-service"): row.find_element(By.CSS_SELECTOR, ".state").text
@@ -143,7 +151,7 @@ class Run:
         self.shot("02-phase-2-by-api")
 
         # Clicking phase 3 performs the transition, and the page shows it.
-        d.find_element(By.CSS_SELECTOR, 'button[data-phase="3"]').click()
+        click(d, 'button[data-phase="3"]')
         wait_for("cosyvoice ready and vidi stopped on the page",
                  lambda: state_is(d, "cosyvoice", "ready") and state_is(d, "vidi", "stopped"), CONVERGE_S)
         wait_for("the control's progress ends converged",
@@ -163,9 +171,9 @@ class Run:
         self.shot("03-phase-3-by-click")
 
         # A refused request shows its message: Ollama cannot fit beside ComfyUI.
-        d.find_element(By.CSS_SELECTOR, 'button[data-phase="4"]').click()
+        click(d, 'button[data-phase="4"]')
         wait_for("comfyui ready", lambda: state_is(d, "comfyui", "ready"), CONVERGE_S)
-        d.find_element(By.CSS_SELECTOR, 'button[data-action="start"][data-service="ollama"]').click()
+        click(d, 'button[data-action="start"][data-service="ollama"]')
         refusal = d.find_element(By.ID, "refusal")
         wait_for("the refusal shown", lambda: refusal.is_displayed(), 10)
         text = refusal.text
@@ -203,6 +211,25 @@ class Run:
         self.ok("a 390 px window does not scroll sideways")
         self.shot("06-narrow")
 
+        # The daemon restarts (tests/dashboard.rs does it when asked): the page reconnects
+        # its event stream by itself and follows the new daemon.
+        badge = d.find_element(By.ID, "connection")
+        if badge.get_attribute("data-connects") != "1":
+            raise Check(f"one event-stream connection so far, got {badge.get_attribute('data-connects')}")
+        print("RESTART-DAEMON", flush=True)
+        if sys.stdin.readline().strip() != "restarted":
+            raise Check("the daemon was restarted")
+        wait_for("the event stream reconnected to the new daemon",
+                 lambda: badge.get_attribute("data-connects") == "2" and badge.get_attribute("data-state") == "live",
+                 15)
+        code, body = post(self.url, "/gpu/prepare-phase/3")
+        if code != 200:
+            raise Check(f"phase 3 after the restart, got {code}: {body}")
+        wait_for("cosyvoice ready after the restart", lambda: state_is(d, "cosyvoice", "ready"), 5)
+        if not d.execute_script("return window.__notReloaded === true;"):
+            raise Check("the page was reloaded")
+        self.ok("after a daemon restart the page reconnected by itself and follows the new daemon")
+
         violations = self.csp_violations()
         if violations:
             raise Check(f"no Content-Security-Policy violations, got {violations}")
@@ -220,7 +247,7 @@ class Run:
 
         self.open_page()
         wait_for("vidi ready", lambda: state_is(d, "vidi", "ready"), 5)
-        d.find_element(By.CSS_SELECTOR, 'button[data-phase="3"]').click()
+        click(d, 'button[data-phase="3"]')
         form = d.find_element(By.ID, "token-form")
         wait_for("the page asks for the token", lambda: form.is_displayed(), 10)
         if "HTTP 401" not in d.find_element(By.ID, "refusal").text:
