@@ -16,7 +16,7 @@ use warp::reply::{Reply, Response};
 use warp::{Filter, Rejection};
 
 use crate::config::{ApiConfig, Phase, ServiceName};
-use crate::reconcile::{Command, Event, ReconcilerHandle};
+use crate::reconcile::{Command, ReconcilerHandle};
 use crate::status::{now_ms, DaemonEvent, Status};
 use crate::transition::{Change, TransitionError};
 
@@ -320,15 +320,11 @@ async fn ask<T>(
     command: impl FnOnce(oneshot::Sender<Result<T, TransitionError>>) -> Command,
 ) -> Result<T, Rejection> {
     let (reply, answer) = oneshot::channel();
-    let down = || {
-        warp::reject::custom(Refused(TransitionError::BackendDown {
-            backend: "reconciler".into(),
-            detail: "the reconcile loop is not running".into(),
-        }))
-    };
+    // The reconcile loop ends only when the daemon shuts down.
+    let down = || warp::reject::custom(Refused(TransitionError::shutting_down()));
     handle
-        .events
-        .send(Event::Command(command(reply)))
+        .commands
+        .send(command(reply))
         .await
         .map_err(|_| down())?;
     answer
@@ -415,9 +411,12 @@ async fn recover(
 }
 
 /// Binds the configured address; returns the bound address and the server to run.
+/// Binds the API; the server it returns runs until `stop` resolves, then finishes the
+/// requests under way (the answers owed to callers of a transition at shutdown).
 pub async fn serve(
     handle: ReconcilerHandle,
     api: &ApiConfig,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), ApiError> {
     let auth = Auth::from_config(api)?;
     let listener = tokio::net::TcpListener::bind(api.listen)
@@ -430,7 +429,10 @@ pub async fn serve(
     tracing::info!(%addr, auth = auth.token.is_some(), "API listening");
     Ok((
         addr,
-        warp::serve(routes(handle, auth)).incoming(listener).run(),
+        warp::serve(routes(handle, auth))
+            .incoming(listener)
+            .graceful(stop)
+            .run(),
     ))
 }
 
@@ -440,10 +442,10 @@ mod tests {
 
     #[tokio::test]
     async fn status_answers_the_latest_snapshot_with_its_age() {
-        let (events, _commands) = tokio::sync::mpsc::channel(1);
+        let (commands, _received) = tokio::sync::mpsc::channel(1);
         let (snapshots, status) = watch::channel(Status::default());
         let handle = ReconcilerHandle {
-            events,
+            commands,
             status,
             feed: tokio::sync::broadcast::channel(1).0,
         };

@@ -77,6 +77,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// How often the reconciler re-observes even when nothing was triggered.
     pub resync: Duration,
+    /// How long a graceful shutdown waits for actions under way to reach a safe point.
+    pub shutdown_timeout: Duration,
     pub inventory: Inventory,
 }
 
@@ -248,6 +250,8 @@ const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_START_TIMEOUT_MS: u64 = 120_000;
 const DEFAULT_STOP_TIMEOUT_MS: u64 = 30_000;
 const DEFAULT_RESYNC_MS: u64 = 2_000;
+/// Default bound on a graceful shutdown (SIGTERM, SIGINT).
+const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_RECLAIM_TIMEOUT_MS: u64 = 30_000;
 
 // ---- the file as written (serde), before validation ----
@@ -267,6 +271,8 @@ struct RawConfig {
     state_dir: PathBuf,
     #[serde(default = "default_resync_ms")]
     resync_ms: u64,
+    #[serde(default = "default_shutdown_timeout_ms")]
+    shutdown_timeout_ms: u64,
     services: serde_yaml::Mapping,
 }
 
@@ -278,6 +284,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_resync_ms() -> u64 {
     DEFAULT_RESYNC_MS
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    DEFAULT_SHUTDOWN_TIMEOUT_MS
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -459,6 +468,7 @@ impl Config {
             desired_state: base.join(raw.desired_state),
             state_dir: base.join(raw.state_dir),
             resync: Duration::from_millis(raw.resync_ms),
+            shutdown_timeout: Duration::from_millis(raw.shutdown_timeout_ms),
             inventory: Inventory::new(services),
         })
     }

@@ -12,7 +12,7 @@ use crate::observe::gpu::Gpu;
 use crate::observe::health::HealthProber;
 use crate::observe::nvml::NvmlGpu;
 use crate::observe::simulated::SimulatedGpu;
-use crate::reconcile::{GpuSource, Reconciler};
+use crate::reconcile::{DaemonReconciler, GpuSource, Reconciler};
 
 /// Opens the configured GPU. A missing NVML is not fatal: the daemon still runs and
 /// budgets from declared sizes (`gpu.total_mb`), saying so in logs and status.
@@ -57,14 +57,14 @@ pub fn check_against_gpu(config: &Config, gpu: &GpuSource) -> Result<(), ConfigE
 
 /// Builds the reconciler for a validated config, with the Docker engine `DOCKER_HOST`
 /// names (or the default socket).
-pub fn build(config: Arc<Config>) -> anyhow::Result<Reconciler> {
+pub fn build(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
     build_with(config, DockerDriver::from_env())
 }
 
 /// Builds the reconciler for a validated config, with docker services going through
 /// `docker`. It is not connected yet: an engine that is down leaves docker services
 /// `unknown` and native ones untouched.
-pub fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Result<Reconciler> {
+pub fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Result<DaemonReconciler> {
     let gpu = open_gpu(&config);
     check_against_gpu(&config, &gpu)?;
     let native = NativeDriver::new(&config.state_dir)

@@ -13,6 +13,8 @@ use crate::client::status_table;
 use crate::config::Config;
 use crate::desired::{write_atomic, DesiredState};
 use crate::status::Status;
+use tokio_util::sync::CancellationToken;
+
 use crate::{api, daemon};
 
 /// The requirements' service inventory, sized as in its table.
@@ -36,8 +38,14 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 
     let config = Arc::new(Config::load(&config_path)?);
     let reconciler = daemon::build(config.clone())?;
-    let (addr, api) = api::serve(reconciler.handle(), &config.api).await?;
-    let daemon = tokio::spawn(reconciler.run());
+    let shutdown = CancellationToken::new();
+    let (addr, api) = api::serve(
+        reconciler.handle(),
+        &config.api,
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
+    let daemon = tokio::spawn(reconciler.run(shutdown.clone()));
     let server = tokio::spawn(api);
     let client = reqwest::Client::builder().no_proxy().build()?;
     let base = format!("http://{addr}");
@@ -95,7 +103,8 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("== cleaning up: no phase, nothing pinned");
     write_atomic(&config.desired_state, &DesiredState::default())?;
     wait_all_stopped(&client, &base).await?;
-    daemon.abort();
+    shutdown.cancel();
+    daemon.await?;
     server.abort();
     println!("oom.log is empty: no service ever ran out of memory.");
     Ok(())

@@ -1,9 +1,10 @@
 //! gpu-manager: keeps the GPU services of one host started and stopped so that what the
-//! pipeline wants now fits in VRAM. See DESIGN.md for the shape: observe, plan, act.
+//! pipeline wants now fits in VRAM. See docs/ARCHITECTURE.md for the shape: observe, plan, act.
 
 pub mod act;
 pub mod api;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dashboard;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;
+pub mod schedule;
 pub mod status;
 pub mod transition;
 pub mod web;

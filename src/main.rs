@@ -3,9 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 use gpu_manager::client::{self, Client, Request};
 use gpu_manager::config::Config;
@@ -145,29 +148,54 @@ enum Mode {
     WithApi,
 }
 
-/// Runs the reconcile loop (and the API) until interrupted. Services keep running when
-/// the daemon stops; the next daemon adopts them.
+/// Runs the reconcile loop (and the API) until SIGTERM or SIGINT, then shuts down
+/// gracefully (docs/ARCHITECTURE.md, "Shutdown"): services keep running when the daemon
+/// stops, and the next daemon adopts them.
 async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config)?);
     let reconciler = daemon::build(config.clone())?;
+    let shutdown = CancellationToken::new();
+    let api_stop = CancellationToken::new();
     let api = match mode {
-        Mode::WithApi => Some(api::serve(reconciler.handle(), &config.api).await?.1),
+        Mode::WithApi => {
+            let stop = api_stop.clone().cancelled_owned();
+            Some(tokio::spawn(
+                api::serve(reconciler.handle(), &config.api, stop).await?.1,
+            ))
+        }
         Mode::WatchOnly => None,
     };
-    let api = async {
-        match api {
-            Some(api) => api.await,
-            None => std::future::pending().await,
+    tokio::spawn(forward_signals(shutdown.clone()));
+    reconciler.run(shutdown).await;
+    // The answers owed to waiting callers are on their way out: let the server finish
+    // them (event streams never finish: they are cut after a moment).
+    api_stop.cancel();
+    if let Some(api) = api {
+        let _ = tokio::time::timeout(API_DRAIN, api).await;
+    }
+    Ok(())
+}
+
+/// How long the API gets to finish its answers at shutdown.
+const API_DRAIN: Duration = Duration::from_secs(2);
+
+/// SIGTERM (systemd, `docker stop`) and SIGINT (Ctrl-C) both begin a graceful shutdown.
+async fn forward_signals(shutdown: CancellationToken) {
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::error!(%error, "cannot handle SIGTERM: only Ctrl-C shuts down gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
         }
     };
-    tokio::select! {
-        () = reconciler.run() => Ok(()),
-        () = api => Ok(()),
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted: services keep running and will be adopted on restart");
-            Ok(())
-        }
-    }
+    let name = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down gracefully");
+    shutdown.cancel();
 }
 
 /// One observation, and with `bench` > 0 the median and p99 of that many more.

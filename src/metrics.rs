@@ -70,6 +70,7 @@ impl Counters {
             (Ok(_), _) => "ok",
             (Err(_), Some(FailureKind::Timeout)) => "timeout",
             (Err(_), Some(FailureKind::BackendDown)) => "backend_down",
+            (Err(_), Some(FailureKind::Cancelled)) => "cancelled",
             (Err(_), _) => "error",
         };
         let mut counted = self.lock();
@@ -228,7 +229,7 @@ pub fn render(status: &Status, counters: &Counters) -> String {
     counter(
         &mut out,
         "gpu_manager_actions_total",
-        "Finished actions, by op and outcome (ok, timeout, backend_down, error)",
+        "Finished actions, by op and outcome (ok, timeout, backend_down, cancelled, error)",
         &actions,
     );
     let refusals: Vec<(String, f64)> = counted
@@ -319,10 +320,12 @@ mod tests {
             op: op.into(),
             service: "vidi".into(),
             reason: "test".into(),
+            cause: None,
             generation: 1,
             duration_ms,
             failure: outcome.as_ref().err().map(|_| FailureKind::Timeout),
             outcome,
+            started_at_ms: 0,
             finished_at_ms: 0,
         }
     }

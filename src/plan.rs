@@ -1,17 +1,19 @@
-//! The planner: a pure function from (inventory, desired state, observation) to an
-//! ordered plan. No I/O, no clock: the same inputs always give the same plan, which is
-//! what lets the property tests below check every plan against the budget.
+//! The planner: a pure function from (inventory, desired state, observation) to a plan.
+//! No I/O, no clock: the same inputs always give the same plan, which is what lets the
+//! property tests below (and those of `schedule`) check every plan against the budget.
 //!
-//! Rules: the wanted set is trimmed by priority until it fits the budget (the rest is
-//! preempted or refused, with the reason); stops come before starts; the lowest priority
-//! stops first and the highest starts first.
+//! Rules (docs/ARCHITECTURE.md, "The plan"): the wanted set is trimmed by priority until
+//! it fits the budget (the rest is preempted or refused, with the reason); stops are
+//! listed lowest priority first and starts highest priority first; each start names the
+//! stops it must wait for (`after`), the fewest whose memory makes room for it, so the
+//! plan is a dependency graph that runs concurrently and never exceeds the budget.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{Inventory, ServiceName, ServiceSpec};
+use crate::config::{Inventory, Phase, ServiceName, ServiceSpec};
 use crate::desired::{DesiredState, WantReason};
 
 /// The VRAM the planner may hand out.
@@ -31,22 +33,47 @@ impl Budget {
     }
 }
 
-/// Whether a service occupies (or is about to occupy) VRAM now.
+/// Whether a service occupies (or is about to occupy) VRAM now, and whether an action
+/// is under way for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Presence {
-    /// Running, starting, or unhealthy: it holds memory.
+    /// Running or unhealthy, with no action under way: it holds memory.
     Running,
+    /// A start is under way: it holds (or is taking) its memory.
+    Starting,
+    /// A stop is under way (or a cancelled start is being stopped): its memory is on the
+    /// way back. The planner never plans for it until the stop is done.
+    Stopping,
     Stopped,
 }
 
-/// Whether the planner may start a service now.
+impl Presence {
+    fn holds_memory(self) -> bool {
+        self != Presence::Stopped
+    }
+}
+
+/// Whether the planner may act on a service now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StartGate {
     Open,
-    /// Failed repeatedly, or backing off before a restart.
+    /// Failed repeatedly, or backing off before the next try (of a start, or of a stop
+    /// that failed).
     Closed {
+        reason: String,
+    },
+}
+
+/// How a running service is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Condition {
+    Healthy,
+    /// It failed its health checks, or an adopted instance never became ready: it is
+    /// stopped (under the lease, like any action) and restarted with backoff.
+    Unhealthy {
         reason: String,
     },
 }
@@ -58,14 +85,20 @@ pub struct ServiceView {
     /// VRAM the GPU attributes to the service's processes, when a GPU is observed.
     pub observed_mb: Option<u64>,
     pub gate: StartGate,
+    pub condition: Condition,
 }
 
 impl ServiceView {
     pub fn stopped() -> Self {
+        Self::new(Presence::Stopped)
+    }
+
+    pub fn new(presence: Presence) -> Self {
         Self {
-            presence: Presence::Stopped,
+            presence,
             observed_mb: None,
             gate: StartGate::Open,
+            condition: Condition::Healthy,
         }
     }
 }
@@ -93,13 +126,48 @@ impl fmt::Display for Op {
     }
 }
 
+/// Why an action is taken, as a type: decisions match on this, never on reason text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Cause {
+    /// Start: the desired phase lists it.
+    Phase { phase: Phase },
+    /// Start: pinned.
+    Pinned,
+    /// Start: an instance left running by an earlier daemon, adopted and checked ready.
+    Adopted,
+    /// Stop: neither the phase nor a pin wants it.
+    NotWanted,
+    /// Stop: held stopped.
+    Held,
+    /// Stop: higher-priority wanted services need its memory.
+    Preempted,
+    /// Stop: it failed its health checks; it is restarted with backoff.
+    Unhealthy,
+    /// Stop: a start that a newer desired state no longer wants, cancelled.
+    Superseded,
+}
+
+impl From<WantReason> for Cause {
+    fn from(why: WantReason) -> Self {
+        match why {
+            WantReason::Phase(phase) => Cause::Phase { phase },
+            WantReason::Pinned => Cause::Pinned,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Action {
     pub op: Op,
     pub service: ServiceName,
     /// What the step frees (stop) or needs (start), in MB.
     pub vram_mb: u64,
+    pub cause: Cause,
     pub reason: String,
+    /// A start waits for these services' stops (and reclaims) to finish: the fewest,
+    /// lowest priority first, whose memory makes room for it. Empty: it can run now.
+    pub after: Vec<ServiceName>,
 }
 
 /// The planner's verdict on one service of the inventory.
@@ -114,7 +182,8 @@ pub enum Verdict {
     Preempted { reason: String, shortfall_mb: u64 },
     /// Wanted, but it cannot fit even with every lower-priority service stopped.
     Refused { reason: String, shortfall_mb: u64 },
-    /// Wanted, but its start gate is closed (failed, or backing off).
+    /// Its gate is closed (failed, or backing off), or it is unhealthy: no action is
+    /// planned for it now but the stop of an unhealthy one.
     Held { reason: String },
 }
 
@@ -150,8 +219,14 @@ pub fn render(plan: &Plan) -> String {
         out.push_str("nothing to do: what runs is what is wanted\n");
     }
     for (step, action) in plan.actions.iter().enumerate() {
+        let after = if action.after.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = action.after.iter().map(ServiceName::as_str).collect();
+            format!(" [after {}]", names.join(", "))
+        };
         out.push_str(&format!(
-            "{}. {} {} ({} MB): {}\n",
+            "{}. {} {} ({} MB){after}: {}\n",
             step + 1,
             action.op,
             action.service,
@@ -173,10 +248,17 @@ pub fn render(plan: &Plan) -> String {
 
 /// The VRAM a service counts for: its declared need, or more if the GPU shows more.
 fn cost(spec: &ServiceSpec, view: &ServiceView) -> u64 {
-    match view.presence {
-        Presence::Running => spec.vram_mb.max(view.observed_mb.unwrap_or(0)),
-        Presence::Stopped => spec.vram_mb,
+    if view.presence.holds_memory() {
+        spec.vram_mb.max(view.observed_mb.unwrap_or(0))
+    } else {
+        spec.vram_mb
     }
+}
+
+/// Memory that stays where it is whatever this plan does: a service holding memory
+/// whose gate is closed (a stop that failed waits for its retry).
+fn stuck(view: &ServiceView) -> bool {
+    view.presence.holds_memory() && matches!(view.gate, StartGate::Closed { .. })
 }
 
 /// Computes the plan. Pure: no I/O, no clock.
@@ -185,22 +267,33 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     let stopped = ServiceView::stopped();
     let view_of = |name: &ServiceName| observed.services.get(name).unwrap_or(&stopped);
     let usable = observed.budget.usable_mb();
+    let stuck_mb: u64 = inventory
+        .iter()
+        .filter(|s| stuck(view_of(&s.name)))
+        .map(|s| cost(s, view_of(&s.name)))
+        .sum();
 
     // Greedy by priority (the inventory iterates highest first): each wanted service
     // is kept if it fits in what the higher-priority kept services left.
     let mut verdicts = BTreeMap::new();
     let mut kept: Vec<(&ServiceSpec, u64)> = Vec::new();
-    let mut remaining = usable;
+    let mut remaining = usable.saturating_sub(stuck_mb);
     for spec in inventory.iter() {
         let view = view_of(&spec.name);
-        let verdict = match (wanted.get(&spec.name), &view.gate) {
-            (None, _) => Verdict::Idle,
-            (Some(_), StartGate::Closed { reason }) if view.presence == Presence::Stopped => {
+        let verdict = match (wanted.get(&spec.name), &view.gate, &view.condition) {
+            (_, StartGate::Closed { reason }, _) if view.presence.holds_memory() => Verdict::Held {
+                reason: reason.clone(),
+            },
+            (_, _, Condition::Unhealthy { reason }) if view.presence == Presence::Running => {
                 Verdict::Held {
                     reason: reason.clone(),
                 }
             }
-            (Some(_), _) => {
+            (None, _, _) => Verdict::Idle,
+            (Some(_), StartGate::Closed { reason }, _) => Verdict::Held {
+                reason: reason.clone(),
+            },
+            (Some(_), StartGate::Open, _) => {
                 let need = cost(spec, view);
                 if need <= remaining {
                     remaining -= need;
@@ -215,28 +308,67 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     }
 
     let mut actions = Vec::new();
-    // Stops: lowest priority first.
-    for spec in inventory.iter().collect::<Vec<_>>().into_iter().rev() {
+    // Stops: lowest priority first. A stop of a starting service cancels its start.
+    let lowest_first: Vec<&ServiceSpec> = inventory
+        .iter()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    for spec in &lowest_first {
         let view = view_of(&spec.name);
-        if view.presence == Presence::Running && verdicts[&spec.name] != Verdict::Run {
+        let verdict = &verdicts[&spec.name];
+        let can_stop =
+            matches!(view.presence, Presence::Running | Presence::Starting) && !stuck(view);
+        if can_stop && *verdict != Verdict::Run {
+            let cause = stop_cause(desired, &spec.name, view, verdict);
             actions.push(Action {
                 op: Op::Stop,
                 service: spec.name.clone(),
                 vram_mb: cost(spec, view),
-                reason: stop_reason(desired, &spec.name, &verdicts[&spec.name]),
+                cause,
+                reason: stop_reason(desired, cause, verdict),
+                after: Vec::new(),
             });
         }
     }
-    // Starts: highest priority first.
+    // What is on its way back, in the order it comes back: stops under way, then the
+    // planned ones.
+    let mut frees: Vec<(ServiceName, u64)> = lowest_first
+        .iter()
+        .filter(|s| view_of(&s.name).presence == Presence::Stopping)
+        .map(|s| (s.name.clone(), cost(s, view_of(&s.name))))
+        .collect();
+    frees.extend(actions.iter().map(|a| (a.service.clone(), a.vram_mb)));
+    let occupied: u64 = inventory
+        .iter()
+        .filter(|s| view_of(&s.name).presence.holds_memory())
+        .map(|s| cost(s, view_of(&s.name)))
+        .sum();
+    let mut room = usable as i128 - occupied as i128;
+    let mut freed = frees.iter();
+    let mut after: Vec<ServiceName> = Vec::new();
+    // Starts: highest priority first, each after the fewest frees that make its room.
     for (spec, need) in &kept {
-        if view_of(&spec.name).presence == Presence::Stopped {
-            actions.push(Action {
-                op: Op::Start,
-                service: spec.name.clone(),
-                vram_mb: *need,
-                reason: start_reason(wanted[&spec.name]),
-            });
+        if view_of(&spec.name).presence != Presence::Stopped {
+            continue;
         }
+        while room < *need as i128 {
+            let Some((name, mb)) = freed.next() else {
+                break;
+            };
+            room += *mb as i128;
+            after.push(name.clone());
+        }
+        room -= *need as i128;
+        actions.push(Action {
+            op: Op::Start,
+            service: spec.name.clone(),
+            vram_mb: *need,
+            cause: Cause::from(wanted[&spec.name]),
+            reason: start_reason(wanted[&spec.name]),
+            after: after.clone(),
+        });
     }
     Plan {
         actions,
@@ -289,14 +421,28 @@ fn start_reason(why: WantReason) -> String {
     }
 }
 
-fn stop_reason(desired: &DesiredState, name: &ServiceName, verdict: &Verdict) -> String {
-    match verdict {
-        Verdict::Preempted { reason, .. } | Verdict::Refused { reason, .. } => {
+fn stop_cause(
+    desired: &DesiredState,
+    name: &ServiceName,
+    view: &ServiceView,
+    verdict: &Verdict,
+) -> Cause {
+    match (verdict, &view.condition) {
+        (Verdict::Held { .. }, Condition::Unhealthy { .. }) => Cause::Unhealthy,
+        (Verdict::Preempted { .. } | Verdict::Refused { .. }, _) => Cause::Preempted,
+        _ if desired.held.contains(name) => Cause::Held,
+        _ => Cause::NotWanted,
+    }
+}
+
+fn stop_reason(desired: &DesiredState, cause: Cause, verdict: &Verdict) -> String {
+    match (cause, verdict) {
+        (_, Verdict::Preempted { reason, .. } | Verdict::Refused { reason, .. }) => {
             format!("preempted: {reason}")
         }
-        Verdict::Held { reason } => reason.clone(),
-        Verdict::Run | Verdict::Idle if desired.held.contains(name) => "held stopped".to_owned(),
-        Verdict::Run | Verdict::Idle => match desired.phase {
+        (_, Verdict::Held { reason }) => reason.clone(),
+        (Cause::Held, _) => "held stopped".to_owned(),
+        _ => match desired.phase {
             Some(phase) => {
                 format!("not wanted: phase {phase} does not list it and it is not pinned")
             }
@@ -353,16 +499,7 @@ mod tests {
             },
             services: running
                 .iter()
-                .map(|n| {
-                    (
-                        name(n),
-                        ServiceView {
-                            presence: Presence::Running,
-                            observed_mb: None,
-                            gate: StartGate::Open,
-                        },
-                    )
-                })
+                .map(|n| (name(n), ServiceView::new(Presence::Running)))
                 .collect(),
         }
     }
@@ -410,7 +547,13 @@ mod tests {
             panic!("cosyvoice should be preempted: {plan:?}");
         };
         assert!(reason.contains("comfyui 20480 MB"), "{reason}");
+        assert_eq!(plan.actions[1].cause, Cause::Preempted);
         assert!(plan.actions[1].reason.starts_with("preempted"));
+        assert_eq!(
+            plan.actions[2].after,
+            [name("ollama"), name("cosyvoice")],
+            "comfyui needs both stops' memory"
+        );
     }
 
     #[test]
@@ -442,11 +585,10 @@ mod tests {
         observed.services.insert(
             name("comfyui"),
             ServiceView {
-                presence: Presence::Stopped,
-                observed_mb: None,
                 gate: StartGate::Closed {
                     reason: "failed 5 times".into(),
                 },
+                ..ServiceView::stopped()
             },
         );
         let p = plan(&inv, &phase(4), &observed);
@@ -521,6 +663,7 @@ mod tests {
                                     reason: "backoff".into(),
                                 }
                             },
+                            condition: Condition::Healthy,
                         },
                     );
                 }
@@ -599,6 +742,10 @@ mod tests {
             let wanted = desired.wanted(&inv);
             for spec in inv.iter() {
                 let verdict = &p.verdicts[&spec.name];
+                if stuck(&observed.services[&spec.name]) {
+                    prop_assert!(matches!(verdict, Verdict::Held { .. }), "{:?}", verdict);
+                    continue;
+                }
                 prop_assert_eq!(wanted.contains_key(&spec.name), verdict != &Verdict::Idle);
             }
             let priority = |a: &Action| inv.get(&a.service).unwrap().priority;

@@ -1,64 +1,62 @@
-//! The reconciler: ONE task owns all mutable state; file watches, process exits and
-//! health monitors only send it events. Each round it observes, asks the pure planner
-//! what to do, and acts under the lease: stops first, confirming through the GPU that the
-//! memory came back, then starts, waiting until each is healthy.
+//! The reconciler (docs/ARCHITECTURE.md, "The loop"): ONE task owns all mutable state
+//! and only decides. It wakes on events (API commands, desired-state edits, process
+//! exits, failed health checks, finished actions, timers), observes, asks the pure
+//! planner what should be true, and begins what the schedule allows as action tasks
+//! under the lease. It never awaits an action, so it hears a change of mind, a crash or
+//! a shutdown while a 2-minute model load runs.
 
-mod docker;
+mod backend;
+mod effects;
 mod observe;
+mod records;
 mod requests;
 mod snapshot;
-mod waits;
+mod tasks;
+#[cfg(test)]
+mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::AbortHandle;
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::{sleep_until, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 
-use crate::act::instance::{ActError, Effects, Instance};
+use crate::act::instance::Effects;
 use crate::act::ExitInfo;
-use crate::config::{Config, ServiceName, ServiceSpec};
+use crate::clock::now_ms;
+use crate::config::{Config, ServiceName};
 use crate::desired::{self, DesiredState};
-use crate::lease::{Leadership, Lease};
+use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
 use crate::observe::gpu::SharedGpu;
-use crate::plan::{self, Action, Op, Plan, Verdict};
+use crate::plan::{self, Action, Cause, Condition, Op, Plan, Verdict};
+use crate::schedule::{self, Wait};
 use crate::status::{
-    now_ms, ActionRecord, DaemonEvent, FailureKind, ServiceState, Status, TransitionStats,
+    ActionRecord, DaemonEvent, FailureKind, ServiceState, Status, TransitionStats,
 };
-use crate::transition::{Change, RoundEnd, TransitionError, TransitionReply, Waiters};
+use crate::transition::{RoundEnd, TransitionError, TransitionReply, Waiters};
+
+pub use crate::transition::Change;
+pub use effects::{EffectError, ServiceEffects, StopHow};
 
 use observe::GpuView;
+use records::{InFlight, Records, RoomWait};
+use tasks::{Finished, Outcome, TaskContext};
 
-/// Restarts back off 1 s, 2 s, 4 s... up to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// After this many failures in a row a service stays `failed` until the desired state
-/// changes.
-const MAX_CONSECUTIVE_FAILURES: u32 = 5;
+/// The reconciler the daemon runs: real drivers, the configured lease.
+pub type DaemonReconciler = Reconciler<Effects, Lease>;
+
 /// Consecutive failed probes before a ready service is declared unhealthy.
 const UNHEALTHY_AFTER: u32 = 3;
 /// How many past actions status keeps.
 const ACTION_HISTORY: usize = 50;
-
-/// What wakes the reconciler.
-#[derive(Debug)]
-pub enum Event {
-    /// The desired-state file may have changed.
-    DesiredFileChanged,
-    Exited {
-        service: ServiceName,
-        pid: u32,
-        exit: ExitInfo,
-    },
-    /// A ready service failed its health checks `UNHEALTHY_AFTER` times in a row.
-    Unhealthy {
-        service: ServiceName,
-        pid: u32,
-        error: String,
-    },
-    /// A request from the API.
-    Command(Command),
-}
+/// How often a start waiting for the GPU to show its room looks again.
+const ROOM_POLL: Duration = Duration::from_millis(10);
+/// How often a transition waiting for the lease tries again, within `lease.wait_ms`
+/// (redis-py's default sleep).
+const LEASE_POLL: Duration = Duration::from_millis(100);
 
 /// What the API asks of the reconciler.
 #[derive(Debug)]
@@ -76,6 +74,28 @@ pub enum Command {
     },
 }
 
+/// What else wakes the loop: the file watch, exit watchers, health monitors, and action
+/// tasks saying they have spawned an instance.
+#[derive(Debug)]
+pub(crate) enum Wake<I> {
+    DesiredFileChanged,
+    Exited {
+        service: ServiceName,
+        pid: u32,
+        exit: ExitInfo,
+    },
+    /// A ready service failed its health checks `UNHEALTHY_AFTER` times in a row.
+    Unhealthy {
+        service: ServiceName,
+        pid: u32,
+        error: String,
+    },
+    Spawned {
+        service: ServiceName,
+        instance: I,
+    },
+}
+
 /// Where GPU observations come from, as said in logs and status.
 pub enum GpuSource {
     Observed {
@@ -87,98 +107,77 @@ pub enum GpuSource {
     },
 }
 
-/// The reconciler's own record of one service.
-struct Record {
-    name: ServiceName,
-    state: ServiceState,
-    since_ms: u64,
-    instance: Option<Instance>,
-    monitor: Option<AbortHandle>,
-    last_error: Option<String>,
-    reason: Option<String>,
-    restarts: u32,
-    consecutive_failures: u32,
-    retry_at: Option<Instant>,
-    observed_mb: Option<u64>,
-    gpu_pids: Vec<u32>,
-}
-
-impl Record {
-    fn new(name: ServiceName) -> Self {
-        Self {
-            name,
-            state: ServiceState::Stopped,
-            since_ms: now_ms(),
-            instance: None,
-            monitor: None,
-            last_error: None,
-            reason: None,
-            restarts: 0,
-            consecutive_failures: 0,
-            retry_at: None,
-            observed_mb: None,
-            gpu_pids: Vec::new(),
-        }
-    }
-
-    fn set_state(&mut self, state: ServiceState) {
-        if self.state != state {
-            tracing::info!(service = %self.name, from = %self.state, to = %state, "service state");
-            self.state = state;
-            self.since_ms = now_ms();
-        }
-    }
-
-    fn stop_monitor(&mut self) {
-        if let Some(monitor) = self.monitor.take() {
-            monitor.abort();
+impl GpuSource {
+    fn gpu(&self) -> Option<SharedGpu> {
+        match self {
+            GpuSource::Observed { gpu, .. } => Some(gpu.clone()),
+            GpuSource::Unavailable { .. } => None,
         }
     }
 }
 
-/// Handles for the rest of the daemon: send events, read status.
+/// Handles for the rest of the daemon: send commands, read status.
 #[derive(Clone)]
 pub struct ReconcilerHandle {
-    pub events: mpsc::Sender<Event>,
+    pub commands: mpsc::Sender<Command>,
     pub status: watch::Receiver<Status>,
     /// Every state change and action, for the event stream.
     pub feed: broadcast::Sender<DaemonEvent>,
 }
 
-pub struct Reconciler {
+/// Whether the daemon is shutting down, and until when it waits for actions.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Running,
+    ShuttingDown { deadline: Instant },
+}
+
+pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     config: Arc<Config>,
     gpu: GpuSource,
-    effects: Arc<Effects>,
-    lease: Lease,
+    effects: Arc<E>,
+    lease: L,
+    lease_held: bool,
     desired: Option<DesiredState>,
     desired_error: Option<String>,
     generation: u64,
     converged_generation: u64,
-    records: BTreeMap<ServiceName, Record>,
+    records: Records<E::Instance>,
     gpu_view: GpuView,
     history: Vec<ActionRecord>,
     transitions: TransitionStats,
+    /// When the transition now under way took the lease.
+    transition_started: Option<Instant>,
     waiters: Waiters,
     feed: broadcast::Sender<DaemonEvent>,
-    events_tx: mpsc::Sender<Event>,
-    events_rx: mpsc::Receiver<Event>,
+    wake_tx: mpsc::Sender<Wake<E::Instance>>,
+    wake_rx: mpsc::Receiver<Wake<E::Instance>>,
+    commands_tx: mpsc::Sender<Command>,
+    commands_rx: mpsc::Receiver<Command>,
     status_tx: watch::Sender<Status>,
+    actions: JoinSet<Finished<E::Instance>>,
+    action_ids: HashMap<Id, ServiceName>,
+    /// Cancelled at shutdown's deadline: every task stops where it is.
+    abandon: CancellationToken,
+    /// Something changed since the last round.
+    dirty: bool,
+    /// A timer for the next round: a backoff ending, a start waiting for room.
+    next_wake: Option<Instant>,
+    lifecycle: Lifecycle,
 }
 
-impl Reconciler {
-    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: Effects, lease: Lease) -> Self {
-        let (events_tx, events_rx) = mpsc::channel(256);
+impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
+    pub fn new(config: Arc<Config>, gpu: GpuSource, effects: E, lease: L) -> Self {
+        let (wake_tx, wake_rx) = mpsc::channel(256);
+        let (commands_tx, commands_rx) = mpsc::channel(64);
         let (status_tx, _) = watch::channel(Status::default());
-        let records = config
-            .inventory
-            .iter()
-            .map(|s| (s.name.clone(), Record::new(s.name.clone())))
-            .collect();
-        let reconciler = Self {
+        let records = Records::new(&config.inventory);
+        let mut reconciler = Self {
             config,
             gpu,
             effects: Arc::new(effects),
             lease,
+            lease_held: false,
             desired: None,
             desired_error: None,
             generation: 0,
@@ -187,87 +186,132 @@ impl Reconciler {
             gpu_view: GpuView::default(),
             history: Vec::new(),
             transitions: TransitionStats::default(),
+            transition_started: None,
             waiters: Waiters::default(),
             feed: broadcast::channel(1024).0,
-            events_tx,
-            events_rx,
+            wake_tx,
+            wake_rx,
+            commands_tx,
+            commands_rx,
             status_tx,
+            actions: JoinSet::new(),
+            action_ids: HashMap::new(),
+            abandon: CancellationToken::new(),
+            dirty: true,
+            next_wake: None,
+            lifecycle: Lifecycle::Running,
         };
-        // The API checks names against the snapshot: it lists every service from the start.
-        reconciler.publish();
+        // The API checks names against the snapshot: it lists every service from the
+        // start, with the desired state already read.
+        reconciler.reload_desired();
         reconciler
     }
 
     pub fn handle(&self) -> ReconcilerHandle {
         ReconcilerHandle {
-            events: self.events_tx.clone(),
+            commands: self.commands_tx.clone(),
             status: self.status_tx.subscribe(),
             feed: self.feed.clone(),
         }
     }
 
-    /// Runs until the process ends: adopt what runs, then reconcile on every trigger.
-    pub async fn run(mut self) {
+    /// Runs until `shutdown` is cancelled and the shutdown is done (docs/ARCHITECTURE.md,
+    /// "Shutdown"): new transitions are refused, starts under way are left running at a
+    /// safe point, stops get until `shutdown_timeout_ms`, then the lease and the lead
+    /// are released. GPU services keep running: the next daemon adopts them.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let _watch = self.watch_desired_file();
+        let mut resync = tokio::time::interval(self.config.resync);
+        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if let Lifecycle::ShuttingDown { .. } = self.lifecycle {
+                if self.actions.is_empty() {
+                    break;
+                }
+            } else if self.dirty {
+                self.round().await;
+            }
+            let timer = self.next_wake;
+            let deadline = match self.lifecycle {
+                Lifecycle::ShuttingDown { deadline } => Some(deadline),
+                Lifecycle::Running => None,
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled(), if self.lifecycle == Lifecycle::Running => {
+                    self.begin_shutdown();
+                }
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    tracing::warn!(left = self.actions.len(), "shutdown deadline: leaving the actions still under way where they are");
+                    self.abandon.cancel();
+                    self.actions.abort_all();
+                    while let Some(joined) = self.actions.join_next_with_id().await {
+                        self.on_finished(joined);
+                    }
+                }
+                // Before finished actions: a task's word that it spawned an instance is
+                // sent before the task ends, and must be heard first.
+                Some(wake) = self.wake_rx.recv() => self.on_wake(wake).await,
+                Some(joined) = self.actions.join_next_with_id(), if !self.actions.is_empty() => {
+                    self.on_finished(joined);
+                }
+                Some(command) = self.commands_rx.recv() => self.on_command(command).await,
+                _ = resync.tick() => {
+                    self.reload_desired();
+                    self.dirty = true;
+                }
+                () = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    self.next_wake = None;
+                    self.dirty = true;
+                }
+            }
+        }
+        self.finish_shutdown().await;
+    }
+
+    /// The plan the daemon would follow now for `desired`, changing nothing: running
+    /// instances are found as adoption would find them, but left alone.
+    pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
+        let specs: Vec<_> = self.records.iter().map(|r| r.spec.clone()).collect();
+        for spec in specs {
+            if let Ok(Some(instance)) = self.effects.find_running(&spec).await {
+                if let Some(record) = self.records.get_mut(&spec.name) {
+                    record.instance = Some(instance);
+                    record.state = ServiceState::Ready;
+                }
+            }
+        }
+        let observation = self.observe().await;
+        plan::plan(&self.config.inventory, desired, &observation)
+    }
+
+    // ---- the desired state ----
+
+    /// Watches the desired-state file's folder; edits wake the loop after a debounce.
+    fn watch_desired_file(&self) -> Option<desired::FileWatch> {
         let (file_tx, mut file_rx) = mpsc::channel(1);
-        let _watch = match desired::watch(&self.config.desired_state, file_tx) {
-            Ok(watch) => Some(watch),
+        let watch = match desired::watch(&self.config.desired_state, file_tx) {
+            Ok(watch) => watch,
             Err(error) => {
                 tracing::error!(%error, "hand edits will only be seen at each resync");
-                None
+                return None;
             }
         };
-        let forward = self.events_tx.clone();
+        let forward = self.wake_tx.clone();
         tokio::spawn(async move {
             while file_rx.recv().await.is_some() {
                 tokio::time::sleep(desired::DEBOUNCE).await;
                 while file_rx.try_recv().is_ok() {}
-                if forward.send(Event::DesiredFileChanged).await.is_err() {
+                if forward.send(Wake::DesiredFileChanged).await.is_err() {
                     break;
                 }
             }
         });
-
-        self.reload_desired();
-        let mut resync = tokio::time::interval(self.config.resync);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if self.reconcile().await == Again::Now {
-                self.drain_events().await;
-                continue;
-            }
-            tokio::select! {
-                event = self.events_rx.recv() => match event {
-                    Some(event) => self.handle_event(event).await,
-                    None => return,
-                },
-                _ = resync.tick() => self.reload_desired(),
-            }
-            self.drain_events().await;
-        }
+        Some(watch)
     }
 
-    async fn drain_events(&mut self) {
-        while let Ok(event) = self.events_rx.try_recv() {
-            self.handle_event(event).await;
-        }
-    }
-
-    async fn handle_event(&mut self, event: Event) {
-        tracing::debug!(?event, "event");
-        match event {
-            Event::DesiredFileChanged => self.reload_desired(),
-            Event::Exited { service, pid, exit } => self.on_exit(&service, pid, exit),
-            Event::Unhealthy {
-                service,
-                pid,
-                error,
-            } => self.on_unhealthy(&service, pid, error).await,
-            Event::Command(command) => self.on_command(command).await,
-        }
-    }
-
-    /// Loads the desired-state file; a broken one is refused and the last good state
-    /// stays in force.
+    /// Loads the desired-state file; a broken (or missing) one is refused and the last
+    /// good state stays in force.
     fn reload_desired(&mut self) {
         match desired::load(&self.config.desired_state, &self.config.inventory) {
             Ok(state) => {
@@ -288,6 +332,7 @@ impl Reconciler {
                 self.desired_error = Some(message);
             }
         }
+        self.dirty = true;
         self.publish();
     }
 
@@ -302,226 +347,230 @@ impl Reconciler {
         self.desired = Some(state);
         self.waiters.supersede(self.generation);
         // A new desired state is a new chance for services that had failed.
-        for record in self.records.values_mut() {
-            record.consecutive_failures = 0;
-            record.retry_at = None;
+        for record in self.records.iter_mut() {
+            record.forgive();
         }
+        self.dirty = true;
     }
 
-    fn spec(&self, name: &ServiceName) -> &ServiceSpec {
-        self.config
-            .inventory
-            .get(name)
-            .expect("records hold inventory services only")
-    }
+    // ---- events ----
 
-    fn record(&mut self, name: &ServiceName) -> &mut Record {
-        self.records
-            .get_mut(name)
-            .expect("records hold inventory services only")
-    }
-
-    /// The plan the daemon would follow now for `desired`, changing nothing: running
-    /// instances are found as adoption would find them, but left alone.
-    pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
-        for spec in self.config.inventory.iter() {
-            if let Ok(Some(instance)) = self.effects.adopt(spec).await {
-                let record = self.records.get_mut(&spec.name).expect("inventory service");
-                record.instance = Some(instance);
-                record.state = ServiceState::Ready;
-            }
-        }
-        let observation = self.observe().await;
-        plan::plan(&self.config.inventory, desired, &observation)
-    }
-
-    // ---- adoption ----
-
-    /// Adopts services left running by an earlier daemon instead of starting them twice.
-    async fn adopt_running(&mut self) {
-        let specs: Vec<ServiceSpec> = self.config.inventory.iter().cloned().collect();
-        self.adopt_each(specs).await;
-    }
-
-    /// Adopts what runs of `specs`; a service whose backend cannot be asked is `unknown`.
-    async fn adopt_each(&mut self, specs: Vec<ServiceSpec>) {
-        for spec in specs {
-            if self.records[&spec.name].instance.is_some() {
-                continue;
-            }
-            let Some(instance) = self.find_running(&spec).await else {
-                continue;
-            };
-            tracing::info!(service = %spec.name, pid = ?instance.root_pid(), "adopted a running instance");
-            self.attach(&spec.name, instance.clone(), ServiceState::Starting);
-            self.publish();
-            match self.effects.wait_ready(&spec, &instance).await {
-                Ok(_) => self.mark_ready(&spec.name),
-                Err(error) => {
-                    let message = error.to_string();
-                    // Its stop error, if any, is kept as last_error; the failure below
-                    // is what the service is reported with.
-                    let _ = self
-                        .stop_instance(&spec, "adopted instance is not healthy")
-                        .await;
-                    self.fail(&spec.name, message);
+    async fn on_wake(&mut self, wake: Wake<E::Instance>) {
+        tracing::debug!(?wake, "wake");
+        self.dirty = true;
+        match wake {
+            Wake::DesiredFileChanged => self.reload_desired(),
+            Wake::Exited { service, pid, exit } => self.on_exit(&service, pid, exit).await,
+            Wake::Unhealthy {
+                service,
+                pid,
+                error,
+            } => self.on_unhealthy(&service, pid, error),
+            Wake::Spawned { service, instance } => {
+                if self.records.get(&service).is_some_and(|r| r.starting()) {
+                    self.attach(&service, instance);
+                    self.publish();
                 }
             }
         }
     }
 
-    // ---- events ----
+    /// The pid a record tracks now.
+    fn tracked_pid(&self, service: &ServiceName) -> Option<u32> {
+        self.records
+            .get(service)?
+            .instance
+            .as_ref()
+            .and_then(E::root_pid)
+    }
 
-    fn on_exit(&mut self, service: &ServiceName, pid: u32, exit: ExitInfo) {
-        let log = self.effects.last_log_lines(self.spec(service)).join("\n");
-        let record = self.record(service);
-        let current = record.instance.as_ref().and_then(Instance::root_pid);
-        if current != Some(pid) || record.state == ServiceState::Stopping {
+    /// A service died on its own. An action under way for it (a start waiting for it to
+    /// be ready, a stop) hears of it itself; otherwise the death is a failure, and its
+    /// restart is planned like any other start, with backoff.
+    async fn on_exit(&mut self, service: &ServiceName, pid: u32, exit: ExitInfo) {
+        let busy = self
+            .records
+            .get(service)
+            .is_some_and(|r| r.in_flight.is_some());
+        if busy || self.tracked_pid(service) != Some(pid) {
             return;
         }
+        let Some(spec) = self.records.get(service).map(|r| r.spec.clone()) else {
+            return;
+        };
+        let log = self.effects.last_log_lines(&spec).await.join("\n");
+        let Some(record) = self.records.get_mut(service) else {
+            return;
+        };
         tracing::warn!(%service, pid, %exit, "service exited unexpectedly");
         record.instance = None;
         record.stop_monitor();
-        self.fail(
-            service,
+        record.fail(
+            "start",
             format!("{service} {exit} unexpectedly; last log lines:\n{log}"),
         );
-    }
-
-    async fn on_unhealthy(&mut self, service: &ServiceName, pid: u32, error: String) {
-        let record = self.record(service);
-        if record.instance.as_ref().and_then(Instance::root_pid) != Some(pid) {
-            return;
-        }
-        record.set_state(ServiceState::Unhealthy);
-        tracing::warn!(%service, %error, "unhealthy: restarting");
-        let spec = self.spec(service).clone();
-        let _ = self.stop_instance(&spec, "unhealthy").await;
-        self.fail(
-            service,
-            format!("{service} failed {UNHEALTHY_AFTER} health checks in a row: {error}"),
-        );
-    }
-
-    /// Records a failure and schedules a restart with exponential backoff, or gives up.
-    fn fail(&mut self, service: &ServiceName, message: String) {
-        let record = self.record(service);
-        record.consecutive_failures += 1;
-        record.last_error = Some(message);
-        record.set_state(ServiceState::Failed);
-        if record.consecutive_failures >= MAX_CONSECUTIVE_FAILURES {
-            record.retry_at = None;
-            record.reason = Some(format!(
-                "failed {} times in a row; change the desired state to try again",
-                record.consecutive_failures
-            ));
-        } else {
-            let backoff =
-                Duration::from_secs(1 << (record.consecutive_failures - 1)).min(MAX_BACKOFF);
-            record.retry_at = Some(Instant::now() + backoff);
-            record.reason = Some(format!("restarting in {}s", backoff.as_secs()));
-        }
         self.publish();
     }
 
-    // ---- plan and act ----
+    /// A ready service stopped answering its health checks: it is stopped (planned, so
+    /// under the lease and in budget) and then restarted with backoff.
+    fn on_unhealthy(&mut self, service: &ServiceName, pid: u32, error: String) {
+        if self.tracked_pid(service) != Some(pid) {
+            return;
+        }
+        let Some(record) = self.records.get_mut(service) else {
+            return;
+        };
+        if record.in_flight.is_some() {
+            return;
+        }
+        tracing::warn!(%service, %error, "unhealthy: it will be stopped and restarted");
+        let message = format!("{service} failed {UNHEALTHY_AFTER} health checks in a row: {error}");
+        record.stop_monitor();
+        record.condition = Condition::Unhealthy {
+            reason: message.clone(),
+        };
+        record.last_error = Some(message);
+        record.set_state(ServiceState::Unhealthy);
+        self.publish();
+    }
 
-    /// One round: observe, plan, act. Says whether another round should follow at once
-    /// (after acting, to confirm convergence on fresh observations).
-    async fn reconcile(&mut self) -> Again {
+    // ---- one round: observe, plan, begin ----
+
+    async fn round(&mut self) {
+        self.dirty = false;
+        self.next_wake = None;
         // Only the leader acts. It adopts what runs when it starts leading (at once when
         // alone), and lets go of what it tracked when another daemon takes over.
         let leadership = self.lease.refresh().await;
-        if leadership == Leadership::Gained {
-            self.adopt_running().await;
+        match leadership {
+            Leadership::Gained => self.adopt_running().await,
+            Leadership::Lost => self.let_go(),
+            Leadership::Leading | Leadership::Standby => {}
         }
         if !leadership.leads() {
-            if leadership == Leadership::Lost {
-                self.let_go();
-            }
             self.observe().await;
             let refusal = self.standby_refusal();
-            self.finish_round(self.generation, RoundEnd::Blocked(refusal));
-            return Again::OnNextTrigger;
+            self.finish_waiters(RoundEnd::Blocked(refusal));
+            self.settle();
+            return;
         }
         self.recheck_unknown().await;
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
-            self.publish();
-            return Again::OnNextTrigger;
+            self.settle();
+            return;
         };
         let plan = plan::plan(&self.config.inventory, &desired, &observation);
         self.apply_verdicts(&plan);
-        let generation = self.generation;
         if plan.is_empty() {
-            self.converged_generation = generation;
-            self.finish_round(generation, RoundEnd::Completed);
-            return Again::OnNextTrigger;
-        }
-        // The lease logs and records in status why it cannot be had.
-        if let Err(error) = self.lease.acquire().await {
-            self.finish_round(generation, RoundEnd::Blocked(error.into()));
-            return Again::OnNextTrigger;
-        }
-        let started = Instant::now();
-        let mut failed = false;
-        for action in &plan.actions {
-            // A lost lease stops the transition after the action in flight.
-            if let Err(error) = self.lease.check().await {
-                self.lease.release().await;
-                self.finish_round(generation, RoundEnd::Blocked(error.into()));
-                return Again::OnNextTrigger;
+            if self.actions.is_empty() {
+                self.converged().await;
             }
-            failed |= !self.execute(action).await;
-            self.drain_events().await;
-            if self.generation != generation {
-                tracing::info!("desired state changed mid-transition: planning again");
-                break;
+            self.settle();
+            return;
+        }
+        if self.take_lease().await {
+            let launch = schedule::launch(&plan, self.gpu_room_mb());
+            for action in launch.begin {
+                self.begin(action);
             }
+            self.watch_room_waits(&launch.waiting);
         }
-        self.lease.release().await;
-        self.transitions
-            .observe(started.elapsed().as_millis() as u64);
-        // Callers are answered after the next round has observed the result (so the
-        // status they read next is fresh), or now if an action failed.
-        if failed && self.generation == generation {
-            self.finish_round(generation, RoundEnd::Completed);
-        } else {
-            self.publish();
-        }
-        Again::Now
+        self.settle();
     }
 
-    /// Publishes status and answers the callers waiting on `generation`.
-    fn finish_round(&mut self, generation: u64, end: RoundEnd) {
+    /// The end of every round: timers for backoffs, and a fresh snapshot.
+    fn settle(&mut self) {
+        let now = Instant::now();
+        let retries = self
+            .records
+            .iter()
+            .filter_map(|r| r.retry_at.filter(|at| *at > now));
+        if let Some(at) = retries.min() {
+            self.wake_at(at);
+        }
         self.publish();
+    }
+
+    fn wake_at(&mut self, at: Instant) {
+        self.next_wake = Some(self.next_wake.map_or(at, |t| t.min(at)));
+    }
+
+    /// What runs is what is wanted, with nothing under way: answer the callers, let the
+    /// lease go.
+    async fn converged(&mut self) {
+        self.converged_generation = self.generation;
+        self.finish_waiters(RoundEnd::Completed);
+        if let Some(started) = self.transition_started.take() {
+            self.transitions
+                .observe(started.elapsed().as_millis() as u64);
+        }
+        self.release_lease().await;
+    }
+
+    async fn release_lease(&mut self) {
+        if self.lease_held {
+            self.lease.release().await;
+            self.lease_held = false;
+        }
+    }
+
+    fn finish_waiters(&mut self, end: RoundEnd) {
         let services = self
             .records
             .iter()
-            .map(|(name, record)| (name.to_string(), record.state))
+            .map(|r| (r.name().to_string(), r.state))
             .collect();
-        self.waiters.finish(generation, &end, &services);
+        self.waiters.finish(self.generation, &end, &services);
     }
 
-    /// Another daemon leads now: forget the instances this one tracked (they keep
-    /// running, and the leader adopts them) so that nothing here acts on them.
-    fn let_go(&mut self) {
-        for record in self.records.values_mut() {
-            record.stop_monitor();
-            record.instance = None;
-            record.set_state(ServiceState::Stopped);
-            record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
+    /// Holds the transition lock before anything begins, and confirms it is still held
+    /// before more begins. Never waits: within `lease.wait_ms` the loop tries again every
+    /// `LEASE_POLL`; after it, waiting callers are answered (423, or 503 when Redis is
+    /// down) and the loop tries again at each resync.
+    async fn take_lease(&mut self) -> bool {
+        let error = if self.lease_held {
+            match self.lease.check().await {
+                Ok(()) => return true,
+                Err(error) => {
+                    // Actions under way finish; nothing new begins.
+                    self.lease.release().await;
+                    self.lease_held = false;
+                    error
+                }
+            }
+        } else {
+            match self.lease.try_acquire().await {
+                Ok(()) => {
+                    self.lease_held = true;
+                    self.transition_started.get_or_insert_with(Instant::now);
+                    return true;
+                }
+                Err(error) => error,
+            }
+        };
+        let keep_waiting = match &error {
+            LeaseError::HeldElsewhere { waited_ms, .. } => {
+                Duration::from_millis(*waited_ms) < self.config.lease.wait
+            }
+            _ => false,
+        };
+        if keep_waiting {
+            self.wake_at(Instant::now() + LEASE_POLL);
+        } else {
+            self.finish_waiters(RoundEnd::Blocked(error.into()));
         }
+        false
     }
 
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.
     fn apply_verdicts(&mut self, plan: &Plan) {
         for (name, verdict) in &plan.verdicts {
-            let record = self
-                .records
-                .get_mut(name)
-                .expect("verdicts cover the inventory");
-            if record.instance.is_some() {
+            let Some(record) = self.records.get_mut(name) else {
+                continue;
+            };
+            if record.instance.is_some() || record.in_flight.is_some() {
                 continue;
             }
             match verdict {
@@ -537,48 +586,351 @@ impl Reconciler {
                     // Not wanted and not running: an old reason or failure is history.
                     record.set_state(ServiceState::Stopped);
                     record.reason = None;
+                    record.condition = Condition::Healthy;
                 }
                 _ => {}
             }
         }
     }
 
-    /// Runs one action and records it; returns whether it succeeded.
-    async fn execute(&mut self, action: &Action) -> bool {
-        let started = Instant::now();
-        let spec = self.spec(&action.service).clone();
-        tracing::info!(op = %action.op, service = %action.service, reason = %action.reason, "action");
-        let _ = self.feed.send(DaemonEvent::ActionStarted {
-            generation: self.generation,
-            op: action.op.to_string(),
-            service: action.service.to_string(),
-            reason: action.reason.clone(),
+    /// Starts waiting for the GPU to show their room fail after the reclaim timeout,
+    /// naming who holds the memory; until then the loop looks again every `ROOM_POLL`.
+    fn watch_room_waits(&mut self, waiting: &[(Action, Wait)]) {
+        let now = Instant::now();
+        let timeout = self.config.gpu.reclaim_timeout;
+        let mut timed_out = Vec::new();
+        for record in self.records.iter_mut() {
+            let room = waiting.iter().find_map(|(action, wait)| match wait {
+                Wait::GpuRoom { need_mb, room_mb } if action.service == *record.name() => {
+                    Some((*need_mb, *room_mb))
+                }
+                _ => None,
+            });
+            match (room, &record.room_wait) {
+                (None, _) => record.room_wait = None,
+                (Some(_), None) => record.room_wait = Some(RoomWait { since: now }),
+                (Some(room), Some(wait)) if now.duration_since(wait.since) >= timeout => {
+                    timed_out.push((record.name().clone(), room));
+                }
+                (Some(_), Some(_)) => {}
+            }
+        }
+        if waiting
+            .iter()
+            .any(|(_, w)| matches!(w, Wait::GpuRoom { .. }))
+        {
+            self.wake_at(now + ROOM_POLL);
+        }
+        for (name, (need_mb, room_mb)) in timed_out {
+            let message = self.no_room_message(&name, need_mb, room_mb);
+            if let Some(record) = self.records.get_mut(&name) {
+                record.room_wait = None;
+                record.fail("start", message.clone());
+            }
+            self.record_action(ActionRecord {
+                op: Op::Start.to_string(),
+                service: name.to_string(),
+                reason: "waiting for the GPU to show its room".to_owned(),
+                cause: None,
+                generation: self.generation,
+                duration_ms: timeout.as_millis() as u64,
+                outcome: Err(message),
+                failure: Some(FailureKind::Timeout),
+                started_at_ms: now_ms().saturating_sub(timeout.as_millis() as u64),
+                finished_at_ms: now_ms(),
+            });
+        }
+    }
+
+    fn no_room_message(&self, name: &ServiceName, need_mb: u64, room_mb: u64) -> String {
+        let holders: Vec<String> = self
+            .gpu_view
+            .sample
+            .iter()
+            .flat_map(|s| &s.processes)
+            .map(|p| {
+                let owner = self
+                    .gpu_view
+                    .owners
+                    .get(&p.pid)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "external".to_owned());
+                format!(
+                    "pid {} ({}, {owner}) {} MB",
+                    p.pid,
+                    observe::process_name(p.pid),
+                    p.used_mb
+                )
+            })
+            .collect();
+        format!(
+            "cannot start {name}: it needs {need_mb} MB but only {room_mb} MB is free after {:?} ({} MB reserve); held by: {}",
+            self.config.gpu.reclaim_timeout,
+            self.config.gpu.reserve_mb,
+            if holders.is_empty() { "no listed process".to_owned() } else { holders.join(", ") }
+        )
+    }
+
+    // ---- actions ----
+
+    /// Begins one action as a task; a stop of a service whose start is under way
+    /// cancels that start instead.
+    fn begin(&mut self, action: Action) {
+        let generation = self.generation;
+        let Some(record) = self.records.get_mut(&action.service) else {
+            return;
+        };
+        if action.op == Op::Stop {
+            if let Some(flight) = record.in_flight.as_mut().filter(|f| f.op == Op::Start) {
+                tracing::info!(service = %action.service, reason = %action.reason, "superseded: cancelling its start");
+                flight.supersede.cancel();
+                flight.superseded = true;
+                record.set_state(ServiceState::Stopping);
+                record.reason = Some(format!("superseded: {}", action.reason));
+                return;
+            }
+        }
+        let supersede = CancellationToken::new();
+        let abandon = self.abandon.child_token();
+        let context = TaskContext {
+            effects: self.effects.clone(),
+            spec: record.spec.clone(),
+            gpu: self.gpu.gpu(),
+            reclaim_timeout: self.config.gpu.reclaim_timeout,
+            wake: self.wake_tx.clone(),
+            supersede: supersede.clone(),
+            abandon: abandon.clone(),
+        };
+        match (action.op, record.instance.clone()) {
+            (Op::Stop, Some(instance)) => {
+                record.stop_monitor();
+                record.set_state(ServiceState::Stopping);
+                self.spawn_task(&action.service, tasks::stop(context, instance));
+            }
+            (Op::Stop, None) => return,
+            (Op::Start, _) => {
+                // A restart is a start retried after failures; a new desired state
+                // forgives failures, so a start it asks for is not one.
+                if record.consecutive_failures > 0 {
+                    record.restarts += 1;
+                }
+                record.condition = Condition::Healthy;
+                record.set_state(ServiceState::Starting);
+                self.spawn_task(&action.service, tasks::start(context));
+            }
+        }
+        self.mark_in_flight(&action, generation, supersede, abandon);
+    }
+
+    fn spawn_task(
+        &mut self,
+        service: &ServiceName,
+        task: impl std::future::Future<Output = Outcome<E::Instance>> + Send + 'static,
+    ) {
+        let name = service.clone();
+        let handle = self.actions.spawn(async move {
+            Finished {
+                service: name,
+                outcome: task.await,
+            }
         });
-        let outcome = match action.op {
-            Op::Stop => self.stop_for_plan(&spec, action).await,
-            Op::Start => self.start_for_plan(&spec, action).await,
+        self.action_ids.insert(handle.id(), service.clone());
+    }
+
+    fn mark_in_flight(
+        &mut self,
+        action: &Action,
+        generation: u64,
+        supersede: CancellationToken,
+        abandon: CancellationToken,
+    ) {
+        let Some(record) = self.records.get_mut(&action.service) else {
+            return;
         };
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        let (outcome, failure) = match outcome {
-            Ok(detail) => {
-                tracing::info!(op = %action.op, service = %action.service, %detail, elapsed_ms, "done");
-                (Ok(detail), None)
-            }
-            Err(failure) => {
-                tracing::error!(op = %action.op, service = %action.service, error = %failure.message, "action failed");
-                (Err(failure.message), Some(failure.kind))
-            }
-        };
-        let record = ActionRecord {
+        record.reason = Some(action.reason.clone());
+        record.room_wait = None;
+        let started_at_ms = now_ms();
+        record.in_flight = Some(InFlight {
+            op: action.op,
+            cause: action.cause,
+            generation,
+            started: Instant::now(),
+            started_at_ms,
+            supersede,
+            abandon,
+            superseded: false,
+        });
+        tracing::info!(op = %action.op, service = %action.service, reason = %action.reason, after = ?action.after, "action begins");
+        let _ = self.feed.send(DaemonEvent::ActionStarted {
+            generation,
             op: action.op.to_string(),
             service: action.service.to_string(),
             reason: action.reason.clone(),
-            generation: self.generation,
-            duration_ms: elapsed_ms,
+            cause: Some(action.cause),
+            started_at_ms: Some(started_at_ms),
+        });
+        self.publish();
+    }
+
+    /// An action task ended: record its outcome and what it means for the service.
+    fn on_finished(&mut self, joined: Result<(Id, Finished<E::Instance>), JoinError>) {
+        self.dirty = true;
+        let finished = match joined {
+            Ok((id, finished)) => {
+                self.action_ids.remove(&id);
+                finished
+            }
+            Err(error) => {
+                let Some(service) = self.action_ids.remove(&error.id()) else {
+                    return;
+                };
+                if !error.is_cancelled() {
+                    tracing::error!(%service, %error, "an action task panicked");
+                }
+                let outcome = if error.is_cancelled() {
+                    Outcome::Abandoned
+                } else {
+                    Outcome::StartFailed {
+                        error: EffectError::new(
+                            FailureKind::Other,
+                            format!("the action panicked: {error}"),
+                        ),
+                        left_running: None,
+                    }
+                };
+                Finished { service, outcome }
+            }
+        };
+        let Some(record) = self.records.get_mut(&finished.service) else {
+            return;
+        };
+        let Some(flight) = record.in_flight.take() else {
+            return;
+        };
+        let spec_name = record.name().clone();
+        let (outcome, failure): (Result<String, String>, Option<FailureKind>) =
+            match finished.outcome {
+                Outcome::Started { instance, took } => {
+                    record.instance = Some(instance);
+                    let detail = match flight.cause {
+                        Cause::Adopted => format!("adopted; ready after {} ms", took.as_millis()),
+                        _ => format!("ready after {} ms", took.as_millis()),
+                    };
+                    self.mark_ready(&spec_name);
+                    (Ok(detail), None)
+                }
+                Outcome::StartFailed {
+                    error,
+                    left_running,
+                } => {
+                    let message = error.message.clone();
+                    match left_running {
+                        Some(instance) => {
+                            // Still running: stopped as unhealthy, under the lease.
+                            record.instance = Some(instance);
+                            record.last_error = Some(message.clone());
+                            record.condition = Condition::Unhealthy {
+                                reason: message.clone(),
+                            };
+                            record.set_state(ServiceState::Unhealthy);
+                        }
+                        None if error.is_backend_down() => {
+                            record.instance = None;
+                            record.last_error = Some(message.clone());
+                            record.set_state(ServiceState::Unknown);
+                        }
+                        None => {
+                            record.instance = None;
+                            record.fail("start", message.clone());
+                        }
+                    }
+                    (Err(message), Some(error.kind))
+                }
+                Outcome::Stopped { detail, reclaim } => {
+                    record.instance = None;
+                    let failed_health = match &record.condition {
+                        Condition::Unhealthy { reason } => Some(reason.clone()),
+                        Condition::Healthy => None,
+                    };
+                    record.condition = Condition::Healthy;
+                    match (flight.cause, failed_health) {
+                        (Cause::Unhealthy, Some(reason)) => record.fail("start", reason),
+                        (Cause::Preempted, _) => {
+                            record.forgive();
+                            record.set_state(ServiceState::Preempted);
+                        }
+                        _ => {
+                            record.forgive();
+                            record.set_state(ServiceState::Stopped);
+                        }
+                    }
+                    match reclaim {
+                        Ok(()) => (Ok(detail), None),
+                        Err(error) => {
+                            record.last_error = Some(error.message.clone());
+                            (Err(error.message), Some(error.kind))
+                        }
+                    }
+                }
+                Outcome::StopFailed { error } => {
+                    let message = error.message.clone();
+                    if error.is_backend_down() {
+                        // Whether it still runs is not known: let the instance go; the next
+                        // rounds ask the engine again and adopt it if it runs.
+                        if let Some(instance) = record.instance.take() {
+                            self.effects.let_go(&instance);
+                        }
+                        record.last_error = Some(message.clone());
+                        record.set_state(ServiceState::Unknown);
+                    } else {
+                        record.fail("stop", message.clone());
+                    }
+                    (Err(message), Some(error.kind))
+                }
+                Outcome::Cancelled { detail, reclaim } => {
+                    record.instance = None;
+                    record.set_state(ServiceState::Stopped);
+                    let message = match reclaim {
+                        Ok(()) => format!("cancelled: {detail}"),
+                        Err(error) => format!("cancelled: {detail}; {error}"),
+                    };
+                    (Err(message), Some(FailureKind::Cancelled))
+                }
+                Outcome::Abandoned => (
+                    Err("left as it was at shutdown, for the next daemon to adopt".to_owned()),
+                    Some(FailureKind::Cancelled),
+                ),
+            };
+        let elapsed = flight.started.elapsed();
+        match &outcome {
+            Ok(detail) => {
+                tracing::info!(op = %flight.op, service = %spec_name, %detail, elapsed_ms = elapsed.as_millis() as u64, "action done")
+            }
+            Err(error) => {
+                tracing::warn!(op = %flight.op, service = %spec_name, %error, elapsed_ms = elapsed.as_millis() as u64, "action did not complete")
+            }
+        }
+        let reason = self
+            .records
+            .get(&spec_name)
+            .and_then(|r| r.reason.clone())
+            .unwrap_or_default();
+        self.record_action(ActionRecord {
+            op: flight.op.to_string(),
+            service: spec_name.to_string(),
+            reason,
+            cause: Some(flight.cause),
+            generation: flight.generation,
+            duration_ms: elapsed.as_millis() as u64,
             outcome,
             failure,
+            started_at_ms: flight.started_at_ms,
             finished_at_ms: now_ms(),
-        };
+        });
+    }
+
+    /// Keeps a finished action for status, the waiting callers and the event stream.
+    fn record_action(&mut self, record: ActionRecord) {
         self.waiters.record(&record);
         self.history.push(record.clone());
         if self.history.len() > ACTION_HISTORY {
@@ -589,140 +941,52 @@ impl Reconciler {
         let _ = self
             .feed
             .send(DaemonEvent::ActionFinished { action: record });
-        failure.is_none()
     }
 
-    async fn stop_for_plan(
-        &mut self,
-        spec: &ServiceSpec,
-        action: &Action,
-    ) -> Result<String, ActionFailure> {
-        let gpu_pids = self.record(&spec.name).gpu_pids.clone();
-        let evicted = self.evict_or_stop(spec, &action.reason, &gpu_pids).await?;
-        let record = self.record(&spec.name);
-        let preempted = action.reason.starts_with("preempted");
-        record.set_state(if preempted {
-            ServiceState::Preempted
-        } else {
-            ServiceState::Stopped
-        });
-        record.reason = Some(action.reason.clone());
-        self.wait_pids_gone(spec, &gpu_pids).await?;
-        Ok(match evicted {
-            Some(detail) => format!("{detail}; {} MB back", action.vram_mb),
-            None => format!("stopped; {} MB back", action.vram_mb),
-        })
-    }
-
-    /// Stops the instance (if any) and clears it from the record.
-    async fn stop_instance(&mut self, spec: &ServiceSpec, why: &str) -> Result<(), ActionFailure> {
-        let record = self.record(&spec.name);
-        let Some(instance) = record.instance.clone() else {
-            return Ok(());
-        };
-        record.stop_monitor();
-        record.set_state(ServiceState::Stopping);
-        record.reason = Some(why.to_owned());
-        self.publish();
-        match self.effects.stop(spec, &instance).await {
-            Ok(report) => {
-                let record = self.record(&spec.name);
-                record.instance = None;
-                if report.forced {
-                    tracing::warn!(service = %spec.name, "did not stop on SIGTERM within its stop timeout: killed");
-                }
-                Ok(())
-            }
-            Err(error) => {
-                let failure = ActionFailure::from(&error);
-                self.record(&spec.name).last_error = Some(failure.message.clone());
-                if error.is_backend_down() {
-                    self.lose_track(&spec.name);
-                }
-                Err(failure)
-            }
-        }
-    }
-
-    async fn start_for_plan(
-        &mut self,
-        spec: &ServiceSpec,
-        action: &Action,
-    ) -> Result<String, ActionFailure> {
-        if let Err(failure) = self.wait_for_room(spec, action.vram_mb).await {
-            self.fail(&spec.name, failure.message.clone());
-            return Err(failure);
-        }
-        let instance = match self.effects.start(spec).await {
-            Ok(instance) => instance,
-            Err(error) => return Err(self.start_failed(&spec.name, &error)),
-        };
-        let record = self.record(&spec.name);
-        // A restart is a start retried after failures; a new desired state resets the
-        // count of failures, so a start it asks for is not one.
-        if record.consecutive_failures > 0 {
-            record.restarts += 1;
-        }
-        record.reason = Some(action.reason.clone());
-        self.attach(&spec.name, instance.clone(), ServiceState::Starting);
-        self.publish();
-        match self.effects.wait_ready(spec, &instance).await {
-            Ok(took) => {
-                self.mark_ready(&spec.name);
-                Ok(format!("ready after {} ms", took.as_millis()))
-            }
-            Err(error) => {
-                let failure = ActionFailure::from(&error);
-                // Nothing is left half-started: a start that failed is stopped.
-                let _ = self.stop_instance(spec, "start failed").await;
-                self.fail(&spec.name, failure.message.clone());
-                Err(failure)
-            }
-        }
-    }
-
-    /// Takes ownership of a running instance: exit watch and state.
-    fn attach(&mut self, name: &ServiceName, instance: Instance, state: ServiceState) {
-        let events = self.events_tx.clone();
+    /// Takes ownership of a running instance: its exit is watched from now on.
+    fn attach(&mut self, name: &ServiceName, instance: E::Instance) {
+        let wake = self.wake_tx.clone();
         let service = name.clone();
-        let watched = instance.clone();
+        let pid = E::root_pid(&instance);
+        let exited = E::wait_exit(instance.clone());
         tokio::spawn(async move {
-            let exit = watched.wait_exit().await;
-            if let Some(pid) = watched.root_pid() {
-                let _ = events.send(Event::Exited { service, pid, exit }).await;
+            let exit = exited.await;
+            if let Some(pid) = pid {
+                let _ = wake.send(Wake::Exited { service, pid, exit }).await;
             }
         });
-        let record = self.record(name);
-        record.instance = Some(instance);
-        record.set_state(state);
+        if let Some(record) = self.records.get_mut(name) {
+            record.instance = Some(instance);
+        }
     }
 
-    /// A service became ready: reset failures and watch its health.
+    /// A service became ready: forgive its failures and watch its health.
     fn mark_ready(&mut self, name: &ServiceName) {
-        let spec = self.spec(name).clone();
         let interval = self.config.resync;
         let effects = self.effects.clone();
-        let events = self.events_tx.clone();
-        let record = self.record(name);
-        record.consecutive_failures = 0;
-        record.retry_at = None;
+        let wake = self.wake_tx.clone();
+        let Some(record) = self.records.get_mut(name) else {
+            return;
+        };
+        record.forgive();
         record.last_error = None;
+        record.condition = Condition::Healthy;
         record.set_state(ServiceState::Ready);
-        let pid = record.instance.as_ref().and_then(Instance::root_pid);
-        if let (Some(check), Some(pid)) = (spec.health.clone(), pid) {
+        let pid = record.instance.as_ref().and_then(E::root_pid);
+        let service = name.clone();
+        if let (Some(check), Some(pid)) = (record.spec.health.clone(), pid) {
             let task = tokio::spawn(async move {
                 let mut failures = 0;
                 loop {
                     tokio::time::sleep(interval).await;
-                    match effects.prober().probe(&check).await {
+                    match effects.probe(&check).await {
                         Ok(()) => failures = 0,
                         Err(error) => {
                             failures += 1;
                             if failures >= UNHEALTHY_AFTER {
-                                let error = error.to_string();
-                                let _ = events
-                                    .send(Event::Unhealthy {
-                                        service: spec.name.clone(),
+                                let _ = wake
+                                    .send(Wake::Unhealthy {
+                                        service,
                                         pid,
                                         error,
                                     })
@@ -733,47 +997,112 @@ impl Reconciler {
                     }
                 }
             });
+            record.stop_monitor();
             record.monitor = Some(task.abort_handle());
+        }
+    }
+
+    // ---- adoption ----
+
+    /// Adopts services left running by an earlier daemon instead of starting them
+    /// twice; each is checked ready in a task of its own.
+    async fn adopt_running(&mut self) {
+        let names: Vec<ServiceName> = self.records.iter().map(|r| r.name().clone()).collect();
+        self.adopt_each(&names).await;
+    }
+
+    /// Adopts what runs of `names`; a service whose backend cannot be asked is `unknown`.
+    async fn adopt_each(&mut self, names: &[ServiceName]) {
+        for name in names {
+            let Some(record) = self.records.get(name) else {
+                continue;
+            };
+            if record.instance.is_some() || record.in_flight.is_some() {
+                continue;
+            }
+            let spec = record.spec.clone();
+            let Some(instance) = self.find_running(&spec).await else {
+                continue;
+            };
+            tracing::info!(service = %name, pid = ?E::root_pid(&instance), "adopted a running instance");
+            self.attach(name, instance.clone());
+            let supersede = CancellationToken::new();
+            let abandon = self.abandon.child_token();
+            let context = TaskContext {
+                effects: self.effects.clone(),
+                spec,
+                gpu: self.gpu.gpu(),
+                reclaim_timeout: self.config.gpu.reclaim_timeout,
+                wake: self.wake_tx.clone(),
+                supersede: supersede.clone(),
+                abandon: abandon.clone(),
+            };
+            if let Some(record) = self.records.get_mut(name) {
+                record.set_state(ServiceState::Starting);
+            }
+            self.spawn_task(name, tasks::verify_adopted(context, instance));
+            let action = Action {
+                op: Op::Start,
+                service: name.clone(),
+                vram_mb: 0,
+                cause: Cause::Adopted,
+                reason: "adopted: left running by an earlier daemon".to_owned(),
+                after: Vec::new(),
+            };
+            let generation = self.generation;
+            self.mark_in_flight(&action, generation, supersede, abandon);
+        }
+    }
+
+    /// Another daemon leads now: forget the instances this one tracked (they keep
+    /// running, and the leader adopts them) so that nothing here acts on them.
+    fn let_go(&mut self) {
+        self.abandon.cancel();
+        self.abandon = CancellationToken::new();
+        for record in self.records.iter_mut() {
+            record.stop_monitor();
+            record.instance = None;
+            record.set_state(ServiceState::Stopped);
+            record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
+        }
+        self.lease_held = false;
+    }
+
+    // ---- shutdown ----
+
+    fn begin_shutdown(&mut self) {
+        let timeout = self.config.shutdown_timeout;
+        tracing::info!(
+            actions = self.actions.len(),
+            ?timeout,
+            "shutting down: new transitions are refused; GPU services keep running and are adopted by the next daemon"
+        );
+        self.lifecycle = Lifecycle::ShuttingDown {
+            deadline: Instant::now() + timeout,
+        };
+        self.waiters.fail_all(TransitionError::shutting_down());
+        // Starts are left running at a safe point (their pid files are on disk); stops
+        // get until the deadline to finish.
+        for record in self.records.iter_mut() {
+            if let Some(flight) = record.in_flight.as_ref().filter(|f| f.op == Op::Start) {
+                flight.abandon.cancel();
+            }
         }
         self.publish();
     }
-}
 
-/// Whether the run loop starts another round at once.
-#[derive(Debug, PartialEq, Eq)]
-enum Again {
-    Now,
-    OnNextTrigger,
-}
-
-/// Why an action failed, and what kind of failure it was (for the API's status code).
-#[derive(Debug)]
-struct ActionFailure {
-    kind: FailureKind,
-    message: String,
-}
-
-impl ActionFailure {
-    fn timeout(message: String) -> Self {
-        Self {
-            kind: FailureKind::Timeout,
-            message,
+    async fn finish_shutdown(&mut self) {
+        for record in self.records.iter_mut() {
+            record.stop_monitor();
         }
+        self.waiters.fail_all(TransitionError::shutting_down());
+        self.lease.step_down().await;
+        self.lease_held = false;
+        self.publish();
+        tracing::info!("shut down: the lease and the lead are released");
     }
 
-    fn other(message: String) -> Self {
-        Self {
-            kind: FailureKind::Other,
-            message,
-        }
-    }
-}
-
-impl From<&ActError> for ActionFailure {
-    fn from(error: &ActError) -> Self {
-        Self {
-            kind: error.failure_kind(),
-            message: error.to_string(),
-        }
+    fn shutting_down(&self) -> bool {
+        self.lifecycle != Lifecycle::Running
     }
 }

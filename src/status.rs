@@ -8,6 +8,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Phase;
+use crate::plan::Cause;
+
+pub use crate::clock::now_ms;
+pub use crate::lease::{LeaseRefusal, LeaseRole, LockStatus};
 
 /// A service's lifecycle state, as the contract names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,61 +83,6 @@ pub struct ServiceStatus {
     pub restarts: u32,
 }
 
-/// The lease transitions run under (`lease:` in the config).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct LockStatus {
-    /// Who holds the transition lock (`key`) now, this daemon or another (a Python
-    /// consumer's redis-py token, another gpu-manager); None: free.
-    pub holder: Option<String>,
-    /// Since when: when this daemon took it, or first saw a foreign holder.
-    pub since_ms: Option<u64>,
-    /// "in-process" or "redis".
-    pub backend: String,
-    pub key: Option<String>,
-    pub reachable: bool,
-    pub error: Option<String>,
-    /// The holder is this daemon.
-    #[serde(default)]
-    pub ours: bool,
-    /// How long until the holder's key expires unless renewed (Redis only).
-    #[serde(default)]
-    pub expires_in_ms: Option<u64>,
-    /// Whether this daemon acts (leader) or waits to take over (standby).
-    #[serde(default)]
-    pub role: LeaseRole,
-    /// The daemon that acts: its identity (host, pid, run id).
-    #[serde(default)]
-    pub leader: Option<String>,
-    /// This daemon's identity.
-    #[serde(default)]
-    pub identity: String,
-    /// The lease's situation in one sentence.
-    #[serde(default)]
-    pub summary: String,
-    /// The last time a transition could not run, or was cut short, for lack of the lease.
-    #[serde(default)]
-    pub last_refusal: Option<LeaseRefusal>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LeaseRole {
-    Leader,
-    #[default]
-    Standby,
-}
-
-/// A transition refused (or stopped) for lack of the lease, for API answers: 423 while
-/// someone else holds it, 503 while its backend is unreachable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LeaseRefusal {
-    pub http_status: u16,
-    pub error: String,
-    /// Who held the lease instead, when known.
-    pub holder: Option<String>,
-    pub at_ms: u64,
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GpuStatus {
     /// "nvml", "simulated" or "unavailable".
@@ -173,11 +122,17 @@ pub struct ActionRecord {
     pub op: String,
     pub service: String,
     pub reason: String,
+    /// Why it was taken, as a type.
+    #[serde(default)]
+    pub cause: Option<Cause>,
     pub generation: u64,
     pub duration_ms: u64,
     pub outcome: Result<String, String>,
     /// What kind of failure, when it failed: decides the API's status code.
     pub failure: Option<FailureKind>,
+    /// When it began and ended, milliseconds since the epoch: actions run side by side.
+    #[serde(default)]
+    pub started_at_ms: u64,
     pub finished_at_ms: u64,
 }
 
@@ -188,6 +143,8 @@ pub enum FailureKind {
     Timeout,
     /// A backend the action needs (Docker) is unreachable.
     BackendDown,
+    /// A newer desired state no longer wanted it: stopped before it was ready.
+    Cancelled,
     Other,
 }
 
@@ -243,6 +200,10 @@ pub enum DaemonEvent {
         op: String,
         service: String,
         reason: String,
+        #[serde(default)]
+        cause: Option<Cause>,
+        #[serde(default)]
+        started_at_ms: Option<u64>,
     },
     ActionFinished {
         action: ActionRecord,
@@ -257,14 +218,6 @@ pub enum DaemonEvent {
     Lagged {
         missed: u64,
     },
-}
-
-/// Milliseconds since the epoch, for timestamps people and tools can read.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

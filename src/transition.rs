@@ -128,6 +128,9 @@ pub enum TransitionError {
     NotWritten { detail: String },
     #[error("{detail}")]
     BadRequest { detail: String },
+    /// The daemon is shutting down (SIGTERM, SIGINT): send the request to the next one.
+    #[error("{detail}")]
+    ShuttingDown { detail: String },
 }
 
 impl From<LeaseError> for TransitionError {
@@ -158,10 +161,16 @@ impl TransitionError {
             TransitionError::UnknownService { .. } | TransitionError::UnknownPhase { .. } => 404,
             TransitionError::CannotFit { .. } | TransitionError::Superseded { .. } => 409,
             TransitionError::LeaseHeld { .. } => 423,
-            TransitionError::BackendDown { .. } => 503,
+            TransitionError::BackendDown { .. } | TransitionError::ShuttingDown { .. } => 503,
             TransitionError::TimedOut { .. } => 504,
             TransitionError::BadRequest { .. } => 400,
             TransitionError::Failed { .. } | TransitionError::NotWritten { .. } => 500,
+        }
+    }
+
+    pub fn shutting_down() -> Self {
+        TransitionError::ShuttingDown {
+            detail: "gpu-manager is shutting down: GPU services keep running and the next daemon adopts them; retry once it is back".to_owned(),
         }
     }
 
@@ -239,14 +248,19 @@ impl Waiters {
         self.waiting.is_empty()
     }
 
-    /// Gives each waiter of the action's generation its record.
+    /// Gives every waiter the record of an action that finished while it waited: an
+    /// action begun for an earlier generation and still wanted is part of its
+    /// transition too (older waiters were superseded already).
     pub fn record(&mut self, action: &ActionRecord) {
-        for waiting in self
-            .waiting
-            .iter_mut()
-            .filter(|w| w.generation == action.generation)
-        {
+        for waiting in self.waiting.iter_mut() {
             waiting.actions.push(action.clone());
+        }
+    }
+
+    /// Answers every waiting caller with `error`.
+    pub fn fail_all(&mut self, error: TransitionError) {
+        for waiting in self.waiting.drain(..) {
+            let _ = waiting.reply.send(Err(error.clone()));
         }
     }
 
@@ -294,8 +308,11 @@ impl Waiters {
     }
 }
 
+/// The first action that failed; a cancelled one (superseded, left at shutdown) is not
+/// a failure of the transition that replaced it.
 fn first_failure(actions: &[ActionRecord]) -> Option<TransitionError> {
     actions.iter().find_map(|action| match &action.outcome {
+        Err(_) if action.failure == Some(FailureKind::Cancelled) => None,
         Err(detail) => Some(TransitionError::from_action(action, detail)),
         Ok(_) => None,
     })
@@ -325,10 +342,12 @@ mod tests {
             op: "start".into(),
             service: "a".into(),
             reason: "pinned".into(),
+            cause: None,
             generation,
             duration_ms: 5,
             outcome,
             failure,
+            started_at_ms: 0,
             finished_at_ms: 0,
         }
     }

@@ -353,7 +353,7 @@ fn ollama_is_stopped_when_the_gpu_does_not_confirm_the_unload() {
     let log = h.daemon_log();
     assert!(log.contains("asked Ollama to unload the model"), "{log}");
     assert!(
-        log.contains("eviction failed: stopping the container instead"),
+        log.contains("eviction failed: stopping it instead"),
         "{log}"
     );
 }

@@ -117,18 +117,26 @@ fn a_lease_lost_mid_transition_stops_further_actions() {
     let Some(redis) = TestRedis::start() else {
         return;
     };
-    let mut vidi = Standin::new("vidi", 4096, 40, "[2]");
+    // Each needs half the GPU, so cosyvoice's start must wait for vidi's stop.
+    let mut vidi = Standin::new("vidi", 12288, 40, "[2]");
     vidi.stop_delay_ms = 3000;
-    let cosyvoice = Standin::new("cosyvoice", 4096, 50, "[3]");
+    let cosyvoice = Standin::new("cosyvoice", 12288, 50, "[3]");
     let mut h = Harness::new(vec![vidi, cosyvoice]);
     h.write_config(&lease_block(&redis, 2000, 500));
     h.start_daemon();
     h.set_desired("phase: 2\n");
     h.wait_converged(&["vidi"]);
+    // Ready as the daemon sees it too, so that phase 3 stops vidi rather than cancel
+    // its start.
+    h.wait_until("the daemon has vidi ready", |h| {
+        h.daemon_log()
+            .contains("service state service=vidi from=starting to=ready")
+    });
     h.set_desired("phase: 3\n");
     // The stop of vidi is in flight (3 s) when someone else takes the key.
     h.wait_until("the stop of vidi runs", |h| {
-        h.daemon_log().contains("action op=stop service=vidi")
+        h.daemon_log()
+            .contains("action begins op=stop service=vidi")
     });
     set(&redis, "gpu_lock", "intruder", 120_000);
     h.wait_until("the loss is reported", |h| {
@@ -212,9 +220,9 @@ fn of_two_daemons_one_acts_and_the_standby_takes_over_after_kill_9() {
         || leader.log(),
     );
     assert_eq!(h.instances_of("vidi"), 1);
-    assert!(leader.log().contains("action op=start service=vidi"));
+    assert!(leader.log().contains("action begins op=start service=vidi"));
     assert!(
-        !h.daemon_log().contains("action op="),
+        !h.daemon_log().contains("action begins"),
         "the standby never acts:\n{}",
         h.daemon_log()
     );

@@ -2,7 +2,9 @@
 //! only records who holds the lease, for status. Python consumers' Redis locks are not
 //! seen, which status says plainly.
 
-use crate::status::{now_ms, LeaseRole, LockStatus};
+use crate::clock::now_ms;
+
+use super::{LeaseRole, LockStatus};
 
 use super::Leadership;
 

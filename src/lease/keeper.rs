@@ -17,6 +17,10 @@ use tokio::task::JoinHandle;
 
 use super::protocol::{self, Holder};
 
+/// How often a standby looks for a free leader key: a leader that shuts down deletes
+/// its key, and the standby should take over well within a second.
+const STANDBY_POLL: Duration = Duration::from_millis(250);
+
 /// How often a held key is extended: three chances before it would expire.
 fn renew_every(ttl: Duration) -> Duration {
     ttl / 3
@@ -114,6 +118,8 @@ pub struct LeaderState {
 pub struct LeaderKeeper {
     task: JoinHandle<()>,
     state: watch::Receiver<LeaderState>,
+    key: String,
+    token: String,
 }
 
 impl LeaderKeeper {
@@ -126,8 +132,8 @@ impl LeaderKeeper {
         ttl: Duration,
     ) -> Self {
         let mut claim = Claim {
-            key,
-            token,
+            key: key.clone(),
+            token: token.clone(),
             ttl,
             last_ok: None,
         };
@@ -142,11 +148,24 @@ impl LeaderKeeper {
                 wait = next_wait;
             }
         });
-        Self { task, state }
+        Self {
+            task,
+            state,
+            key,
+            token,
+        }
     }
 
     pub fn state(&self) -> LeaderState {
         self.state.borrow().clone()
+    }
+
+    /// Stops claiming and deletes the leader key if it is still this daemon's.
+    pub async fn step_down(self, conn: &mut ConnectionManager) -> Result<(), RedisError> {
+        self.task.abort();
+        protocol::release(conn, &self.key, &self.token)
+            .await
+            .map(drop)
     }
 }
 
@@ -181,13 +200,17 @@ impl Claim {
             Ok((false, holder)) => {
                 self.last_ok = None;
                 // Wake just after the leader's key would expire, to take over within
-                // one TTL of the leader's last renewal.
+                // one TTL of the leader's last renewal, and at least every
+                // STANDBY_POLL, to take over at once from a leader that stepped down.
                 let wait = holder
                     .as_ref()
                     .and_then(|h| h.expires_in)
                     .map(|left| left + Duration::from_millis(20))
-                    .unwrap_or(renew_every(self.ttl))
-                    .clamp(Duration::from_millis(20), renew_every(self.ttl));
+                    .unwrap_or(STANDBY_POLL)
+                    .clamp(
+                        Duration::from_millis(20),
+                        STANDBY_POLL.min(renew_every(self.ttl)),
+                    );
                 let state = LeaderState {
                     leading: false,
                     leader: holder.map(|h| h.token),

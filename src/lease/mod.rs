@@ -18,7 +18,11 @@ mod redis;
 mod test_redis;
 
 use crate::config::LeaseConfig;
-use crate::status::{now_ms, LeaseRefusal, LockStatus};
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now_ms;
 
 pub use self::in_process::InProcessLease;
 pub use self::redis::RedisLease;
@@ -107,6 +111,31 @@ impl Leadership {
     }
 }
 
+/// What the reconciler needs of a lease (docs/ARCHITECTURE.md, "The lease"). No method
+/// waits for another holder: the reconciler tries again on its own clock, so that it
+/// keeps hearing events while a Python consumer holds the lock.
+pub trait LeaseBackend: Send + 'static {
+    /// Once per round: reads who leads and who holds the transition lock (background
+    /// tasks renew the keys), for status and for the round.
+    fn refresh(&mut self) -> impl Future<Output = Leadership> + Send;
+
+    /// One attempt at the transition lock. `HeldElsewhere` says how long this daemon
+    /// has been trying, so the caller decides when to give up.
+    fn try_acquire(&mut self) -> impl Future<Output = Result<(), LeaseError>> + Send;
+
+    /// Before new actions begin: is the transition lock still ours?
+    fn check(&mut self) -> impl Future<Output = Result<(), LeaseError>> + Send;
+
+    /// Releases the transition lock, if held.
+    fn release(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// At shutdown: releases the transition lock and the lead, so that a standby takes
+    /// over at once rather than after a TTL.
+    fn step_down(&mut self) -> impl Future<Output = ()> + Send;
+
+    fn status(&self) -> LockStatus;
+}
+
 /// The lease the reconciler acts under.
 pub enum Lease {
     InProcess(InProcessLease),
@@ -125,41 +154,45 @@ impl Lease {
         tracing::info!(summary = %lease.status().summary, "lease");
         Ok(lease)
     }
+}
 
-    /// Once per reconcile round: renews nothing itself (background tasks do), but reads
-    /// who leads and who holds the transition lock, for status and for the round.
-    pub async fn refresh(&mut self) -> Leadership {
+impl LeaseBackend for Lease {
+    async fn refresh(&mut self) -> Leadership {
         match self {
             Lease::InProcess(lease) => lease.refresh(),
             Lease::Redis(lease) => lease.refresh().await,
         }
     }
 
-    /// Takes the transition lock, waiting up to `lease.wait_ms` for another holder.
-    /// The lease logs and records refusals itself (status `lock.last_refusal`).
-    pub async fn acquire(&mut self) -> Result<(), LeaseError> {
+    async fn try_acquire(&mut self) -> Result<(), LeaseError> {
         match self {
             Lease::InProcess(lease) => lease.acquire(),
-            Lease::Redis(lease) => lease.acquire().await,
+            Lease::Redis(lease) => lease.try_acquire().await,
         }
     }
 
-    /// Before each action: is the transition lock still ours? Stop acting if not.
-    pub async fn check(&mut self) -> Result<(), LeaseError> {
+    async fn check(&mut self) -> Result<(), LeaseError> {
         match self {
             Lease::InProcess(_) => Ok(()),
             Lease::Redis(lease) => lease.check().await,
         }
     }
 
-    pub async fn release(&mut self) {
+    async fn release(&mut self) {
         match self {
             Lease::InProcess(lease) => lease.release(),
             Lease::Redis(lease) => lease.release().await,
         }
     }
 
-    pub fn status(&self) -> LockStatus {
+    async fn step_down(&mut self) {
+        match self {
+            Lease::InProcess(lease) => lease.release(),
+            Lease::Redis(lease) => lease.step_down().await,
+        }
+    }
+
+    fn status(&self) -> LockStatus {
         match self {
             Lease::InProcess(lease) => lease.status(),
             Lease::Redis(lease) => lease.status(),
@@ -173,6 +206,61 @@ pub fn holder_identity() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned());
     format!("gpu-manager:{host}:{}:{:x}", std::process::id(), now_ms())
+}
+
+/// The lease transitions run under (`lease:` in the config).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LockStatus {
+    /// Who holds the transition lock (`key`) now, this daemon or another (a Python
+    /// consumer's redis-py token, another gpu-manager); None: free.
+    pub holder: Option<String>,
+    /// Since when: when this daemon took it, or first saw a foreign holder.
+    pub since_ms: Option<u64>,
+    /// "in-process" or "redis".
+    pub backend: String,
+    pub key: Option<String>,
+    pub reachable: bool,
+    pub error: Option<String>,
+    /// The holder is this daemon.
+    #[serde(default)]
+    pub ours: bool,
+    /// How long until the holder's key expires unless renewed (Redis only).
+    #[serde(default)]
+    pub expires_in_ms: Option<u64>,
+    /// Whether this daemon acts (leader) or waits to take over (standby).
+    #[serde(default)]
+    pub role: LeaseRole,
+    /// The daemon that acts: its identity (host, pid, run id).
+    #[serde(default)]
+    pub leader: Option<String>,
+    /// This daemon's identity.
+    #[serde(default)]
+    pub identity: String,
+    /// The lease's situation in one sentence.
+    #[serde(default)]
+    pub summary: String,
+    /// The last time a transition could not run, or was cut short, for lack of the lease.
+    #[serde(default)]
+    pub last_refusal: Option<LeaseRefusal>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseRole {
+    Leader,
+    #[default]
+    Standby,
+}
+
+/// A transition refused (or stopped) for lack of the lease, for API answers: 423 while
+/// someone else holds it, 503 while its backend is unreachable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRefusal {
+    pub http_status: u16,
+    pub error: String,
+    /// Who held the lease instead, when known.
+    pub holder: Option<String>,
+    pub at_ms: u64,
 }
 
 #[cfg(test)]

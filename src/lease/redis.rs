@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::RedisError;
 
+use crate::clock::now_ms;
 use crate::config::LeaseConfig;
-use crate::status::{now_ms, LeaseRefusal, LeaseRole, LockStatus};
+
+use super::{LeaseRefusal, LeaseRole, LockStatus};
 
 use super::keeper::{LeaderKeeper, LeaderState, Renewal};
 use super::protocol::{self, Holder};
@@ -20,8 +22,6 @@ use super::{Leadership, LeaseError};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often a waiting transition tries the lock again (redis-py's default sleep).
-const POLL: Duration = Duration::from_millis(100);
 
 /// The transition lock while this daemon holds it.
 struct Held {
@@ -46,7 +46,6 @@ pub struct RedisLease {
     key: String,
     leader_key: String,
     ttl: Duration,
-    wait: Duration,
     identity: String,
     conn: ConnectionManager,
     leadership: Option<LeaderKeeper>,
@@ -58,6 +57,8 @@ pub struct RedisLease {
     seen: Seen,
     /// Why Redis cannot be used now; None while it answers.
     unreachable: Option<String>,
+    /// Since when this daemon has been trying to take the transition lock.
+    waiting_since: Option<Instant>,
     last_refusal: Option<LeaseRefusal>,
 }
 
@@ -80,7 +81,6 @@ impl RedisLease {
             leader_key: format!("{}:leader", config.key),
             key: config.key.clone(),
             ttl: config.ttl,
-            wait: config.wait,
             identity,
             conn,
             leadership: None,
@@ -91,6 +91,7 @@ impl RedisLease {
             held: None,
             seen: Seen::default(),
             unreachable: None,
+            waiting_since: None,
             last_refusal: None,
         })
     }
@@ -152,10 +153,14 @@ impl RedisLease {
         }
     }
 
-    pub async fn acquire(&mut self) -> Result<(), LeaseError> {
+    /// One attempt at the transition lock; never waits for another holder.
+    pub async fn try_acquire(&mut self) -> Result<(), LeaseError> {
         let result = self.take().await;
         match &result {
-            Ok(()) => self.last_refusal = None,
+            Ok(()) => {
+                self.last_refusal = None;
+                self.waiting_since = None;
+            }
             Err(error) => self.refuse(error),
         }
         result
@@ -185,11 +190,10 @@ impl RedisLease {
                 })
             }
         }
-        self.acquisitions += 1;
-        let token = format!("{}:{}", self.identity, self.acquisitions);
-        let started = Instant::now();
-        let mut announced = false;
+        let started = *self.waiting_since.get_or_insert_with(Instant::now);
         loop {
+            self.acquisitions += 1;
+            let token = format!("{}:{}", self.identity, self.acquisitions);
             let taken = protocol::try_take(&mut self.conn, &self.key, &token, self.ttl)
                 .await
                 .map_err(|e| self.unreachable_error(&e))?;
@@ -227,27 +231,25 @@ impl RedisLease {
             }
             let token_now = holder.token.clone();
             self.see(Some(holder));
-            if started.elapsed() >= self.wait {
-                return Err(LeaseError::HeldElsewhere {
-                    key: self.key.clone(),
-                    holder: token_now,
-                    since_ms: self.seen.since_ms,
-                    waited_ms: millis(started.elapsed()),
-                });
-            }
-            if !announced {
-                // Said once per holder, not on every round it keeps holding.
-                let known = self.last_refusal.as_ref().and_then(|r| r.holder.as_deref())
-                    == Some(token_now.as_str());
-                if known {
-                    tracing::debug!(key = %self.key, holder = %token_now, "the GPU lease is still held elsewhere: waiting");
-                } else {
-                    tracing::info!(key = %self.key, holder = %token_now, wait_ms = millis(self.wait), "the GPU lease is held elsewhere: waiting for its release");
-                }
-                announced = true;
-            }
-            tokio::time::sleep(POLL).await;
+            return Err(LeaseError::HeldElsewhere {
+                key: self.key.clone(),
+                holder: token_now,
+                since_ms: self.seen.since_ms,
+                waited_ms: millis(started.elapsed()),
+            });
         }
+    }
+
+    /// At shutdown: the transition lock and the lead go, so a standby takes over now.
+    pub async fn step_down(&mut self) {
+        self.release().await;
+        self.waiting_since = None;
+        if let Some(keeper) = self.leadership.take() {
+            if let Err(error) = keeper.step_down(&mut self.conn).await {
+                tracing::warn!(key = %self.leader_key, %error, "cannot release the lead: a standby takes over when it expires");
+            }
+        }
+        self.leading = false;
     }
 
     pub async fn check(&mut self) -> Result<(), LeaseError> {
@@ -510,7 +512,7 @@ mod tests {
         assert!(status.reachable && status.holder.is_none(), "{status:?}");
         assert!(status.summary.starts_with("leader"), "{}", status.summary);
 
-        a.acquire().await.unwrap();
+        a.try_acquire().await.unwrap();
         let token = get(&server, "gpu_lock").expect("held while acting");
         assert!(token.starts_with("gpu-manager:test:a:"), "{token}");
         let status = a.status();
@@ -534,7 +536,7 @@ mod tests {
         let status = b.status();
         assert_eq!(status.role, LeaseRole::Standby);
         assert_eq!(status.leader.as_deref(), Some("gpu-manager:test:a"));
-        let refused = b.acquire().await.unwrap_err();
+        let refused = b.try_acquire().await.unwrap_err();
         assert_eq!(refused.http_status(), 423);
         assert_eq!(refused.holder(), Some("gpu-manager:test:a"));
         assert_eq!(b.status().last_refusal.map(|r| r.http_status), Some(423));
@@ -550,7 +552,7 @@ mod tests {
             get(&server, "gpu_lock:leader").as_deref(),
             Some("gpu-manager:test:b")
         );
-        b.acquire().await.unwrap();
+        b.try_acquire().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -575,7 +577,7 @@ mod tests {
             "{}",
             status.summary
         );
-        match a.acquire().await {
+        match a.try_acquire().await {
             Err(LeaseError::HeldElsewhere { holder, .. }) => assert_eq!(holder, "5f2a-python"),
             other => panic!("expected HeldElsewhere, got {other:?}"),
         }
@@ -596,7 +598,16 @@ mod tests {
                 let _: () = redis::cmd("DEL").arg("gpu_lock").query(&mut conn).unwrap();
             })
         };
-        patient.acquire().await.unwrap();
+        // The reconciler tries again on its own clock; the first try after the release
+        // takes it.
+        let deadline = Instant::now() + PATIENCE;
+        while let Err(error) = patient.try_acquire().await {
+            assert!(
+                Instant::now() < deadline,
+                "never taken after its release: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         releaser.await.unwrap();
         assert!(patient.status().last_refusal.is_none());
     }
@@ -608,7 +619,7 @@ mod tests {
         };
         let mut a = lease(&server, "a", 2000, 0);
         until_leading(&mut a).await;
-        a.acquire().await.unwrap();
+        a.try_acquire().await.unwrap();
         let token = get(&server, "gpu_lock").expect("held");
         tokio::time::sleep(Duration::from_millis(4500)).await;
         assert_eq!(
@@ -627,7 +638,7 @@ mod tests {
         };
         let mut a = lease(&server, "a", 10_000, 0);
         until_leading(&mut a).await;
-        a.acquire().await.unwrap();
+        a.try_acquire().await.unwrap();
         let _: () = redis::cmd("SET")
             .arg("gpu_lock")
             .arg("intruder")
@@ -659,7 +670,7 @@ mod tests {
             .unwrap();
         let mut a = lease(&server, "a", 10_000, 0);
         until_leading(&mut a).await;
-        a.acquire().await.unwrap();
+        a.try_acquire().await.unwrap();
         assert!(a.status().ours);
     }
 
@@ -688,7 +699,7 @@ mod tests {
             "{}",
             status.summary
         );
-        let refused = a.acquire().await.unwrap_err();
+        let refused = a.try_acquire().await.unwrap_err();
         assert_eq!(refused.http_status(), 503, "{refused}");
         assert_eq!(
             a.status().role,
@@ -705,7 +716,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             a.refresh().await;
         }
-        a.acquire().await.unwrap();
+        a.try_acquire().await.unwrap();
         assert!(a.status().ours);
     }
 
@@ -716,7 +727,7 @@ mod tests {
         };
         let mut a = lease(&server, "a", 2000, 0);
         until_leading(&mut a).await;
-        a.acquire().await.unwrap();
+        a.try_acquire().await.unwrap();
         server.stop();
         let lost = a.check().await.unwrap_err();
         assert!(

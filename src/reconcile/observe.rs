@@ -1,34 +1,54 @@
 //! Observation for the reconciler: one GPU sample with every process attributed to a
-//! service, external, or reclaiming, and the planner's view built from it.
+//! service, external, or reclaiming, and the planner's view built from it and from the
+//! actions under way. GPU and /proc reads run on the blocking pool, never on the async
+//! workers.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use crate::config::ServiceName;
+use crate::lease::LeaseBackend;
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::owners::Owners;
 use crate::observe::process::ProcessTable;
-use crate::plan::{Budget, Observation, Presence, ServiceView, StartGate};
+use crate::plan::{Budget, Observation, Op, Presence, ServiceView, StartGate};
 use crate::status::ServiceState;
 
+use super::effects::ServiceEffects;
+use super::records::Record;
 use super::{GpuSource, Reconciler};
 
-/// The GPU as last observed, with every process attributed.
-#[derive(Default)]
-pub(super) struct GpuView {
+/// The GPU as last observed, with every process attributed to its owner.
+pub(super) struct GpuView<T = ServiceName> {
     pub(super) sample: Option<GpuSample>,
     pub(super) error: Option<String>,
-    pub(super) owners: HashMap<u32, ServiceName>,
+    pub(super) owners: HashMap<u32, T>,
     pub(super) external_mb: u64,
     pub(super) reclaiming_mb: u64,
 }
 
-impl Reconciler {
+impl<T> Default for GpuView<T> {
+    fn default() -> Self {
+        Self {
+            sample: None,
+            error: None,
+            owners: HashMap::new(),
+            external_mb: 0,
+            reclaiming_mb: 0,
+        }
+    }
+}
+
+impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub(super) async fn observe(&mut self) -> Observation {
         let mut owners = Owners::default();
-        for (name, record) in &self.records {
+        for record in self.records.iter() {
             if let Some(instance) = &record.instance {
-                owners.claim(name.clone(), instance.root_pid(), instance.container_id());
+                owners.claim(
+                    record.name().clone(),
+                    E::root_pid(instance),
+                    E::container_id(instance).as_deref(),
+                );
             }
         }
         self.gpu_view = match &self.gpu {
@@ -38,51 +58,31 @@ impl Reconciler {
                 ..Default::default()
             },
         };
-        for record in self.records.values_mut() {
-            record.observed_mb = None;
-            record.gpu_pids.clear();
-        }
+        let mut observed: HashMap<&ServiceName, u64> = HashMap::new();
         if let Some(sample) = &self.gpu_view.sample {
             for process in &sample.processes {
                 if let Some(owner) = self.gpu_view.owners.get(&process.pid) {
-                    let record = self.records.get_mut(owner).expect("owner is a service");
-                    *record.observed_mb.get_or_insert(0) += process.used_mb;
-                    record.gpu_pids.push(process.pid);
+                    *observed.entry(owner).or_insert(0) += process.used_mb;
                 }
             }
         }
-        let budget = self.budget();
+        let observed: HashMap<ServiceName, u64> = observed
+            .into_iter()
+            .map(|(name, mb)| (name.clone(), mb))
+            .collect();
+        for record in self.records.iter_mut() {
+            record.observed_mb = observed.get(record.name()).copied();
+        }
         let now = Instant::now();
         let services = self
             .records
             .iter()
-            .map(|(name, record)| {
-                let presence = if record.instance.is_some() {
-                    Presence::Running
-                } else {
-                    Presence::Stopped
-                };
-                let gate = match (record.state, record.retry_at) {
-                    (ServiceState::Failed, Some(at)) if at > now => StartGate::Closed {
-                        reason: record.reason.clone().unwrap_or_default(),
-                    },
-                    (ServiceState::Failed, None) => StartGate::Closed {
-                        reason: record.reason.clone().unwrap_or_default(),
-                    },
-                    (ServiceState::Unknown, _) => StartGate::Closed {
-                        reason: record.last_error.clone().unwrap_or_default(),
-                    },
-                    _ => StartGate::Open,
-                };
-                let view = ServiceView {
-                    presence,
-                    observed_mb: record.observed_mb,
-                    gate,
-                };
-                (name.clone(), view)
-            })
+            .map(|record| (record.name().clone(), view_of(record, now)))
             .collect();
-        Observation { budget, services }
+        Observation {
+            budget: self.budget(),
+            services,
+        }
     }
 
     pub(super) fn budget(&self) -> Budget {
@@ -100,6 +100,51 @@ impl Reconciler {
             },
         }
     }
+
+    /// What the GPU shows free for new starts: free memory, less the reserve and what
+    /// the starts under way have yet to allocate. None without an observed GPU.
+    pub(super) fn gpu_room_mb(&self) -> Option<u64> {
+        let sample = self.gpu_view.sample.as_ref()?;
+        let promised: u64 = self
+            .records
+            .iter()
+            .filter(|r| r.starting())
+            .map(|r| r.spec.vram_mb.saturating_sub(r.observed_mb.unwrap_or(0)))
+            .sum();
+        Some(
+            sample
+                .free_mb
+                .saturating_sub(self.config.gpu.reserve_mb)
+                .saturating_sub(promised),
+        )
+    }
+}
+
+/// The planner's view of one service: where it stands, and whether it may be acted on.
+fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
+    let presence = match (&record.in_flight, &record.instance) {
+        (Some(flight), _) if flight.op == Op::Start && !flight.superseded => Presence::Starting,
+        (Some(_), _) => Presence::Stopping,
+        (None, Some(_)) => Presence::Running,
+        (None, None) => Presence::Stopped,
+    };
+    let gate = if record.state == ServiceState::Unknown {
+        StartGate::Closed {
+            reason: record.last_error.clone().unwrap_or_default(),
+        }
+    } else if record.gate_closed(now) {
+        StartGate::Closed {
+            reason: record.reason.clone().unwrap_or_default(),
+        }
+    } else {
+        StartGate::Open
+    };
+    ServiceView {
+        presence,
+        observed_mb: record.observed_mb,
+        gate,
+        condition: record.condition.clone(),
+    }
 }
 
 pub(super) async fn sample_gpu(gpu: SharedGpu) -> Result<GpuSample, String> {
@@ -109,42 +154,48 @@ pub(super) async fn sample_gpu(gpu: SharedGpu) -> Result<GpuSample, String> {
         .map_err(|e| e.to_string())
 }
 
-/// One GPU observation with every process attributed to a service, external, or
+/// The GPU processes of one instance (its process tree, or its container's cgroup).
+pub(super) async fn gpu_pids_of(
+    gpu: SharedGpu,
+    root_pid: Option<u32>,
+    container_id: Option<String>,
+) -> Vec<u32> {
+    let mut owners = Owners::default();
+    owners.claim((), root_pid, container_id.as_deref());
+    let view = observe_gpu(gpu, owners).await;
+    view.owners.into_keys().collect()
+}
+
+/// One GPU observation with every process attributed to an owner, external, or
 /// reclaiming (its process has exited; the driver has not freed its memory yet).
-async fn observe_gpu(gpu: SharedGpu, owners: Owners<ServiceName>) -> GpuView {
+async fn observe_gpu<T: Clone + Send + 'static>(gpu: SharedGpu, owners: Owners<T>) -> GpuView<T> {
     let result = tokio::task::spawn_blocking(move || {
         let sample = gpu.sample().map_err(|e| e.to_string())?;
         let table = ProcessTable::read().map_err(|e| format!("cannot read /proc: {e}"))?;
-        Ok::<_, String>((sample, table))
+        let mut view = GpuView::default();
+        let mut listed_mb = 0;
+        for process in &sample.processes {
+            listed_mb += process.used_mb;
+            if let Some(owner) = owners.owner_of(&table, process.pid) {
+                view.owners.insert(process.pid, owner.clone());
+            } else if table.get(process.pid).is_some_and(|p| !p.zombie) {
+                view.external_mb += process.used_mb;
+            } else {
+                view.reclaiming_mb += process.used_mb;
+            }
+        }
+        // Memory no listed process holds (a desktop, the driver) is external too.
+        view.external_mb += sample.used_mb.saturating_sub(listed_mb);
+        view.sample = Some(sample);
+        Ok::<_, String>(view)
     })
     .await
     .map_err(|e| format!("GPU observation panicked: {e}"))
     .and_then(|r| r);
-    let (sample, table) = match result {
-        Ok(pair) => pair,
-        Err(error) => {
-            return GpuView {
-                error: Some(error),
-                ..Default::default()
-            }
-        }
-    };
-    let mut view = GpuView::default();
-    let mut listed_mb = 0;
-    for process in &sample.processes {
-        listed_mb += process.used_mb;
-        if let Some(owner) = owners.owner_of(&table, process.pid) {
-            view.owners.insert(process.pid, owner.clone());
-        } else if table.get(process.pid).is_some_and(|p| !p.zombie) {
-            view.external_mb += process.used_mb;
-        } else {
-            view.reclaiming_mb += process.used_mb;
-        }
-    }
-    // Memory no listed process holds (a desktop, the driver) is external too.
-    view.external_mb += sample.used_mb.saturating_sub(listed_mb);
-    view.sample = Some(sample);
-    view
+    result.unwrap_or_else(|error| GpuView {
+        error: Some(error),
+        ..Default::default()
+    })
 }
 
 pub(super) fn process_name(pid: u32) -> String {

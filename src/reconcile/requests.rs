@@ -4,16 +4,20 @@
 use std::collections::BTreeMap;
 
 use crate::desired::{self, DesiredState};
-use crate::lease::LeaseError;
+use crate::lease::{LeaseBackend, LeaseError, LeaseRole};
 use crate::plan::{self, Plan, StartGate};
-use crate::status::{LeaseRole, ServiceState};
+use crate::status::ServiceState;
 use crate::transition::{Change, TransitionError, TransitionReport};
 
+use super::effects::ServiceEffects;
 use super::{Command, Reconciler};
 
-impl Reconciler {
+impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub(super) async fn on_command(&mut self, command: Command) {
         match command {
+            Command::Transition { reply, .. } if self.shutting_down() => {
+                let _ = reply.send(Err(TransitionError::shutting_down()));
+            }
             Command::Transition {
                 change,
                 wait,
@@ -57,7 +61,11 @@ impl Reconciler {
         // accept_desired); an unreachable backend keeps its gate closed.
         if change.is_some() {
             for (name, view) in observation.services.iter_mut() {
-                if self.records[name].state != ServiceState::Unknown {
+                let unknown = self
+                    .records
+                    .get(name)
+                    .is_none_or(|r| r.state == ServiceState::Unknown);
+                if !unknown {
                     view.gate = StartGate::Open;
                 }
             }
@@ -66,25 +74,34 @@ impl Reconciler {
         Ok((next, plan))
     }
 
-    /// What a standby answers: it does not act, the leader does (423, naming it).
+    /// What a daemon that does not act answers: 423 naming the leader when another
+    /// daemon leads, 503 naming Redis when nobody is known to lead because Redis does
+    /// not answer (a daemon started before Redis is not a standby).
     pub(super) fn standby_refusal(&self) -> TransitionError {
-        let leader = self
-            .lease
-            .status()
-            .leader
-            .unwrap_or_else(|| "another gpu-manager".to_owned());
-        LeaseError::NotLeader { leader }.into()
+        let status = self.lease.status();
+        match status.leader {
+            Some(leader) => LeaseError::NotLeader { leader }.into(),
+            None => LeaseError::Unreachable {
+                detail: format!(
+                    "no daemon is known to lead yet: {}",
+                    status.error.unwrap_or(status.summary)
+                ),
+            }
+            .into(),
+        }
     }
 
-    /// Checks a change (404, 409, 423 on a standby), writes it to the desired-state file
-    /// and accepts it.
+    /// Checks a change (404, 409, 423 on a standby, 503 when a backend is down), writes
+    /// it to the desired-state file and accepts it.
     async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
         if self.lease.status().role == LeaseRole::Standby {
             return Err(self.standby_refusal());
         }
         let (next, plan) = self.plan_for(Some(change)).await?;
         for name in change.targets(&self.config.inventory) {
-            let record = &self.records[name];
+            let Some(record) = self.records.get(name) else {
+                continue;
+            };
             if record.state == ServiceState::Unknown {
                 return Err(TransitionError::BackendDown {
                     backend: "docker".to_owned(),

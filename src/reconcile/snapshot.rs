@@ -2,14 +2,16 @@
 //! event for every service whose state moved since the last one.
 
 use crate::config::Runtime;
+use crate::lease::LeaseBackend;
 use crate::status::{
     now_ms, DaemonEvent, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState, ServiceStatus,
     Status, Vram,
 };
 
-use super::{GpuSource, Instance, Reconciler};
+use super::effects::ServiceEffects;
+use super::{GpuSource, Reconciler};
 
-impl Reconciler {
+impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// Publishes a fresh snapshot, and a state-changed event for each service whose
     /// state differs from the last snapshot's.
     pub(super) fn publish(&self) {
@@ -42,11 +44,10 @@ impl Reconciler {
             },
             None => {
                 let used: u64 = self
-                    .config
-                    .inventory
+                    .records
                     .iter()
-                    .filter(|s| self.records[&s.name].instance.is_some())
-                    .map(|s| s.vram_mb)
+                    .filter(|r| r.instance.is_some())
+                    .map(|r| r.spec.vram_mb)
                     .sum();
                 Vram {
                     total_mb: budget.total_mb,
@@ -63,11 +64,10 @@ impl Reconciler {
             .map(|d| d.wanted(&self.config.inventory))
             .unwrap_or_default();
         let services = self
-            .config
-            .inventory
+            .records
             .iter()
-            .map(|spec| {
-                let record = &self.records[&spec.name];
+            .map(|record| {
+                let spec = &record.spec;
                 let container = match &spec.runtime {
                     Runtime::Docker(docker) => Some(docker.container.clone()),
                     Runtime::Native(_) => None,
@@ -82,7 +82,7 @@ impl Reconciler {
                     pids: record
                         .instance
                         .as_ref()
-                        .and_then(Instance::root_pid)
+                        .and_then(E::root_pid)
                         .into_iter()
                         .collect(),
                     container,

@@ -278,7 +278,7 @@ impl InProcessDaemon {
         let config = Arc::new(Config::load(&harness.config_path()).expect("config"));
         let reconciler = daemon::build_with(config, docker).expect("daemon");
         let status = reconciler.handle().status;
-        runtime.spawn(reconciler.run());
+        runtime.spawn(reconciler.run(tokio_util::sync::CancellationToken::new()));
         Self {
             status,
             _runtime: runtime,

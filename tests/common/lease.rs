@@ -7,7 +7,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use super::redis_server::{require, TestRedis};
-use super::{Harness, CONVERGE};
+use super::{send_signal, Harness, CONVERGE};
 
 pub fn python_redis_installed() -> bool {
     Command::new("python3")
@@ -169,6 +169,13 @@ pub struct Daemon {
 impl Daemon {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, as systemd or `docker stop` sends it; waits for the daemon to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        send_signal(self.pid, "TERM");
+        child.wait().expect("wait for gpu-manager")
     }
 
     /// `kill -9`, as a crash.

@@ -46,6 +46,14 @@ pub struct TestRedis {
 impl TestRedis {
     /// Starts a server, or returns None (see `require`) when redis-server is missing.
     pub fn start() -> Option<Self> {
+        let mut server = Self::not_started()?;
+        server.restart();
+        Some(server)
+    }
+
+    /// A server with its port chosen but not started yet (`restart` starts it), as on a
+    /// host where Redis comes up after gpu-manager.
+    pub fn not_started() -> Option<Self> {
         if !require(
             redis_server_installed(),
             "redis-server",
@@ -57,13 +65,11 @@ impl TestRedis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut server = Self {
+        Some(Self {
             port,
             dir: tempfile::tempdir().expect("temp dir"),
             child: None,
-        };
-        server.restart();
-        Some(server)
+        })
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,9 @@
+//! Wall-clock timestamps for status, events and logs.
+
+/// Milliseconds since the epoch, for timestamps people and tools can read.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,191 @@
+//! What the reconciler asks of the world, as a trait (docs/ARCHITECTURE.md, "Effects"):
+//! the real one goes through the native and Docker drivers; the unit tests use a fake
+//! that records calls, under tokio's paused clock.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use crate::act::instance::{ActError, Effects, Instance};
+use crate::act::ExitInfo;
+use crate::config::{DockerSpec, HealthCheck, Runtime, ServiceSpec};
+use crate::status::FailureKind;
+
+/// An effect that failed, classified for the reconciler's decisions and the API's code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct EffectError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl EffectError {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// The backend (the Docker engine) cannot be reached: nothing is known of the
+    /// service, which is not the service's failure.
+    pub fn is_backend_down(&self) -> bool {
+        self.kind == FailureKind::BackendDown
+    }
+}
+
+impl From<ActError> for EffectError {
+    fn from(error: ActError) -> Self {
+        Self::new(error.failure_kind(), error.to_string())
+    }
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopHow {
+    /// It ended on SIGTERM (or `docker stop`) within its stop timeout.
+    Graceful,
+    /// It had to be killed.
+    Killed,
+}
+
+/// Starting, stopping and watching services. Every method may take as long as the
+/// service does; the reconciler runs them in action tasks, never in its loop.
+pub trait ServiceEffects: Send + Sync + 'static {
+    type Instance: Clone + Send + Sync + fmt::Debug + 'static;
+
+    /// An instance already running (left by an earlier daemon), if any. Fails only when
+    /// the backend cannot be asked.
+    fn find_running(
+        &self,
+        spec: &ServiceSpec,
+    ) -> impl Future<Output = Result<Option<Self::Instance>, EffectError>> + Send;
+
+    /// Launches the service; readiness is awaited with `wait_ready`.
+    fn start(
+        &self,
+        spec: &ServiceSpec,
+    ) -> impl Future<Output = Result<Self::Instance, EffectError>> + Send;
+
+    /// Until the health endpoint answers 2xx; fails at once if the instance exits.
+    fn wait_ready(
+        &self,
+        spec: &ServiceSpec,
+        instance: &Self::Instance,
+    ) -> impl Future<Output = Result<Duration, EffectError>> + Send;
+
+    /// Stops the instance and confirms it is gone (the whole tree, or the container).
+    fn stop(
+        &self,
+        spec: &ServiceSpec,
+        instance: &Self::Instance,
+    ) -> impl Future<Output = Result<StopHow, EffectError>> + Send;
+
+    /// Asks a running service to give its GPU memory back while it keeps running
+    /// (Ollama: unload every model). None when the service cannot; then it is stopped.
+    fn give_back_memory(
+        &self,
+        spec: &ServiceSpec,
+        instance: &Self::Instance,
+    ) -> impl Future<Output = Option<Result<String, EffectError>>> + Send;
+
+    /// Lets an instance run on untracked (its memory was given back).
+    fn let_go(&self, instance: &Self::Instance);
+
+    /// Resolves when the instance ends.
+    fn wait_exit(instance: Self::Instance) -> impl Future<Output = ExitInfo> + Send + 'static;
+
+    /// One health probe.
+    fn probe(&self, check: &HealthCheck) -> impl Future<Output = Result<(), String>> + Send;
+
+    /// The last lines the service's latest run wrote, for error messages.
+    fn last_log_lines(&self, spec: &ServiceSpec) -> impl Future<Output = Vec<String>> + Send;
+
+    /// The pid whose process tree belongs to the service (for GPU attribution).
+    fn root_pid(instance: &Self::Instance) -> Option<u32>;
+
+    /// The container whose cgroup holds the service's processes, if any.
+    fn container_id(instance: &Self::Instance) -> Option<String>;
+}
+
+impl ServiceEffects for Effects {
+    type Instance = Instance;
+
+    async fn find_running(&self, spec: &ServiceSpec) -> Result<Option<Instance>, EffectError> {
+        Ok(self.adopt(spec).await?)
+    }
+
+    async fn start(&self, spec: &ServiceSpec) -> Result<Instance, EffectError> {
+        Ok(Effects::start(self, spec).await?)
+    }
+
+    async fn wait_ready(
+        &self,
+        spec: &ServiceSpec,
+        instance: &Instance,
+    ) -> Result<Duration, EffectError> {
+        Ok(Effects::wait_ready(self, spec, instance).await?)
+    }
+
+    async fn stop(&self, spec: &ServiceSpec, instance: &Instance) -> Result<StopHow, EffectError> {
+        let report = Effects::stop(self, spec, instance).await?;
+        Ok(if report.forced {
+            StopHow::Killed
+        } else {
+            StopHow::Graceful
+        })
+    }
+
+    async fn give_back_memory(
+        &self,
+        spec: &ServiceSpec,
+        instance: &Instance,
+    ) -> Option<Result<String, EffectError>> {
+        let (
+            Runtime::Docker(DockerSpec {
+                container,
+                evict: Some(eviction),
+            }),
+            Instance::Docker(_),
+        ) = (&spec.runtime, instance)
+        else {
+            return None;
+        };
+        Some(match self.evict(spec, eviction).await {
+            Ok(models) if models.is_empty() => Ok(format!(
+                "no model was loaded; container {container} left running"
+            )),
+            Ok(models) => Ok(format!(
+                "unloaded {}; container {container} left running",
+                models.join(", ")
+            )),
+            Err(error) => Err(error.into()),
+        })
+    }
+
+    fn let_go(&self, instance: &Instance) {
+        if let Instance::Docker(handle) = instance {
+            handle.release();
+        }
+    }
+
+    async fn wait_exit(instance: Instance) -> ExitInfo {
+        instance.wait_exit().await
+    }
+
+    async fn probe(&self, check: &HealthCheck) -> Result<(), String> {
+        self.prober().probe(check).await.map_err(|e| e.to_string())
+    }
+
+    async fn last_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
+        Effects::last_log_lines(self, spec)
+    }
+
+    fn root_pid(instance: &Instance) -> Option<u32> {
+        instance.root_pid()
+    }
+
+    fn container_id(instance: &Instance) -> Option<String> {
+        instance.container_id().map(str::to_owned)
+    }
+}

@@ -1,0 +1,727 @@
+//! The reconciler against fake effects and a fake lease, under tokio's paused clock:
+//! every wait is virtual, so backoffs of seconds take no time and nothing flakes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::config::{HealthCheck, ServiceSpec};
+use crate::lease::{LeaseRole, LockStatus};
+use crate::status::ServiceState;
+
+// ---- the fakes ----
+
+/// How a fake service behaves.
+#[derive(Clone, Default)]
+struct Behaviour {
+    ready_after: Duration,
+    stop_takes: Duration,
+    never_ready: bool,
+    stop_fails: bool,
+}
+
+#[derive(Clone, Debug)]
+struct FakeInstance {
+    pid: u32,
+    exit: watch::Receiver<Option<ExitInfo>>,
+}
+
+#[derive(Default)]
+struct World {
+    behaviour: HashMap<String, Behaviour>,
+    /// Every effect, in order: "start vidi", "stop vidi"...
+    calls: Vec<String>,
+    exits: HashMap<u32, watch::Sender<Option<ExitInfo>>>,
+    /// Services whose health probe fails.
+    sick: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct FakeEffects {
+    world: Arc<Mutex<World>>,
+    pids: Arc<AtomicU32>,
+}
+
+impl FakeEffects {
+    fn behave(&self, service: &str, behaviour: Behaviour) {
+        self.world().behaviour.insert(service.into(), behaviour);
+    }
+
+    fn world(&self) -> std::sync::MutexGuard<'_, World> {
+        self.world.lock().unwrap()
+    }
+
+    fn behaviour(&self, service: &str) -> Behaviour {
+        self.world()
+            .behaviour
+            .get(service)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.world().calls.clone()
+    }
+
+    fn count(&self, call: &str) -> usize {
+        self.calls().iter().filter(|c| *c == call).count()
+    }
+
+    fn crash(&self, pid: u32) {
+        if let Some(exit) = self.world().exits.get(&pid) {
+            exit.send_replace(Some(ExitInfo::Code(3)));
+        }
+    }
+}
+
+impl ServiceEffects for FakeEffects {
+    type Instance = FakeInstance;
+
+    async fn find_running(&self, _spec: &ServiceSpec) -> Result<Option<FakeInstance>, EffectError> {
+        Ok(None)
+    }
+
+    async fn start(&self, spec: &ServiceSpec) -> Result<FakeInstance, EffectError> {
+        let pid = 1000 + self.pids.fetch_add(1, Ordering::SeqCst);
+        let (tx, exit) = watch::channel(None);
+        let mut world = self.world();
+        world.calls.push(format!("start {}", spec.name));
+        world.exits.insert(pid, tx);
+        Ok(FakeInstance { pid, exit })
+    }
+
+    async fn wait_ready(
+        &self,
+        spec: &ServiceSpec,
+        instance: &FakeInstance,
+    ) -> Result<Duration, EffectError> {
+        let behaviour = self.behaviour(spec.name.as_str());
+        let mut exit = instance.exit.clone();
+        let wait = if behaviour.never_ready {
+            spec.start_timeout
+        } else {
+            behaviour.ready_after
+        };
+        tokio::select! {
+            _ = exit.wait_for(Option::is_some) => Err(EffectError::new(
+                FailureKind::Other,
+                format!("{} exited while starting", spec.name),
+            )),
+            () = tokio::time::sleep(wait) => if behaviour.never_ready {
+                Err(EffectError::new(
+                    FailureKind::Timeout,
+                    format!("{} did not become ready", spec.name),
+                ))
+            } else {
+                Ok(wait)
+            },
+        }
+    }
+
+    async fn stop(
+        &self,
+        spec: &ServiceSpec,
+        instance: &FakeInstance,
+    ) -> Result<StopHow, EffectError> {
+        let behaviour = self.behaviour(spec.name.as_str());
+        self.world().calls.push(format!("stop {}", spec.name));
+        if behaviour.stop_fails {
+            return Err(EffectError::new(
+                FailureKind::Other,
+                format!("cannot signal {} (pid {}): EPERM", spec.name, instance.pid),
+            ));
+        }
+        tokio::time::sleep(behaviour.stop_takes).await;
+        self.crash(instance.pid);
+        Ok(StopHow::Graceful)
+    }
+
+    async fn give_back_memory(
+        &self,
+        _spec: &ServiceSpec,
+        _instance: &FakeInstance,
+    ) -> Option<Result<String, EffectError>> {
+        None
+    }
+
+    fn let_go(&self, _instance: &FakeInstance) {}
+
+    async fn wait_exit(instance: FakeInstance) -> ExitInfo {
+        let mut exit = instance.exit;
+        let seen = exit.wait_for(Option::is_some).await.map(|e| *e);
+        seen.ok().flatten().unwrap_or(ExitInfo::Unknown)
+    }
+
+    async fn probe(&self, check: &HealthCheck) -> Result<(), String> {
+        let sick = self
+            .world()
+            .sick
+            .iter()
+            .any(|s| check.url.contains(s.as_str()));
+        if sick {
+            Err("connection refused".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn last_log_lines(&self, _spec: &ServiceSpec) -> Vec<String> {
+        vec!["the last line".into()]
+    }
+
+    fn root_pid(instance: &FakeInstance) -> Option<u32> {
+        Some(instance.pid)
+    }
+
+    fn container_id(_instance: &FakeInstance) -> Option<String> {
+        None
+    }
+}
+
+/// What a test can change of the fake lease, and see of what the reconciler did.
+#[derive(Default)]
+struct LeaseState {
+    standby: bool,
+    /// A redis-py lock held by someone else.
+    foreign_holder: Option<String>,
+    held: bool,
+    lost: bool,
+    was_leading: bool,
+    acquisitions: u32,
+    step_downs: u32,
+}
+
+#[derive(Clone, Default)]
+struct FakeLease {
+    state: Arc<Mutex<LeaseState>>,
+}
+
+impl FakeLease {
+    fn state(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap()
+    }
+}
+
+impl LeaseBackend for FakeLease {
+    async fn refresh(&mut self) -> Leadership {
+        let mut state = self.state();
+        let leading = !state.standby;
+        let change = match (state.was_leading, leading) {
+            (false, true) => Leadership::Gained,
+            (true, true) => Leadership::Leading,
+            (true, false) => Leadership::Lost,
+            (false, false) => Leadership::Standby,
+        };
+        state.was_leading = leading;
+        change
+    }
+
+    async fn try_acquire(&mut self) -> Result<(), LeaseError> {
+        let mut state = self.state();
+        if let Some(holder) = state.foreign_holder.clone() {
+            return Err(LeaseError::HeldElsewhere {
+                key: "gpu_lock".into(),
+                holder,
+                since_ms: None,
+                waited_ms: 60_000,
+            });
+        }
+        state.held = true;
+        state.lost = false;
+        state.acquisitions += 1;
+        Ok(())
+    }
+
+    async fn check(&mut self) -> Result<(), LeaseError> {
+        if self.state().lost {
+            return Err(LeaseError::Lost {
+                key: "gpu_lock".into(),
+                detail: "taken".into(),
+                holder: Some("intruder".into()),
+            });
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self) {
+        self.state().held = false;
+    }
+
+    async fn step_down(&mut self) {
+        let mut state = self.state();
+        state.held = false;
+        state.step_downs += 1;
+    }
+
+    fn status(&self) -> LockStatus {
+        let state = self.state();
+        LockStatus {
+            role: if state.standby {
+                LeaseRole::Standby
+            } else {
+                LeaseRole::Leader
+            },
+            leader: Some(if state.standby { "the other" } else { "me" }.into()),
+            reachable: true,
+            ..Default::default()
+        }
+    }
+}
+
+// ---- the harness ----
+
+struct Test {
+    _dir: tempfile::TempDir,
+    desired: std::path::PathBuf,
+    effects: FakeEffects,
+    lease: FakeLease,
+    handle: ReconcilerHandle,
+    shutdown: CancellationToken,
+    run: JoinHandle<()>,
+}
+
+/// Three services on a 24 GB budget: a (16 GB, phase 1), b and c (8 GB each, phase 2).
+const SERVICES: &str = "
+  a: { kind: native, command: x, vram_mb: 16000, priority: 30, phases: [1], health: { url: 'http://a/' }, start_timeout_ms: 120000 }
+  b: { kind: native, command: x, vram_mb: 8000, priority: 20, phases: [2], health: { url: 'http://b/' } }
+  c: { kind: native, command: x, vram_mb: 8000, priority: 10, phases: [2], health: { url: 'http://c/' } }
+";
+
+fn start(effects: FakeEffects, lease: FakeLease) -> Test {
+    let dir = tempfile::tempdir().unwrap();
+    let desired = dir.path().join("state.yaml");
+    std::fs::write(&desired, "phase: null\n").unwrap();
+    let yaml = format!(
+        "gpu: {{ total_mb: 24500, reserve_mb: 500 }}\ndesired_state: {}\nstate_dir: {}\nresync_ms: 500\nshutdown_timeout_ms: 5000\nservices:{SERVICES}",
+        desired.display(),
+        dir.path().join("state").display()
+    );
+    let config = Config::parse(&dir.path().join("c.yaml"), &yaml).unwrap();
+    let gpu = GpuSource::Unavailable {
+        reason: "fake".into(),
+    };
+    let reconciler = Reconciler::new(Arc::new(config), gpu, effects.clone(), lease.clone());
+    let handle = reconciler.handle();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(reconciler.run(shutdown.clone()));
+    Test {
+        _dir: dir,
+        desired,
+        effects,
+        lease,
+        handle,
+        shutdown,
+        run,
+    }
+}
+
+impl Test {
+    fn state(&self, service: &str) -> ServiceState {
+        self.handle.status.borrow().services[service].state
+    }
+
+    /// Waits (in virtual time) until `what` holds, failing after a virtual hour.
+    async fn until(&self, what: &str, holds: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        while !holds(self) {
+            assert!(
+                Instant::now() < deadline,
+                "never: {what}\ncalls: {:?}\nstatus: {:#?}",
+                self.effects.calls(),
+                self.handle.status.borrow().services
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn transition(
+        &self,
+        change: Change,
+    ) -> oneshot::Receiver<Result<crate::transition::TransitionReport, TransitionError>> {
+        let (reply, answer) = oneshot::channel();
+        self.handle
+            .commands
+            .send(Command::Transition {
+                change,
+                wait: true,
+                reply,
+            })
+            .await
+            .unwrap();
+        answer
+    }
+
+    async fn phase(
+        &self,
+        phase: u32,
+    ) -> Result<crate::transition::TransitionReport, TransitionError> {
+        self.transition(Change::Phase(phase)).await.await.unwrap()
+    }
+}
+
+// ---- the tests ----
+
+#[tokio::test(start_paused = true)]
+async fn independent_actions_run_side_by_side() {
+    let effects = FakeEffects::default();
+    for service in ["a", "b", "c"] {
+        effects.behave(
+            service,
+            Behaviour {
+                ready_after: Duration::from_secs(10),
+                stop_takes: Duration::from_secs(3),
+                ..Default::default()
+            },
+        );
+    }
+    let t = start(effects, FakeLease::default());
+    let began = Instant::now();
+    t.phase(2).await.unwrap();
+    // b and c fit together: one start time, not two.
+    assert_between(began.elapsed(), 10_000, 10_100);
+    let began = Instant::now();
+    let report = t.phase(1).await.unwrap();
+    // a needs c's memory (b's stop runs beside): 3 s of stops, then its 10 s start.
+    assert_between(began.elapsed(), 13_000, 13_100);
+    let mut ops: Vec<String> = report
+        .actions
+        .iter()
+        .map(|a| format!("{} {}", a.op, a.service))
+        .collect();
+    ops.sort();
+    assert_eq!(ops, ["start a", "stop b", "stop c"]);
+    let action = |service: &str| {
+        report
+            .actions
+            .iter()
+            .find(|a| a.service == service)
+            .unwrap()
+    };
+    assert!(
+        action("a").started_at_ms >= action("c").finished_at_ms,
+        "a begins after the stop it waits for: {report:?}"
+    );
+}
+
+fn assert_between(took: Duration, at_least_ms: u64, below_ms: u64) {
+    assert!(
+        took >= Duration::from_millis(at_least_ms) && took < Duration::from_millis(below_ms),
+        "took {took:?}, expected {at_least_ms}..{below_ms} ms"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_state_cancels_a_start_it_no_longer_wants() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "a",
+        Behaviour {
+            ready_after: Duration::from_secs(120),
+            stop_takes: Duration::from_secs(1),
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    let first = t.transition(Change::Phase(1)).await;
+    t.until("a is starting", |t| t.state("a") == ServiceState::Starting)
+        .await;
+    let asked = Instant::now();
+    let second = t.phase(2).await.unwrap();
+    // Served after a's stop (1 s) and the new starts (0 s): not after a's 2 minutes.
+    assert!(
+        asked.elapsed() <= Duration::from_millis(1100),
+        "{:?}",
+        asked.elapsed()
+    );
+    let superseded = first.await.unwrap().unwrap_err();
+    assert!(
+        matches!(superseded, TransitionError::Superseded { .. }),
+        "{superseded:?}"
+    );
+    assert_eq!(
+        t.effects.count("stop a"),
+        1,
+        "the half-started a was stopped"
+    );
+    assert!(second
+        .actions
+        .iter()
+        .any(|a| a.service == "a" && a.failure == Some(FailureKind::Cancelled)));
+    assert_eq!(t.state("a"), ServiceState::Stopped);
+    assert_eq!(t.state("b"), ServiceState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_during_another_start_is_seen_at_once_and_restarted_with_backoff() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "a",
+        Behaviour {
+            ready_after: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    t.phase(2).await.unwrap();
+    let pid = t.handle.status.borrow().services["b"].pids[0];
+    // a starts for a minute beside b (pinned: 16 GB fits beside b's 8 GB only).
+    std::fs::write(&t.desired, "phase: 2\npinned: [a]\nheld: [c]\n").unwrap();
+    t.until("a is starting", |t| t.state("a") == ServiceState::Starting)
+        .await;
+    let crashed = Instant::now();
+    t.effects.crash(pid);
+    t.until("b is failed", |t| t.state("b") == ServiceState::Failed)
+        .await;
+    assert!(crashed.elapsed() < Duration::from_millis(100));
+    assert_eq!(t.state("a"), ServiceState::Starting, "a's start goes on");
+    t.until("b is restarted", |t| t.state("b") == ServiceState::Ready)
+        .await;
+    // Restarted after its 1 s backoff, long before a is ready.
+    assert!(crashed.elapsed() >= Duration::from_secs(1));
+    assert!(crashed.elapsed() < Duration::from_secs(2));
+    assert_eq!(t.handle.status.borrow().services["b"].restarts, 1);
+    assert_eq!(t.effects.count("start b"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_keeps_failing_backs_off_then_gives_up() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "b",
+        Behaviour {
+            never_ready: true,
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    let began = Instant::now();
+    let error = t.phase(2).await.unwrap_err();
+    assert_eq!(error.http_status(), 504, "{error}");
+    t.until("b gave up", |t| {
+        let status = t.handle.status.borrow();
+        let b = &status.services["b"];
+        b.state == ServiceState::Failed
+            && b.reason.as_deref().is_some_and(|r| r.contains("5 times"))
+    })
+    .await;
+    assert_eq!(t.effects.count("start b"), 5);
+    // Five starts of 120 s each, with 1 + 2 + 4 + 8 s of backoff between them.
+    let took = began.elapsed();
+    assert!(took >= Duration::from_secs(5 * 120 + 15), "{took:?}");
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(
+        t.effects.count("start b"),
+        5,
+        "no more tries until the state changes"
+    );
+    assert_eq!(t.state("c"), ServiceState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_that_fails_backs_off_then_is_failed() {
+    let effects = FakeEffects::default();
+    let t = start(effects, FakeLease::default());
+    t.phase(2).await.unwrap();
+    t.effects.behave(
+        "c",
+        Behaviour {
+            stop_fails: true,
+            ..Default::default()
+        },
+    );
+    let began = Instant::now();
+    std::fs::write(&t.desired, "phase: 2\nheld: [c]\n").unwrap();
+    t.until("c's stop gave up", |t| {
+        let status = t.handle.status.borrow();
+        let c = &status.services["c"];
+        c.state == ServiceState::Failed
+            && c.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("stop failed 5 times"))
+    })
+    .await;
+    assert_eq!(t.effects.count("stop c"), 5);
+    // 1 + 2 + 4 + 8 s between the five tries: no hot loop.
+    assert!(
+        began.elapsed() >= Duration::from_secs(15),
+        "{:?}",
+        began.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    assert_eq!(t.effects.count("stop c"), 5);
+    let last_error = t.handle.status.borrow().services["c"].last_error.clone();
+    assert!(last_error.is_some_and(|e| e.contains("EPERM")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unhealthy_service_is_stopped_under_the_lease_and_restarted() {
+    let effects = FakeEffects::default();
+    let lease = FakeLease::default();
+    let t = start(effects, lease);
+    t.phase(2).await.unwrap();
+    // A Python job holds the GPU lock: nothing may be stopped meanwhile.
+    t.lease.state().foreign_holder = Some("python-job".into());
+    t.effects.world().sick.push("http://c/".into());
+    t.until("c is unhealthy", |t| {
+        t.state("c") == ServiceState::Unhealthy
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        t.effects.count("stop c"),
+        0,
+        "left alone while the lock is held"
+    );
+    assert_eq!(t.state("c"), ServiceState::Unhealthy);
+    t.effects.world().sick.clear();
+    t.lease.state().foreign_holder = None;
+    t.until("c is restarted", |t| {
+        t.state("c") == ServiceState::Ready && t.effects.count("start c") == 2
+    })
+    .await;
+    assert_eq!(t.effects.count("stop c"), 1);
+    assert_eq!(
+        t.handle.status.borrow().services["c"].restarts,
+        1,
+        "{:?}\n{:#?}",
+        t.effects.calls(),
+        t.handle.status.borrow().recent_actions
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_lets_actions_under_way_finish_and_begins_nothing_new() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "b",
+        Behaviour {
+            stop_takes: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    effects.behave(
+        "c",
+        Behaviour {
+            stop_takes: Duration::from_secs(5),
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    t.phase(2).await.unwrap();
+    let pending = t.transition(Change::Phase(1)).await;
+    t.until("b and c stop", |t| t.state("b") == ServiceState::Stopping)
+        .await;
+    t.lease.state().lost = true;
+    t.lease.state().foreign_holder = Some("intruder".into());
+    let refused = pending.await.unwrap().unwrap_err();
+    assert_eq!(refused.http_status(), 423, "{refused}");
+    t.until("the stops under way finish", |t| {
+        t.state("b") == ServiceState::Stopped && t.state("c") == ServiceState::Stopped
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        t.effects.count("start a"),
+        0,
+        "nothing new without the lease"
+    );
+    t.lease.state().foreign_holder = None;
+    t.until("a starts once the lease is back", |t| {
+        t.state("a") == ServiceState::Ready
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_acts_on_nothing_and_answers_423_naming_the_leader() {
+    let lease = FakeLease::default();
+    lease.state().standby = true;
+    let t = start(FakeEffects::default(), lease);
+    let refused = t.phase(2).await.unwrap_err();
+    assert_eq!(refused.http_status(), 423);
+    assert!(refused.to_string().contains("the other"), "{refused}");
+    assert!(t.effects.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn losing_the_lead_lets_go_without_stopping_anything() {
+    let t = start(FakeEffects::default(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    t.lease.state().standby = true;
+    t.until("let go", |t| t.state("b") == ServiceState::Stopped)
+        .await;
+    assert_eq!(t.effects.count("stop b"), 0, "the new leader adopts them");
+    assert_eq!(t.effects.count("stop c"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_answers_callers_leaves_starts_running_and_steps_down() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "a",
+        Behaviour {
+            ready_after: Duration::from_secs(120),
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    let pending = t.transition(Change::Phase(1)).await;
+    t.until("a is starting", |t| t.state("a") == ServiceState::Starting)
+        .await;
+    let began = Instant::now();
+    t.shutdown.cancel();
+    let answer = pending.await.unwrap().unwrap_err();
+    assert_eq!(answer.http_status(), 503);
+    assert!(matches!(answer, TransitionError::ShuttingDown { .. }));
+    t.run.await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(
+        t.effects.count("stop a"),
+        0,
+        "a daemon shutdown stops no service"
+    );
+    assert_eq!(t.lease.state().step_downs, 1);
+    // Later requests are refused the same way.
+    let (reply, answer) = oneshot::channel();
+    let sent = t
+        .handle
+        .commands
+        .send(Command::Transition {
+            change: Change::Phase(2),
+            wait: true,
+            reply,
+        })
+        .await;
+    assert!(sent.is_err() || answer.await.is_err(), "the loop has ended");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_stops_until_its_deadline() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "c",
+        Behaviour {
+            stop_takes: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    t.phase(2).await.unwrap();
+    std::fs::write(&t.desired, "phase: 2\nheld: [c]\n").unwrap();
+    t.until("c is stopping", |t| t.state("c") == ServiceState::Stopping)
+        .await;
+    let began = Instant::now();
+    t.shutdown.cancel();
+    t.run.await.unwrap();
+    // shutdown_timeout_ms: 5000, then the stop is left where it is.
+    assert_between(began.elapsed(), 5_000, 5_100);
+    assert_eq!(t.lease.state().step_downs, 1);
+}

@@ -1,0 +1,220 @@
+//! The reconcile loop as a user meets it, through the real binary on the simulated GPU:
+//! it hears a crash while another service loads, shuts down gracefully on SIGTERM
+//! (callers answered, services left running, the lead handed over at once), says 503
+//! naming Redis when Redis comes up late, and leaves an unhealthy service alone while a
+//! redis-py lock holds the GPU.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use common::api::Api;
+use common::lease::{eventually, get, lease_block, redis_with_python, PythonLock, TestRedis};
+use common::{mcn_inventory, pid_is_alive, send_signal, Harness, Standin};
+
+fn slow(mut standin: Standin, start_delay_ms: u64) -> Standin {
+    standin.start_delay_ms = start_delay_ms;
+    standin.start_timeout_ms = 60_000;
+    standin
+}
+
+fn pid_of(api: &Api, service: &str) -> u32 {
+    let status = api.status();
+    status["services"][service]["pids"][0]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{service} has no pid: {status}")) as u32
+}
+
+fn daemon_pid(h: &Harness) -> u32 {
+    h.daemon.as_ref().expect("a daemon").id()
+}
+
+#[test]
+fn a_service_killed_during_another_start_shows_within_a_second_and_restarts() {
+    let mut h = Harness::new(vec![
+        Standin::new("cosyvoice", 4096, 50, "[3]"),
+        slow(Standin::new("vidi", 4096, 40, "[2]"), 8000),
+    ]);
+    let api = h.serve("");
+    assert_eq!(api.post("/gpu/prepare-phase/3").code, 200);
+    // Vidi loads for 8 s beside CosyVoice.
+    assert_eq!(api.post("/gpu/service/vidi/start?wait=false").code, 202);
+    api.wait_state("vidi", "starting");
+    let pid = pid_of(&api, "cosyvoice");
+    send_signal(pid, "KILL");
+    let killed = Instant::now();
+    while api.state("cosyvoice") == "ready" {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "status still says ready {:?} after kill -9",
+            killed.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(api.state("cosyvoice"), "failed");
+    // Its restart (after a 1 s backoff) does not wait for Vidi's load either.
+    h.wait_until("cosyvoice is restarted", |_| {
+        api.state("cosyvoice") == "ready"
+    });
+    assert_eq!(
+        api.state("vidi"),
+        "starting",
+        "restarted while vidi still loads"
+    );
+    let status = api.status();
+    assert_eq!(status["services"]["cosyvoice"]["restarts"], 1, "{status}");
+    assert!(
+        status["services"]["cosyvoice"]["last_error"].is_null(),
+        "{status}"
+    );
+    h.wait_until("vidi is ready", |_| api.state("vidi") == "ready");
+    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+}
+
+#[test]
+fn sigterm_answers_waiting_callers_exits_0_and_leaves_services_for_the_next_daemon() {
+    let mut services = mcn_inventory();
+    services[2] = slow(services[2].clone(), 6000);
+    let mut h = Harness::new(services);
+    let api = h.serve("");
+    let waiting = {
+        let api = api.clone();
+        std::thread::spawn(move || api.post("/gpu/prepare-phase/2"))
+    };
+    api.wait_state("vidi", "starting");
+    let vidi = pid_of(&api, "vidi");
+    let signalled = Instant::now();
+    send_signal(daemon_pid(&h), "TERM");
+    let answer = waiting.join().unwrap();
+    assert_eq!(answer.code, 503, "{}", answer.body);
+    let body: Value = answer.json();
+    assert_eq!(body["kind"], "shutting_down", "{body}");
+    let status = h.daemon.take().unwrap().wait().unwrap();
+    assert!(status.success(), "the daemon exits 0 on SIGTERM: {status}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        signalled.elapsed()
+    );
+    assert!(h
+        .daemon_log()
+        .contains("shut down: the lease and the lead are released"));
+    assert!(pid_is_alive(vidi), "a daemon shutdown stops no service");
+
+    // The next daemon adopts the start under way instead of starting vidi twice.
+    let api = h.serve("");
+    h.wait_until("vidi is adopted and ready", |_| {
+        api.state("vidi") == "ready"
+    });
+    assert_eq!(pid_of(&api, "vidi"), vidi);
+    assert_eq!(h.instances_of("vidi"), 1);
+    assert!(h.daemon_log().contains("adopted a running instance"));
+}
+
+#[test]
+fn sigterm_hands_the_lead_to_a_standby_at_once() {
+    let Some(redis) = TestRedis::start() else {
+        return;
+    };
+    let mut h = Harness::new(mcn_inventory());
+    // A 10 s TTL: a standby that waited for the key to expire would take 10 s.
+    h.write_config(&lease_block(&redis, 10_000, 500));
+    let mut leader = h.spawn_daemon("leader.log");
+    let leads =
+        |pid: u32| get(&redis, "gpu_lock:leader").is_some_and(|l| l.contains(&format!(":{pid}:")));
+    eventually(
+        "the first daemon leads",
+        || leads(leader.pid),
+        || leader.log(),
+    );
+    h.start_daemon();
+    let standby = daemon_pid(&h);
+    h.wait_until("the second daemon is standby", |h| {
+        h.daemon_log().contains("standby: another daemon leads")
+    });
+    let signalled = Instant::now();
+    let status = leader.terminate();
+    assert!(status.success(), "{status}\n{}", leader.log());
+    h.wait_until("the standby leads", |_| leads(standby));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(1),
+        "took over {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    h.set_desired("phase: 2\n");
+    h.wait_converged(&["vidi"]);
+}
+
+#[test]
+fn a_daemon_started_before_redis_answers_503_naming_redis_then_acts_once_it_is_up() {
+    let Some(mut redis) = TestRedis::not_started() else {
+        return;
+    };
+    let mut h = Harness::new(mcn_inventory());
+    let api = h.serve_with("", &lease_block(&redis, 2000, 500));
+    let refused = api.post("/gpu/prepare-phase/2");
+    assert_eq!(
+        refused.code, 503,
+        "not 423: no other daemon leads\n{}",
+        refused.body
+    );
+    let body: Value = refused.json();
+    assert_eq!(body["kind"], "backend_down", "{body}");
+    assert_eq!(body["backend"], "redis", "{body}");
+    let summary = api.status()["lock"]["summary"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        summary.contains("unreachable"),
+        "status says the same: {summary}"
+    );
+
+    redis.restart();
+    h.wait_until("the daemon leads once Redis answers", |_| {
+        api.status()["lock"]["role"] == "leader"
+    });
+    let done = api.post("/gpu/prepare-phase/2");
+    assert_eq!(done.code, 200, "{}", done.body);
+}
+
+#[test]
+fn an_unhealthy_service_is_left_alone_while_a_python_lock_holds_the_gpu() {
+    let Some(redis) = redis_with_python() else {
+        return;
+    };
+    let mut h = Harness::new(vec![Standin::new("vidi", 4096, 40, "[2]")]);
+    let api = h.serve_with("", &lease_block(&redis, 2000, 500));
+    assert_eq!(api.post("/gpu/prepare-phase/2").code, 200);
+    let vidi = pid_of(&api, "vidi");
+    let lock = PythonLock::hold(&redis, "gpu_lock", 120);
+    // A frozen process answers no health check.
+    send_signal(vidi, "STOP");
+    h.wait_until("vidi is unhealthy", |_| api.state("vidi") == "unhealthy");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(api.state("vidi"), "unhealthy");
+    assert!(
+        pid_is_alive(vidi),
+        "not stopped while Python holds the lock"
+    );
+    assert!(
+        !h.daemon_log()
+            .contains("action begins op=stop service=vidi"),
+        "{}",
+        h.daemon_log()
+    );
+    assert_eq!(
+        api.status()["lock"]["holder"].as_str(),
+        Some(lock.token.as_str())
+    );
+
+    lock.release();
+    h.wait_until("vidi is stopped and restarted", |_| {
+        api.state("vidi") == "ready" && api.status()["services"]["vidi"]["restarts"] == 1
+    });
+    assert!(!pid_is_alive(vidi), "the frozen instance was stopped");
+    assert_ne!(pid_of(&api, "vidi"), vidi);
+    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+}
