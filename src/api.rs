@@ -111,6 +111,12 @@ struct PlanQuery {
     stop: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+struct CanFitQuery {
+    mb: Option<String>,
+    priority: Option<String>,
+}
+
 /// `GET /gpu/status` serializes each snapshot once, not once per request: it keeps the
 /// JSON of the latest snapshot and only adds how old it is.
 #[derive(Clone)]
@@ -229,6 +235,11 @@ pub fn routes(
         .and(warp::query::<PlanQuery>())
         .and(with_handle.clone())
         .and_then(plan);
+    let can_fit = warp::path!("gpu" / "can-fit")
+        .and(warp::get())
+        .and(warp::query::<CanFitQuery>())
+        .and(with_handle.clone())
+        .and_then(can_fit);
     let events = warp::path!("gpu" / "events")
         .and(warp::get())
         .and(with_handle.clone())
@@ -266,6 +277,8 @@ pub fn routes(
         .or(stop)
         .unify()
         .or(plan)
+        .unify()
+        .or(can_fit)
         .unify()
         .or(events)
         .unify()
@@ -370,6 +383,16 @@ async fn plan(query: PlanQuery, handle: ReconcilerHandle) -> Result<Response, Re
     Ok(warp::reply::json(&serde_json::json!({ "plan": plan, "text": text })).into_response())
 }
 
+/// `GET /gpu/can-fit`: answered from the latest snapshot, without asking the reconciler.
+async fn can_fit(query: CanFitQuery, handle: ReconcilerHandle) -> Result<Response, Rejection> {
+    let (mb, priority) =
+        crate::can_fit::parse_query(query.mb.as_deref(), query.priority.as_deref()).map_err(
+            |detail| warp::reject::custom(Refused(TransitionError::BadRequest { detail })),
+        )?;
+    let answer = crate::can_fit::can_fit(&handle.status.borrow(), mb, priority);
+    Ok(warp::reply::json(&answer).into_response())
+}
+
 /// Every error as JSON `{"error": ...}` with the status the contract names.
 async fn recover(
     rejection: Rejection,
@@ -388,7 +411,7 @@ async fn recover(
     } else if rejection.is_not_found() {
         (
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop, GET /gpu/plan, GET /gpu/events, GET /metrics"}),
+            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics"}),
         )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (

@@ -94,7 +94,7 @@ pub struct GpuConfig {
     pub reserve_mb: u64,
     /// Another libnvidia-ml to load (the fake one in tests).
     pub nvml_library: Option<PathBuf>,
-    /// A simulated GPU folder (DESIGN.md) instead of NVML: the demo uses it.
+    /// A simulated GPU folder (the `sim-gpu` crate) instead of NVML: the demo uses it.
     pub simulated: Option<PathBuf>,
     /// The GPU's size for budgeting when it cannot be observed (no NVML).
     pub total_mb: Option<u64>,
@@ -376,11 +376,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let source = Source { path, text };
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| source.yaml_error(&e))?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let base = std::path::absolute(&base).unwrap_or(base);
+        let base = config_folder(path);
 
         let listen_text = raw.api.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen = listen_text.parse().map_err(|_| {
@@ -515,16 +511,8 @@ fn parse_service(
             .map(|s| s.to_string())
             .collect()
     };
-    let raw: RawService = serde_yaml::from_value(value.clone()).map_err(|e| {
-        let field = e
-            .to_string()
-            .split('`')
-            .nth(1)
-            .map(str::to_owned)
-            .unwrap_or_default();
-        let path = at(&field);
-        source.invalid_owned(&path, format!("services.{name}: {e}"))
-    })?;
+    let raw: RawService = serde_path_to_error::deserialize(value.clone())
+        .map_err(|e| service_error(source, &name, &e))?;
     let invalid = |field: &str, message: String| source.invalid_owned(&at(field), message);
 
     if raw.vram_mb == 0 {
@@ -665,6 +653,34 @@ fn parse_service(
     })
 }
 
+/// A service that does not deserialize, located at the offending key: the path serde
+/// reached (`vram_mb`, `health.url`), or for an unknown key the name in the message.
+fn service_error(
+    source: &Source<'_>,
+    name: &ServiceName,
+    error: &serde_path_to_error::Error<serde_yaml::Error>,
+) -> ConfigError {
+    let mut keys = vec!["services".to_owned(), name.to_string()];
+    let reached: Vec<String> = error
+        .path()
+        .iter()
+        .map_while(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect();
+    let inner = error.inner().to_string();
+    let mut key_path = format!("services.{name}");
+    if reached.is_empty() {
+        // An unknown or missing field names itself in backticks.
+        keys.extend(inner.split('`').nth(1).map(str::to_owned));
+    } else {
+        key_path = format!("{key_path}.{}", reached.join("."));
+        keys.extend(reached);
+    }
+    source.invalid_owned(&keys, format!("{key_path}: {inner}"))
+}
+
 fn check_unique_priorities(
     source: &Source<'_>,
     services: &[ServiceSpec],
@@ -682,6 +698,17 @@ fn check_unique_priorities(
         }
     }
     Ok(())
+}
+
+/// The folder relative paths in the config are resolved against, made absolute so that
+/// nothing downstream depends on the working directory. A bare file name ("c.yaml") has
+/// the empty path as its parent, so the config path is made absolute first.
+fn config_folder(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match absolute.parent() {
+        Some(folder) if !folder.as_os_str().is_empty() => folder.to_owned(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// The config text, to turn a key path into a line and column for error messages.
@@ -820,6 +847,23 @@ services:
     }
 
     #[test]
+    fn a_type_error_points_at_its_key() {
+        let (line, message) = error_of(&GOOD.replace("vram_mb: 4096", "vram_mb: lots"));
+        assert_eq!(line, 15, "{message}");
+        assert!(
+            message.starts_with("services.cosyvoice.vram_mb: invalid type"),
+            "{message}"
+        );
+        let text = GOOD.replace("timeout_ms: 10000 }", "timeout_ms: soon }");
+        let (line, message) = error_of(&text);
+        assert_eq!(line, 11, "{message}");
+        assert!(
+            message.starts_with("services.comfyui.health.timeout_ms:"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn unknown_kind_is_refused() {
         let (_, message) = error_of(&GOOD.replace("kind: docker", "kind: podman"));
         assert!(
@@ -916,5 +960,17 @@ services:
     fn locate_finds_nested_keys() {
         assert_eq!(locate(GOOD, &["services", "cosyvoice", "vram_mb"]).0, 15);
         assert_eq!(locate(GOOD, &["services", "comfyui", "priority"]).0, 9);
+    }
+
+    #[test]
+    fn a_bare_config_name_anchors_relative_paths_in_the_working_directory() {
+        let text = format!(
+            "desired_state: state.yaml\nstate_dir: run\n{}",
+            &GOOD[GOOD.find("services:").unwrap()..]
+        );
+        let config = Config::parse(Path::new("c.yaml"), &text).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(config.desired_state, cwd.join("state.yaml"));
+        assert_eq!(config.state_dir, cwd.join("run"));
     }
 }

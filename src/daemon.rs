@@ -7,23 +7,17 @@ use crate::act::docker::DockerDriver;
 use crate::act::instance::Effects;
 use crate::act::native::NativeDriver;
 use crate::config::{Config, ConfigError};
+use crate::desired;
 use crate::lease::Lease;
-use crate::observe::gpu::Gpu;
 use crate::observe::health::HealthProber;
-use crate::observe::nvml::NvmlGpu;
-use crate::observe::simulated::SimulatedGpu;
+use crate::observe::open;
 use crate::reconcile::{DaemonReconciler, GpuSource, Reconciler};
 
-/// Opens the configured GPU. A missing NVML is not fatal: the daemon still runs and
-/// budgets from declared sizes (`gpu.total_mb`), saying so in logs and status.
-pub fn open_gpu(config: &Config) -> GpuSource {
-    let opened = match &config.gpu.simulated {
-        Some(dir) => {
-            SimulatedGpu::open(dir).map(|gpu| (Arc::new(gpu) as Arc<dyn Gpu>, "simulated"))
-        }
-        None => NvmlGpu::open(config.gpu.nvml_library.as_deref(), config.gpu.index)
-            .map(|gpu| (Arc::new(gpu) as Arc<dyn Gpu>, "nvml")),
-    };
+/// Opens the configured GPU (off the async workers: NVML init can take seconds). A
+/// missing NVML is not fatal: the daemon still runs and budgets from declared sizes
+/// (`gpu.total_mb`), saying so in logs and status.
+pub async fn open_gpu(config: &Config) -> GpuSource {
+    let opened = open::open_gpu(&config.gpu).await;
     match opened {
         Ok((gpu, source)) => {
             tracing::info!(gpu = %gpu.describe(), "observing the GPU");
@@ -57,25 +51,60 @@ pub fn check_against_gpu(config: &Config, gpu: &GpuSource) -> Result<(), ConfigE
 
 /// Builds the reconciler for a validated config, with the Docker engine `DOCKER_HOST`
 /// names (or the default socket).
-pub fn build(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
-    build_with(config, DockerDriver::from_env())
+pub async fn build(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
+    build_with(config, DockerDriver::from_env()).await
 }
 
 /// Builds the reconciler for a validated config, with docker services going through
 /// `docker`. It is not connected yet: an engine that is down leaves docker services
-/// `unknown` and native ones untouched.
-pub fn build_with(config: Arc<Config>, docker: DockerDriver) -> anyhow::Result<DaemonReconciler> {
-    let gpu = open_gpu(&config);
-    check_against_gpu(&config, &gpu)?;
+/// `unknown` and native ones untouched. Writes an empty desired-state file if there is
+/// none yet, for people to see and edit.
+pub async fn build_with(
+    config: Arc<Config>,
+    docker: DockerDriver,
+) -> anyhow::Result<DaemonReconciler> {
+    let gpu = open_checked_gpu(&config).await?;
+    desired::create_if_missing(&config.desired_state)?;
     let native = NativeDriver::new(&config.state_dir)
         .map_err(|e| anyhow::anyhow!("cannot use state_dir {}: {e}", config.state_dir.display()))?;
-    let prober = HealthProber::new()
-        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))?;
     tracing::info!(
         engine = docker.host(),
         "docker services go through this engine"
     );
-    let effects = Effects::new(native, docker, prober);
-    let lease = Lease::from_config(&config.lease)?;
-    Ok(Reconciler::new(config, gpu, effects, lease))
+    let effects = Effects::new(native, docker, prober()?);
+    Ok(Reconciler::new(
+        config.clone(),
+        gpu,
+        effects,
+        lease(&config)?,
+    ))
+}
+
+/// Builds a reconciler for `plan`, which only looks: it creates no state folder and no
+/// desired-state file, and its dry run finds running services without adopting them.
+pub async fn build_read_only(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
+    let gpu = open_checked_gpu(&config).await?;
+    let native = NativeDriver::read_only(&config.state_dir);
+    let effects = Effects::new(native, DockerDriver::from_env(), prober()?);
+    Ok(Reconciler::new(
+        config.clone(),
+        gpu,
+        effects,
+        lease(&config)?,
+    ))
+}
+
+async fn open_checked_gpu(config: &Config) -> Result<GpuSource, ConfigError> {
+    let gpu = open_gpu(config).await;
+    check_against_gpu(config, &gpu)?;
+    Ok(gpu)
+}
+
+fn prober() -> anyhow::Result<HealthProber> {
+    HealthProber::new()
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client for health checks: {e}"))
+}
+
+fn lease(config: &Config) -> anyhow::Result<Lease> {
+    Ok(Lease::from_config(&config.lease)?)
 }

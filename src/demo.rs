@@ -37,7 +37,7 @@ pub async fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     println!("simulated GPU: 24576 MB, 1024 MB used by a desktop, 300 ms to reclaim a dead process's memory\n");
 
     let config = Arc::new(Config::load(&config_path)?);
-    let reconciler = daemon::build(config.clone())?;
+    let reconciler = daemon::build(config.clone()).await?;
     let shutdown = CancellationToken::new();
     let (addr, api) = api::serve(
         reconciler.handle(),

@@ -1,8 +1,8 @@
 //! The desired-state file (`desired-state/state.yaml`): what people and the API want.
 //!
 //! It is the single source of truth for "what should run": the API rewrites it
-//! atomically, people edit it by hand, and the daemon watches its folder. A broken edit
-//! is refused and the last good state stays in force.
+//! atomically, people edit it by hand, and the daemon watches its folder. A broken edit,
+//! or a deleted file, is refused and the last good state stays in force.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -37,6 +37,10 @@ pub enum WantReason {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredError {
+    /// Deleting the file is treated like a broken edit: stopping every service because
+    /// a file went missing would cost the user every loaded model.
+    #[error("desired state {path} is missing; the last good state stays in force: write it again (e.g. `phase: null` to stop everything), or POST a change to the API")]
+    Missing { path: PathBuf },
     #[error("cannot read desired state {path}: {source}")]
     Read {
         path: PathBuf,
@@ -46,9 +50,18 @@ pub enum DesiredError {
     Malformed { path: PathBuf, detail: String },
     #[error("desired state {path}: {detail}; the last good state stays in force")]
     Unknown { path: PathBuf, detail: String },
-    #[error("cannot write desired state {path}: {source}")]
-    Write {
+    /// The write failed before the new file replaced the old one.
+    #[error("cannot write desired state {path}: {source}; nothing was changed")]
+    NotWritten {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The new file replaced the old one, but syncing its folder failed: the new state
+    /// is in force, and a power loss now could bring the old file back.
+    #[error("desired state {path} was replaced with the new state, but its folder {folder} could not be synced ({source}): the new state is in force but may not survive a power loss")]
+    NotDurable {
+        path: PathBuf,
+        folder: PathBuf,
         source: std::io::Error,
     },
     #[error("cannot watch {path}: {detail}")]
@@ -145,41 +158,96 @@ fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     }
 }
 
-/// Loads and checks the file; a missing file is the empty desired state.
+/// Loads and checks the file. A missing file is an error, like a broken edit.
 pub fn load(path: &Path, inventory: &Inventory) -> Result<DesiredState, DesiredError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(source) => {
-            return Err(DesiredError::Read {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
+    let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => DesiredError::Missing {
+            path: path.to_owned(),
+        },
+        _ => DesiredError::Read {
+            path: path.to_owned(),
+            source,
+        },
+    })?;
     let state = DesiredState::parse(path, &text)?;
     state.check_against(path, inventory)?;
     Ok(state)
 }
 
+/// What a daemon starting now would follow: the file, or, when there is none, the empty
+/// state that [`create_if_missing`] writes at start. Writes nothing (for `plan`).
+pub fn load_or_initial(path: &Path, inventory: &Inventory) -> Result<DesiredState, DesiredError> {
+    match load(path, inventory) {
+        Err(DesiredError::Missing { .. }) => Ok(DesiredState::default()),
+        other => other,
+    }
+}
+
+/// At daemon start, writes the empty desired state (`phase: null`, nothing pinned or
+/// held) if there is no file yet, so that people can see and edit it. Returns whether
+/// it wrote one.
+pub fn create_if_missing(path: &Path) -> Result<bool, DesiredError> {
+    if path.try_exists().unwrap_or(true) {
+        return Ok(false);
+    }
+    write_atomic(path, &DesiredState::default())?;
+    tracing::info!(path = %path.display(), "no desired state yet: wrote an empty one (phase: null) to edit");
+    Ok(true)
+}
+
 /// Writes the file so that a reader sees the old or the new content, never half of it:
-/// a temp file in the same folder, fsync, rename, then fsync the folder.
+/// a temp file in the same folder, fsync, rename, then fsync the folder. An error before
+/// the rename changed nothing ([`DesiredError::NotWritten`]); one after it left the new
+/// state in place ([`DesiredError::NotDurable`]).
 pub fn write_atomic(path: &Path, state: &DesiredState) -> Result<(), DesiredError> {
-    let fail = |source| DesiredError::Write {
+    let not_written = |source| DesiredError::NotWritten {
         path: path.to_owned(),
         source,
     };
-    let folder = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(folder).map_err(fail)?;
+    let folder = folder_of(path);
+    std::fs::create_dir_all(folder).map_err(not_written)?;
     let temp = temp_path(path);
-    let mut file = std::fs::File::create(&temp).map_err(fail)?;
-    file.write_all(state.to_yaml().as_bytes()).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
+    let mut file = std::fs::File::create(&temp).map_err(not_written)?;
+    let written = file
+        .write_all(state.to_yaml().as_bytes())
+        .and_then(|()| file.sync_all());
     drop(file);
-    std::fs::rename(&temp, path).map_err(fail)?;
+    if let Err(source) = written.and_then(|()| std::fs::rename(&temp, path)) {
+        // Best effort: the error below is what matters.
+        let _ = std::fs::remove_file(&temp);
+        return Err(not_written(source));
+    }
     std::fs::File::open(folder)
         .and_then(|dir| dir.sync_all())
-        .map_err(fail)
+        .map_err(|source| DesiredError::NotDurable {
+            path: path.to_owned(),
+            folder: folder.to_owned(),
+            source,
+        })
+}
+
+/// [`write_atomic`] on a blocking thread: it waits on fsync, which must not hold up an
+/// async worker (the API and the reconciler run on two).
+pub async fn save(path: &Path, state: &DesiredState) -> Result<(), DesiredError> {
+    let (task_path, state) = (path.to_owned(), state.clone());
+    match tokio::task::spawn_blocking(move || write_atomic(&task_path, &state)).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Only a runtime shutting down cancels a blocking task, and only before it ran.
+        Err(error) => Err(DesiredError::NotWritten {
+            path: path.to_owned(),
+            source: std::io::Error::other(error.to_string()),
+        }),
+    }
+}
+
+/// The folder holding `path`; a bare file name's folder is the working directory (its
+/// parent is the empty path, which cannot be opened).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -207,7 +275,7 @@ pub fn watch(path: &Path, trigger: mpsc::Sender<()>) -> Result<FileWatch, Desire
         path: path.to_owned(),
         detail,
     };
-    let folder = path.parent().unwrap_or(Path::new(".")).to_owned();
+    let folder = folder_of(path).to_owned();
     std::fs::create_dir_all(&folder).map_err(|e| fail(e.to_string()))?;
     let file_name = path.file_name().map(|n| n.to_owned());
     let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
@@ -311,6 +379,71 @@ services:
         assert_eq!(load(&path, &inventory()).unwrap(), state);
         let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        let error = load(&path, &inventory()).unwrap_err();
+        assert!(matches!(error, DesiredError::Missing { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains("missing") && message.contains("last good state"),
+            "{message}"
+        );
+        assert_eq!(
+            load_or_initial(&path, &inventory()).unwrap(),
+            DesiredState::default()
+        );
+        assert!(!path.exists(), "load_or_initial writes nothing");
+    }
+
+    #[test]
+    fn create_if_missing_writes_the_empty_state_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("desired-state/state.yaml");
+        assert!(create_if_missing(&path).unwrap());
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("phase: null"), "{text}");
+        assert_eq!(load(&path, &inventory()).unwrap(), DesiredState::default());
+        std::fs::write(&path, "phase: 3\n").unwrap();
+        assert!(!create_if_missing(&path).unwrap());
+        assert_eq!(load(&path, &inventory()).unwrap().phase, Some(3));
+    }
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_working_directory() {
+        assert_eq!(folder_of(Path::new("state.yaml")), Path::new("."));
+        assert_eq!(folder_of(Path::new("/x/state.yaml")), Path::new("/x"));
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the folder should be: the write fails before any rename.
+        let blocker = dir.path().join("not-a-folder");
+        std::fs::write(&blocker, "").unwrap();
+        let error =
+            write_atomic(&blocker.join("state.yaml"), &DesiredState::default()).unwrap_err();
+        assert!(
+            matches!(error, DesiredError::NotWritten { .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("nothing was changed"), "{error}");
+        assert_eq!(std::fs::read_to_string(&blocker).unwrap(), "");
+    }
+
+    #[tokio::test]
+    async fn save_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        let state = DesiredState {
+            phase: Some(2),
+            ..Default::default()
+        };
+        save(&path, &state).await.unwrap();
+        assert_eq!(load(&path, &inventory()).unwrap(), state);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod act;
 pub mod api;
+pub mod can_fit;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -10,11 +11,14 @@ pub mod daemon;
 pub mod dashboard;
 pub mod demo;
 pub mod desired;
+pub mod doctor;
 pub mod history;
 pub mod lease;
 pub mod metrics;
+pub mod notify;
 pub mod observe;
 pub mod plan;
+pub mod process_exit;
 pub mod reconcile;
 pub mod schedule;
 pub mod status;

@@ -15,7 +15,7 @@ use gpu_manager::config::Config;
 use gpu_manager::observe::gpu::Gpu;
 use gpu_manager::observe::nvml::NvmlGpu;
 use gpu_manager::reconcile::GpuSource;
-use gpu_manager::{api, daemon, demo, desired, plan};
+use gpu_manager::{api, daemon, demo, desired, doctor, notify, plan};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +62,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check this host against a config: PASS / WARN / FAIL, each with its fix. Exit 0
+    /// when nothing fails.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the checks as JSON (for machines).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print what the daemon sees of the GPU (NVML, or the config's simulated GPU).
     Gpu {
         /// Observe the GPU this config names (default: NVML, GPU 0).
@@ -82,6 +91,15 @@ enum Command {
     },
     /// Ask a running daemon for its status: VRAM, services, states.
     Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Ask a running daemon whether MB fit on the GPU now: exit 0 if so, 1 if not.
+    CanFit {
+        mb: u64,
+        /// Also say what a start of that size at this priority would stop.
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i64>,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
@@ -124,10 +142,17 @@ struct DaemonArgs {
 }
 
 impl DaemonArgs {
+    fn client(&self) -> Result<Client, client::ClientError> {
+        Client::new(
+            self.url.clone(),
+            self.config.as_deref(),
+            self.token_file.as_deref(),
+        )
+    }
+
     /// Runs a client command against the daemon: its exit code.
     async fn run(self, request: Option<Request>) -> ExitCode {
-        let client = Client::new(self.url, self.config.as_deref(), self.token_file.as_deref());
-        client::run(client, request, self.json).await
+        client::run(self.client(), request, self.json).await
     }
 }
 
@@ -153,7 +178,10 @@ enum Mode {
 /// stops, and the next daemon adopts them.
 async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config)?);
-    let reconciler = daemon::build(config.clone())?;
+    let reconciler = daemon::build(config.clone()).await?;
+    if let Some(notifier) = notify::Notifier::from_env() {
+        tokio::spawn(notify::follow(notifier, reconciler.handle().status));
+    }
     let shutdown = CancellationToken::new();
     let api_stop = CancellationToken::new();
     let api = match mode {
@@ -186,6 +214,7 @@ async fn forward_signals(shutdown: CancellationToken) {
         Err(error) => {
             tracing::error!(%error, "cannot handle SIGTERM: only Ctrl-C shuts down gracefully");
             let _ = tokio::signal::ctrl_c().await;
+            notify::stopping();
             shutdown.cancel();
             return;
         }
@@ -195,6 +224,7 @@ async fn forward_signals(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => "SIGINT",
     };
     tracing::info!(signal = name, "shutting down gracefully");
+    notify::stopping();
     shutdown.cancel();
 }
 
@@ -261,19 +291,19 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve { config } => run_daemon(&config, Mode::WithApi).await?,
         Command::Plan { config, phase } => {
             let config = Config::load(&config)?;
-            let mut state = desired::load(&config.desired_state, &config.inventory)?;
+            let mut state = desired::load_or_initial(&config.desired_state, &config.inventory)?;
             if let Some(phase) = phase {
                 state.phase = Some(phase);
                 state.held.clear();
                 state.check_against(&config.desired_state, &config.inventory)?;
             }
-            let reconciler = daemon::build(Arc::new(config))?;
+            let reconciler = daemon::build_read_only(Arc::new(config)).await?;
             let plan = reconciler.dry_run(&state).await;
             print!("{}", plan::render(&plan));
         }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
-            daemon::check_against_gpu(&config, &daemon::open_gpu(&config))?;
+            daemon::check_against_gpu(&config, &daemon::open_gpu(&config).await)?;
             println!(
                 "{}: valid ({} services, phases {:?})",
                 config.path.display(),
@@ -281,13 +311,24 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 config.inventory.phases()
             );
         }
+        Command::Doctor { config, json } => {
+            let report = doctor::run(&config).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Gpu {
             config,
             nvml_library,
             bench,
         } => {
             let gpu = match config {
-                Some(config) => match daemon::open_gpu(&Config::load(&config)?) {
+                Some(config) => match daemon::open_gpu(&Config::load(&config)?).await {
                     GpuSource::Observed { gpu, .. } => gpu,
                     GpuSource::Unavailable { reason } => anyhow::bail!(reason),
                 },
@@ -299,6 +340,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { dir } => demo::run(dir).await?,
         Command::Status { daemon } => return Ok(daemon.run(None).await),
+        Command::CanFit {
+            mb,
+            priority,
+            daemon,
+        } => return Ok(client::run_can_fit(daemon.client(), mb, priority, daemon.json).await),
         Command::Phase { phase, daemon } => {
             return Ok(daemon.run(Some(Request::Phase(phase))).await)
         }

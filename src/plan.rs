@@ -248,10 +248,16 @@ pub fn render(plan: &Plan) -> String {
 
 /// The VRAM a service counts for: its declared need, or more if the GPU shows more.
 fn cost(spec: &ServiceSpec, view: &ServiceView) -> u64 {
+    footprint_mb(spec.vram_mb, view)
+}
+
+/// [`cost`] from a declared size alone, for readers of the status snapshot
+/// (`GET /gpu/can-fit`) that have no [`ServiceSpec`].
+pub fn footprint_mb(declared_mb: u64, view: &ServiceView) -> u64 {
     if view.presence.holds_memory() {
-        spec.vram_mb.max(view.observed_mb.unwrap_or(0))
+        declared_mb.max(view.observed_mb.unwrap_or(0))
     } else {
-        spec.vram_mb
+        declared_mb
     }
 }
 
@@ -452,13 +458,14 @@ fn stop_reason(desired: &DesiredState, cause: Cause, verdict: &Verdict) -> Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{CommandLine, NativeSpec, Runtime};
     use proptest::prelude::*;
     use std::time::Duration;
 
-    fn spec(name: &str, vram_mb: u64, priority: i64, phases: Vec<u32>) -> ServiceSpec {
+    /// A native service that runs `true`, for the planner's and the schedule's tests.
+    pub(crate) fn spec(name: &str, vram_mb: u64, priority: i64, phases: Vec<u32>) -> ServiceSpec {
         ServiceSpec {
             name: ServiceName::parse(name).unwrap(),
             runtime: Runtime::Native(NativeSpec {

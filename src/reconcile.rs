@@ -164,6 +164,9 @@ pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     /// A timer for the next round: a backoff ending, a start waiting for room.
     next_wake: Option<Instant>,
     lifecycle: Lifecycle,
+    /// A round (observation, and adoption when leading) has ended: published as
+    /// `Status::first_round_done`, systemd's readiness (src/notify.rs).
+    first_round_done: bool,
 }
 
 impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
@@ -200,10 +203,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             dirty: true,
             next_wake: None,
             lifecycle: Lifecycle::Running,
+            first_round_done: false,
         };
         // The API checks names against the snapshot: it lists every service from the
         // start, with the desired state already read.
         reconciler.reload_desired();
+        reconciler.publish();
         reconciler
     }
 
@@ -274,7 +279,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub async fn dry_run(mut self, desired: &DesiredState) -> Plan {
         let specs: Vec<_> = self.records.iter().map(|r| r.spec.clone()).collect();
         for spec in specs {
-            if let Ok(Some(instance)) = self.effects.find_running(&spec).await {
+            if let Ok(Some(instance)) = self.effects.look_up(&spec).await {
                 if let Some(record) = self.records.get_mut(&spec.name) {
                     record.instance = Some(instance);
                     record.state = ServiceState::Ready;
@@ -332,8 +337,8 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 self.desired_error = Some(message);
             }
         }
+        // The round this sets off publishes the result.
         self.dirty = true;
-        self.publish();
     }
 
     fn accept_desired(&mut self, state: DesiredState) {
@@ -482,6 +487,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
     /// The end of every round: timers for backoffs, and a fresh snapshot.
     fn settle(&mut self) {
+        self.first_round_done = true;
         let now = Instant::now();
         let retries = self
             .records
@@ -501,12 +507,16 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// lease go.
     async fn converged(&mut self) {
         self.converged_generation = self.generation;
-        self.finish_waiters(RoundEnd::Completed);
         if let Some(started) = self.transition_started.take() {
             self.transitions
                 .observe(started.elapsed().as_millis() as u64);
         }
         self.release_lease().await;
+        if !self.waiters.is_empty() {
+            // Callers read status right after their answer: publish it first.
+            self.publish();
+            self.finish_waiters(RoundEnd::Completed);
+        }
     }
 
     async fn release_lease(&mut self) {

@@ -56,33 +56,19 @@ pub fn launch(plan: &Plan, gpu_room_mb: Option<u64>) -> Launch {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
-    use std::time::Duration;
 
     use proptest::prelude::*;
 
     use super::*;
-    use crate::config::{CommandLine, Inventory, NativeSpec, Runtime, ServiceSpec};
+    use crate::config::{Inventory, ServiceSpec};
     use crate::desired::DesiredState;
     use crate::plan::{
         plan, Budget, Condition, Observation, Presence, ServiceView, StartGate, Verdict,
     };
 
+    /// Service `s<index>`, priority `index * 10`.
     fn spec(index: usize, vram_mb: u64, phases: Vec<u32>) -> ServiceSpec {
-        ServiceSpec {
-            name: ServiceName::parse(&format!("s{index}")).unwrap(),
-            runtime: Runtime::Native(NativeSpec {
-                command: CommandLine::Shell("true".into()),
-                workdir: None,
-                env: Default::default(),
-                match_pattern: None,
-            }),
-            vram_mb,
-            priority: index as i64 * 10,
-            phases,
-            health: None,
-            start_timeout: Duration::from_secs(1),
-            stop_timeout: Duration::from_secs(1),
-        }
+        crate::plan::tests::spec(&format!("s{index}"), vram_mb, index as i64 * 10, phases)
     }
 
     /// A host: what each service holds, and the actions under way.

@@ -50,6 +50,10 @@ pub struct Status {
     pub transitions: TransitionStats,
     /// Wall-clock time of this snapshot, milliseconds since the epoch.
     pub observed_at_ms: u64,
+    /// The daemon's first round (observing the GPU and services, and adopting what runs
+    /// when it leads) is done: it is ready (systemd's READY=1, see src/notify.rs).
+    #[serde(default)]
+    pub first_round_done: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -85,6 +85,7 @@ fn the_document_is_served_and_covers_every_route() {
             "/",
             "/dashboard/app.js",
             "/dashboard/style.css",
+            "/gpu/can-fit",
             "/gpu/events",
             "/gpu/history",
             "/gpu/plan",
@@ -181,6 +182,9 @@ fn real_answers_errors_and_events_match_the_document() {
         ("/gpu/plan?phase=4&start=vidi", "/gpu/plan", 400),
         ("/gpu/plan?stop=nosuch", "/gpu/plan", 404),
         ("/gpu/history", "/gpu/history", 200),
+        ("/gpu/can-fit?mb=4096", "/gpu/can-fit", 200),
+        ("/gpu/can-fit?mb=4096&priority=10", "/gpu/can-fit", 200),
+        ("/gpu/can-fit?mb=0", "/gpu/can-fit", 400),
         ("/healthz", "/healthz", 200),
     ] {
         let reply = api.get(path);

@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lease::{
-    del, eventually, get, gpu_manager_holder, lease_block, python_try_lock, redis_with_python, set,
-    PythonLock, TestRedis,
+    del, eventually, get, gpu_manager_holder, leads, lease_block, python_try_lock,
+    redis_with_python, set, PythonLock, TestRedis,
 };
 use common::{mcn_inventory, Harness, Standin};
 
@@ -200,19 +200,8 @@ fn of_two_daemons_one_acts_and_the_standby_takes_over_after_kill_9() {
     };
     let mut h = Harness::new(mcn_inventory());
     h.write_config(&lease_block(&redis, 2000, 500));
-    let mut leader = h.spawn_daemon("leader.log");
-    let leads =
-        |pid: u32| get(&redis, "gpu_lock:leader").is_some_and(|l| l.contains(&format!(":{pid}:")));
-    eventually(
-        "the first daemon leads",
-        || leads(leader.pid),
-        || leader.log(),
-    );
-    h.start_daemon();
-    let standby_pid = h.daemon.as_ref().expect("started").id();
-    h.wait_until("the second daemon reports standby", |h| {
-        h.daemon_log().contains("standby: another daemon leads")
-    });
+    let (mut leader, standby_pid) = h.leader_and_standby(&redis);
+    let leads = |pid: u32| leads(&redis, pid);
     h.set_desired("phase: 2\n");
     eventually(
         "the leader starts vidi",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use common::api::Api;
-use common::lease::{eventually, get, lease_block, redis_with_python, PythonLock, TestRedis};
+use common::lease::{leads, lease_block, redis_with_python, PythonLock, TestRedis};
 use common::{mcn_inventory, pid_is_alive, send_signal, Harness, Standin};
 
 fn slow(mut standin: Standin, start_delay_ms: u64) -> Standin {
@@ -20,11 +20,18 @@ fn slow(mut standin: Standin, start_delay_ms: u64) -> Standin {
     standin
 }
 
+/// The service's pid, waiting for it: a start shows `starting` before its process is
+/// spawned (on a blocking thread) and attached.
 fn pid_of(api: &Api, service: &str) -> u32 {
-    let status = api.status();
-    status["services"][service]["pids"][0]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{service} has no pid: {status}")) as u32
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = api.status();
+        if let Some(pid) = status["services"][service]["pids"][0].as_u64() {
+            return pid as u32;
+        }
+        assert!(Instant::now() < deadline, "{service} has no pid: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn daemon_pid(h: &Harness) -> u32 {
@@ -121,23 +128,11 @@ fn sigterm_hands_the_lead_to_a_standby_at_once() {
     let mut h = Harness::new(mcn_inventory());
     // A 10 s TTL: a standby that waited for the key to expire would take 10 s.
     h.write_config(&lease_block(&redis, 10_000, 500));
-    let mut leader = h.spawn_daemon("leader.log");
-    let leads =
-        |pid: u32| get(&redis, "gpu_lock:leader").is_some_and(|l| l.contains(&format!(":{pid}:")));
-    eventually(
-        "the first daemon leads",
-        || leads(leader.pid),
-        || leader.log(),
-    );
-    h.start_daemon();
-    let standby = daemon_pid(&h);
-    h.wait_until("the second daemon is standby", |h| {
-        h.daemon_log().contains("standby: another daemon leads")
-    });
+    let (mut leader, standby) = h.leader_and_standby(&redis);
     let signalled = Instant::now();
     let status = leader.terminate();
     assert!(status.success(), "{status}\n{}", leader.log());
-    h.wait_until("the standby leads", |_| leads(standby));
+    h.wait_until("the standby leads", |_| leads(&redis, standby));
     assert!(
         signalled.elapsed() < Duration::from_secs(1),
         "took over {:?} after SIGTERM",
@@ -217,4 +212,68 @@ fn an_unhealthy_service_is_left_alone_while_a_python_lock_holds_the_gpu() {
     assert!(!pid_is_alive(vidi), "the frozen instance was stopped");
     assert_ne!(pid_of(&api, "vidi"), vidi);
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+}
+
+#[test]
+fn a_stop_that_fails_backs_off_then_the_service_is_failed() {
+    // A daemon running as nobody adopts a service that a root daemon started: the
+    // kernel refuses every signal it sends (EPERM), as a real stop can fail.
+    let mut h = Harness::new(vec![Standin::new("vidi", 4096, 40, "[2]")]);
+    h.start_daemon();
+    h.set_desired("phase: 2\n");
+    h.wait_converged(&["vidi"]);
+    h.kill_daemon();
+    let vidi = h.instances_of("vidi");
+    assert_eq!(vidi, 1);
+    h.set_desired("phase: null\n");
+    let opened = std::process::Command::new("chmod")
+        .args(["-R", "a+rwX"])
+        .arg(h.path(""))
+        .status()
+        .expect("chmod");
+    assert!(opened.success());
+    h.daemon_wrapper = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+    ]
+    .map(String::from)
+    .to_vec();
+    let began = Instant::now();
+    let api = h.serve("");
+    h.wait_until("vidi's stop gave up", |_| {
+        let status = api.status();
+        let vidi = &status["services"]["vidi"];
+        vidi["state"] == "failed"
+            && vidi["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("stop failed 5 times in a row"))
+    });
+    let log = h.daemon_log();
+    assert_eq!(
+        log.matches("action begins op=stop service=vidi").count(),
+        5,
+        "five tries, no hot loop:\n{log}"
+    );
+    // 1 + 2 + 4 + 8 s of backoff between the five tries.
+    assert!(
+        began.elapsed() >= Duration::from_secs(15),
+        "{:?}",
+        began.elapsed()
+    );
+    let status = api.status();
+    let error = status["services"]["vidi"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("cannot signal vidi"), "{status}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        h.daemon_log()
+            .matches("action begins op=stop service=vidi")
+            .count(),
+        5,
+        "no more tries until the desired state changes"
+    );
+    assert_eq!(h.instances_of("vidi"), 1, "still running");
 }

@@ -48,6 +48,26 @@ fi
 say "building the workspace (daemon, stand-in services, fake libnvidia-ml)"
 cargo build --workspace --all-targets
 
+say "checking the systemd unit (examples/systemd/gpu-manager.service)"
+command -v systemd-analyze >/dev/null || apt_install systemd
+unit_dir=$(mktemp -d)
+# verify wants ExecStart's binary to exist: point it at the one just built.
+sed "s#/usr/local/bin/gpu-manager#$PWD/target/debug/gpu-manager#" \
+  examples/systemd/gpu-manager.service >"$unit_dir/gpu-manager.service"
+# It exits 0 on some mistakes (an unknown KillMode...) and only says so: any output fails.
+unit_check=$(systemd-analyze verify "$unit_dir/gpu-manager.service" 2>&1) && [ -z "$unit_check" ] ||
+  { echo "systemd-analyze verify refused the unit:"; echo "$unit_check"; exit 1; }
+rm -rf "$unit_dir"
+echo "unit OK"
+
+say "installing the Python client and its test tools (clients/python)"
+venv=target/python-client
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv" 2>/dev/null || {
+  apt_install python3-venv
+  python3 -m venv "$venv"
+}
+"$venv/bin/pip" install --quiet './clients/python[test]'
+
 say "running the tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
@@ -56,4 +76,8 @@ cargo test --workspace -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log" 
 # One closing line over every test binary (cargo prints one per binary, the last often
 # a doc-test run of 0).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"
+
+say "running the Python client's tests against the daemon"
+GPU_MANAGER_BIN="$PWD/target/debug/gpu-manager" "$venv/bin/python" -m pytest -q clients/python/tests ||
+  status=1
 exit "$status"

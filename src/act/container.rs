@@ -1,5 +1,6 @@
 //! A docker service's container as the daemon holds it: one run of one container (a
-//! restart is another run), and a watch that reports when that run ends.
+//! restart is another run), and the channel through which the driver's watch reports
+//! when that run ends. Engine calls live in `docker.rs`, which builds these.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,15 +9,7 @@ use std::time::Duration;
 use bollard::models::ContainerInspectResponse;
 use tokio::sync::{watch, Notify};
 
-use crate::act::docker::DockerDriver;
-use crate::act::instance::LOG_LINES_IN_ERRORS;
-use crate::act::ExitInfo;
-use crate::config::ServiceName;
-
-/// How often a watched container is inspected for its end: an inspect of a local engine
-/// costs about a millisecond, and a crash should fail a start within a fraction of a
-/// second.
-const EXIT_POLL: Duration = Duration::from_millis(200);
+use crate::process_exit::ExitInfo;
 
 /// What an inspect says of a container's current (or last) run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,15 +71,10 @@ struct Watcher {
 }
 
 impl ContainerHandle {
-    /// Watches `run` of the container `name` until it ends; must run inside a Tokio
-    /// runtime. The watch ends with the run, or when no handle is left, or on
-    /// [`ContainerHandle::release`].
-    pub(crate) fn watch(
-        driver: &DockerDriver,
-        service: &ServiceName,
-        name: &str,
-        run: ContainerRun,
-    ) -> Self {
+    /// A handle on `run` of the container `name`, and the end of the channel through
+    /// which a watch reports how the run ended. Dropping the [`RunWatch`] unwatched
+    /// makes [`ContainerHandle::wait_exit`] answer [`ExitInfo::Unknown`] at once.
+    pub(crate) fn new(name: &str, run: ContainerRun) -> (Self, RunWatch) {
         let (exit_tx, exit_rx) = watch::channel(None);
         let handle = Self {
             name: name.to_owned(),
@@ -96,13 +84,14 @@ impl ContainerHandle {
             exit: exit_rx,
             watcher: Arc::default(),
         };
-        tokio::spawn(watch_run(
-            driver.clone(),
-            service.clone(),
-            handle.run_identity(),
-            exit_tx,
-        ));
-        handle
+        let run_watch = RunWatch {
+            name: handle.name.clone(),
+            id: handle.id.clone(),
+            started_at: handle.started_at.clone(),
+            watcher: handle.watcher.clone(),
+            exit: exit_tx,
+        };
+        (handle, run_watch)
     }
 
     /// The container's name, as the config gives it.
@@ -139,65 +128,32 @@ impl ContainerHandle {
         self.watcher.released.store(true, Ordering::SeqCst);
         self.watcher.stop.notify_one();
     }
+}
 
-    /// What the watch task needs, without a receiver that would keep it watching.
-    fn run_identity(&self) -> RunIdentity {
-        RunIdentity {
-            name: self.name.clone(),
-            id: self.id.clone(),
-            started_at: self.started_at.clone(),
-            watcher: self.watcher.clone(),
+/// The watching side of a [`ContainerHandle`]: which run to follow, and where to report
+/// its end.
+pub(crate) struct RunWatch {
+    pub name: String,
+    pub id: String,
+    pub started_at: String,
+    watcher: Arc<Watcher>,
+    exit: watch::Sender<Option<ExitInfo>>,
+}
+
+impl RunWatch {
+    /// Sleeps `period`; false when the watch should end instead: no handle is left, or
+    /// the daemon released the container.
+    pub async fn wait(&self, period: Duration) -> bool {
+        tokio::select! {
+            () = self.exit.closed() => false,
+            () = self.watcher.stop.notified() => false,
+            () = tokio::time::sleep(period) => true,
         }
     }
-}
 
-/// Which run a watch task follows.
-struct RunIdentity {
-    name: String,
-    id: String,
-    started_at: String,
-    watcher: Arc<Watcher>,
-}
-
-/// Inspects the container until its run ends, then keeps its last log lines for the
-/// failure message and publishes how it ended. An engine that cannot be reached is
-/// retried: the container may outlive the engine's absence, and only the engine can say.
-async fn watch_run(
-    driver: DockerDriver,
-    service: ServiceName,
-    run: RunIdentity,
-    exit: watch::Sender<Option<ExitInfo>>,
-) {
-    let mut unanswered = false;
-    loop {
-        tokio::select! {
-            () = exit.closed() => return,
-            () = run.watcher.stop.notified() => return,
-            () = tokio::time::sleep(EXIT_POLL) => {}
-        }
-        let info = match driver.inspect(&run.id).await {
-            Ok(Some(now)) if now.started_at == run.started_at && now.running => {
-                unanswered = false;
-                continue;
-            }
-            Ok(Some(now)) if now.started_at == run.started_at => now.exit(),
-            // Restarted since (a restart policy) or removed: this run ended, how is not
-            // known.
-            Ok(Some(_)) | Ok(None) => ExitInfo::Unknown,
-            Err(error) => {
-                if !unanswered {
-                    let error = driver.service_error(error, &service, &run.name, "inspect");
-                    tracing::warn!(%service, container = run.name, %error, "cannot watch the container; retrying");
-                }
-                unanswered = true;
-                continue;
-            }
-        };
-        let lines = driver.last_log_lines(&run.id, LOG_LINES_IN_ERRORS).await;
-        driver.remember_exit_log(&run.name, lines);
-        tracing::info!(%service, container = run.name, "container {info}");
-        exit.send_replace(Some(info));
-        return;
+    /// Reports how the run ended to every handle.
+    pub fn report(self, info: ExitInfo) {
+        self.exit.send_replace(Some(info));
     }
 }
 

@@ -18,11 +18,10 @@ use bollard::query_parameters::{LogsOptions, StopContainerOptionsBuilder};
 use bollard::Docker;
 use futures_util::StreamExt;
 
-use crate::act::container::{ContainerHandle, ContainerRun};
-use crate::act::instance::LOG_LINES_IN_ERRORS;
-use crate::act::native::StopReport;
-use crate::act::{error_chain, ExitInfo};
+use crate::act::common::{error_chain, StopReport, LOG_LINES_IN_ERRORS};
+use crate::act::container::{ContainerHandle, ContainerRun, RunWatch};
 use crate::config::{DockerSpec, ServiceName};
+use crate::process_exit::ExitInfo;
 
 /// The engine's address when `DOCKER_HOST` names none.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -40,6 +39,10 @@ const TRANSPORT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// stopped: only a process stuck in the kernel survives SIGKILL that long.
 const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 const CONFIRM_POLL: Duration = Duration::from_millis(50);
+/// How often a watched container is inspected for its end: an inspect of a local engine
+/// costs about a millisecond, and a crash should fail a start within a fraction of a
+/// second.
+const EXIT_POLL: Duration = Duration::from_millis(200);
 /// The exit code Docker reports for a process that SIGKILL ended.
 const KILLED: i64 = 128 + libc::SIGKILL as i64;
 
@@ -89,7 +92,7 @@ impl DockerError {
 
 /// How one engine call failed, before it is put in a service's terms.
 #[derive(Debug)]
-pub(crate) enum CallError {
+enum CallError {
     /// The engine could not be reached (no socket, refused, broken connection).
     Down(String),
     /// No answer within the call's limit.
@@ -98,6 +101,13 @@ pub(crate) enum CallError {
     Status { code: u16, message: String },
     /// The engine answered something the client could not use.
     Other(String),
+}
+
+/// What `docker inspect` says of a container, for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSummary {
+    pub image: String,
+    pub state: String,
 }
 
 /// Starts, adopts and stops docker services through one engine. Cheap to clone: clones
@@ -145,11 +155,35 @@ impl DockerDriver {
         spec: &DockerSpec,
     ) -> Result<Option<ContainerHandle>, DockerError> {
         let container = &spec.container;
+        let Some(run) = self.running(service, container).await? else {
+            return Ok(None);
+        };
+        tracing::info!(%service, container, pid = run.pid, "adopted a running container");
+        Ok(Some(self.watch(service, container, run)))
+    }
+
+    /// Finds the service's container running, as [`DockerDriver::adopt`] would, without
+    /// taking it over: nothing watches the handle (its `wait_exit` answers at once).
+    /// For `plan`, which only looks.
+    pub async fn find(
+        &self,
+        service: &ServiceName,
+        spec: &DockerSpec,
+    ) -> Result<Option<ContainerHandle>, DockerError> {
+        let container = &spec.container;
+        let run = self.running(service, container).await?;
+        Ok(run.map(|run| ContainerHandle::new(container, run).0))
+    }
+
+    /// The container's current run if it is running; a missing container is warned
+    /// about.
+    async fn running(
+        &self,
+        service: &ServiceName,
+        container: &str,
+    ) -> Result<Option<ContainerRun>, DockerError> {
         match self.inspect(container).await {
-            Ok(Some(run)) if run.running => {
-                tracing::info!(%service, container, pid = run.pid, "adopted a running container");
-                Ok(Some(ContainerHandle::watch(self, service, container, run)))
-            }
+            Ok(Some(run)) if run.running => Ok(Some(run)),
             Ok(Some(_)) => Ok(None),
             Ok(None) => {
                 tracing::warn!(%service, container, "the container does not exist: docker create it before the service is wanted");
@@ -171,7 +205,7 @@ impl DockerDriver {
         let before = self.inspect_existing(service, container).await?;
         if before.running {
             tracing::info!(%service, container, pid = before.pid, "the container already runs: taking it over");
-            return Ok(ContainerHandle::watch(self, service, container, before));
+            return Ok(self.watch(service, container, before));
         }
         self.call(START_TIMEOUT, |client| async move {
             client.start_container(container, None).await
@@ -181,7 +215,7 @@ impl DockerDriver {
         let after = self.inspect_existing(service, container).await?;
         if after.running {
             tracing::info!(%service, container, pid = after.pid, "started");
-            return Ok(ContainerHandle::watch(self, service, container, after));
+            return Ok(self.watch(service, container, after));
         }
         Err(DockerError::ExitedAtStart {
             service: service.clone(),
@@ -291,12 +325,43 @@ impl DockerDriver {
             .unwrap_or_default()
     }
 
-    pub(crate) fn remember_exit_log(&self, container: &str, lines: Vec<String>) {
-        lock(&self.exit_logs).insert(container.to_owned(), lines);
+    /// A handle on `run`, with a task that inspects the container until the run ends
+    /// (must run inside a Tokio runtime). The watch ends with the run, or when no handle
+    /// is left, or on [`ContainerHandle::release`].
+    fn watch(&self, service: &ServiceName, container: &str, run: ContainerRun) -> ContainerHandle {
+        let (handle, run_watch) = ContainerHandle::new(container, run);
+        tokio::spawn(watch_run(self.clone(), service.clone(), run_watch));
+        handle
+    }
+
+    /// A container's image and state (`running`, `exited`...), for `gpu-manager doctor`;
+    /// Ok(None) when it does not exist.
+    pub async fn describe(
+        &self,
+        service: &ServiceName,
+        container: &str,
+    ) -> Result<Option<ContainerSummary>, DockerError> {
+        let inspected = self
+            .call(CALL_TIMEOUT, |client| async move {
+                client.inspect_container(container, None).await
+            })
+            .await;
+        match inspected {
+            Ok(response) => Ok(Some(ContainerSummary {
+                image: response.config.and_then(|c| c.image).unwrap_or_default(),
+                state: response
+                    .state
+                    .and_then(|s| s.status)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            })),
+            Err(CallError::Status { code: 404, .. }) => Ok(None),
+            Err(error) => Err(self.service_error(error, service, container, "inspect")),
+        }
     }
 
     /// The container's current run, or None when no container has this name or id.
-    pub(crate) async fn inspect(&self, container: &str) -> Result<Option<ContainerRun>, CallError> {
+    async fn inspect(&self, container: &str) -> Result<Option<ContainerRun>, CallError> {
         let inspected = self
             .call(CALL_TIMEOUT, |client| async move {
                 client.inspect_container(container, None).await
@@ -360,7 +425,7 @@ impl DockerDriver {
     }
 
     /// Puts a failed call in the service's terms.
-    pub(crate) fn service_error(
+    fn service_error(
         &self,
         error: CallError,
         service: &ServiceName,
@@ -390,6 +455,38 @@ impl DockerDriver {
                 detail,
             },
         }
+    }
+}
+
+/// Inspects the container until its run ends, then keeps its last log lines for the
+/// failure message and publishes how it ended. An engine that cannot be reached is
+/// retried: the container may outlive the engine's absence, and only the engine can say.
+async fn watch_run(driver: DockerDriver, service: ServiceName, run: RunWatch) {
+    let mut unanswered = false;
+    while run.wait(EXIT_POLL).await {
+        let info = match driver.inspect(&run.id).await {
+            Ok(Some(now)) if now.started_at == run.started_at && now.running => {
+                unanswered = false;
+                continue;
+            }
+            Ok(Some(now)) if now.started_at == run.started_at => now.exit(),
+            // Restarted since (a restart policy) or removed: this run ended, how is not
+            // known.
+            Ok(Some(_)) | Ok(None) => ExitInfo::Unknown,
+            Err(error) => {
+                if !unanswered {
+                    let error = driver.service_error(error, &service, &run.name, "inspect");
+                    tracing::warn!(%service, container = run.name, %error, "cannot watch the container; retrying");
+                }
+                unanswered = true;
+                continue;
+            }
+        };
+        let lines = driver.last_log_lines(&run.id, LOG_LINES_IN_ERRORS).await;
+        lock(&driver.exit_logs).insert(run.name.clone(), lines);
+        tracing::info!(%service, container = run.name, "container {info}");
+        run.report(info);
+        return;
     }
 }
 

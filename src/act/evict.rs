@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::act::error_chain;
+use crate::act::common::error_chain;
 use crate::config::ServiceName;
 
 /// Why the models could not be unloaded; the reconciler then stops the container.

@@ -4,17 +4,14 @@
 
 use std::time::Duration;
 
+use crate::act::common::{StopReport, LOG_LINES_IN_ERRORS};
 use crate::act::container::ContainerHandle;
 use crate::act::docker::{DockerDriver, DockerError};
 use crate::act::evict::{unload_ollama_models, EvictError};
-use crate::act::native::{NativeDriver, NativeError, ProcessHandle, StopReport};
-use crate::act::ExitInfo;
-use crate::config::{Eviction, Runtime, ServiceSpec};
+use crate::act::native::{NativeDriver, NativeError, ProcessHandle};
+use crate::config::{Eviction, NativeSpec, Runtime, ServiceName, ServiceSpec};
 use crate::observe::health::{wait_ready, HealthProber, ReadyError};
-use crate::status::FailureKind;
-
-/// How many log lines an error message carries.
-pub(crate) const LOG_LINES_IN_ERRORS: usize = 10;
+use crate::process_exit::ExitInfo;
 
 #[derive(Debug, Clone)]
 pub enum Instance {
@@ -73,13 +70,24 @@ pub enum ActError {
     },
 }
 
+/// What kind of failure an [`ActError`] is, for the caller to decide how to answer (the
+/// API maps it to a status code); the act layer knows nothing of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActErrorKind {
+    /// The service did not become ready within its start timeout.
+    NotReady,
+    /// The backend the service runs on (the Docker engine) cannot be reached.
+    BackendDown,
+    Other,
+}
+
 impl ActError {
-    /// What kind of failure this is: decides the API's status code (504 on timeout).
-    pub fn failure_kind(&self) -> FailureKind {
+    /// What kind of failure this is; the reconciler maps it to the API's status code.
+    pub fn kind(&self) -> ActErrorKind {
         match self {
-            ActError::NotReady { .. } => FailureKind::Timeout,
-            _ if self.is_backend_down() => FailureKind::BackendDown,
-            _ => FailureKind::Other,
+            ActError::NotReady { .. } => ActErrorKind::NotReady,
+            _ if self.is_backend_down() => ActErrorKind::BackendDown,
+            _ => ActErrorKind::Other,
         }
     }
 
@@ -111,12 +119,14 @@ impl Effects {
     }
 
     /// Finds an instance that is already running (left by an earlier daemon, or a
-    /// container started by hand). Fails only when the backend cannot be asked.
+    /// container started by hand) and takes it over: a pid file records it, a task
+    /// watches for its exit. Fails only when the backend cannot be asked.
     pub async fn adopt(&self, spec: &ServiceSpec) -> Result<Option<Instance>, ActError> {
         match &spec.runtime {
-            Runtime::Native(native) => {
-                Ok(self.native.adopt(&spec.name, native).map(Instance::Native))
-            }
+            Runtime::Native(native) => Ok(self
+                .off_worker(&spec.name, native, NativeDriver::adopt)
+                .await
+                .map(Instance::Native)),
             Runtime::Docker(docker) => Ok(self
                 .docker
                 .adopt(&spec.name, docker)
@@ -125,14 +135,48 @@ impl Effects {
         }
     }
 
+    /// Finds an instance that is already running, as [`Effects::adopt`] would, changing
+    /// nothing: no pid file is written or removed, no task watches it (its `wait_exit`
+    /// answers at once), a container is only inspected. For dry runs (`plan`).
+    pub async fn look_up(&self, spec: &ServiceSpec) -> Result<Option<Instance>, ActError> {
+        match &spec.runtime {
+            Runtime::Native(native) => Ok(self
+                .off_worker(&spec.name, native, NativeDriver::find)
+                .await
+                .map(Instance::Native)),
+            Runtime::Docker(docker) => Ok(self
+                .docker
+                .find(&spec.name, docker)
+                .await?
+                .map(Instance::Docker)),
+        }
+    }
+
     /// Launches the service; readiness is awaited separately with `wait_ready`.
     pub async fn start(&self, spec: &ServiceSpec) -> Result<Instance, ActError> {
         match &spec.runtime {
-            Runtime::Native(native) => Ok(Instance::Native(self.native.spawn(&spec.name, native)?)),
+            Runtime::Native(native) => Ok(Instance::Native(
+                self.off_worker(&spec.name, native, NativeDriver::spawn)
+                    .await?,
+            )),
             Runtime::Docker(docker) => Ok(Instance::Docker(
                 self.docker.start(&spec.name, docker).await?,
             )),
         }
+    }
+
+    /// Runs a native driver call on a blocking thread: they read /proc, open logs and
+    /// fsync pid files, which must not hold up an async worker. The thread is inside the
+    /// runtime, so the call may spawn tasks (a child's reaper, an adopted process's
+    /// watch).
+    async fn off_worker<T: Send + 'static>(
+        &self,
+        name: &ServiceName,
+        spec: &NativeSpec,
+        call: fn(&NativeDriver, &ServiceName, &NativeSpec) -> T,
+    ) -> T {
+        let (driver, name, spec) = (self.native.clone(), name.clone(), spec.clone());
+        blocking(move || call(&driver, &name, &spec)).await
     }
 
     /// Waits until the health endpoint answers 2xx, failing at once if it exits.
@@ -204,11 +248,14 @@ impl Effects {
         }
     }
 
-    /// The last log lines of the service's latest run that ended: its log file, or what
-    /// its container wrote before it exited.
-    pub fn last_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
+    /// The last log lines of the service's latest run that ended: its log file (read on
+    /// a blocking thread), or what its container wrote before it exited.
+    pub async fn last_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
         match &spec.runtime {
-            Runtime::Native(_) => self.native.last_log_lines(&spec.name, LOG_LINES_IN_ERRORS),
+            Runtime::Native(_) => {
+                let (driver, name) = (self.native.clone(), spec.name.clone());
+                blocking(move || driver.last_log_lines(&name, LOG_LINES_IN_ERRORS)).await
+            }
             Runtime::Docker(docker) => self.docker.exit_log(&docker.container),
         }
     }
@@ -216,12 +263,22 @@ impl Effects {
     /// The last log lines the service wrote, asking the engine for a container's.
     async fn current_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
         match &spec.runtime {
-            Runtime::Native(_) => self.last_log_lines(spec),
+            Runtime::Native(_) => self.last_log_lines(spec).await,
             Runtime::Docker(docker) => {
                 self.docker
                     .last_log_lines(&docker.container, LOG_LINES_IN_ERRORS)
                     .await
             }
         }
+    }
+}
+
+/// `spawn_blocking`, passing a panic on to the caller as if the call had run here.
+async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(value) => value,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled: the runtime is shutting down, and drops this future with the rest.
+        Err(_) => std::future::pending().await,
     }
 }

@@ -1,26 +1,12 @@
-//! Effects: starting, stopping and adopting services.
+//! Effects: starting, stopping and adopting services. The drivers (`native.rs`,
+//! `docker.rs` with `container.rs`, `evict.rs`) import none of each other; what they
+//! share is in `common.rs`, and `instance.rs` dispatches to them.
 
+pub mod common;
 pub mod container;
 pub mod docker;
 pub mod evict;
-pub mod exit;
 pub mod instance;
 pub mod native;
 
-pub use exit::ExitInfo;
-
-/// An error with its causes, which say what actually went wrong ("Connection refused")
-/// where the error's own message is generic.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub use crate::process_exit::ExitInfo;

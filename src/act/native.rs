@@ -1,10 +1,10 @@
 //! Native services: processes the daemon starts, adopts and stops.
 //!
 //! Each spawned service leads its own process group, so a stop reaches every process it
-//! started (DESIGN.md, "Kill the whole tree"). Its pid and start time go to a pid file
-//! under the state folder, so a restarted daemon adopts it instead of starting it twice
-//! ("Idempotent, restart-safe"). Its stdout and stderr go to one log file, whose tail
-//! explains a failed start.
+//! started. Its pid and start time go to a pid file under the state folder, so a
+//! restarted daemon adopts it instead of starting it twice (docs/ARCHITECTURE.md,
+//! "Restart safety"). Its stdout and stderr go to one log file, whose tail explains a
+//! failed start.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -15,9 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::act::ExitInfo;
+use crate::act::common::StopReport;
 use crate::config::{NativeSpec, ServiceName};
 use crate::observe::process::{process_identity, ProcInfo, ProcessIdentity, ProcessTable};
+use crate::process_exit::ExitInfo;
 
 /// How often an adopted process, which is not our child, is checked for exit.
 const ADOPTED_POLL: Duration = Duration::from_millis(100);
@@ -141,14 +142,6 @@ impl ProcessHandle {
     }
 }
 
-/// The outcome of a stop that succeeded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StopReport {
-    /// SIGTERM was not enough within the stop timeout; SIGKILL ended it.
-    pub forced: bool,
-    pub elapsed: Duration,
-}
-
 /// Starts, adopts and stops native services, keeping their logs and pid files in the
 /// state folder.
 #[derive(Debug, Clone)]
@@ -171,6 +164,15 @@ impl NativeDriver {
         fs::create_dir_all(&driver.pids)?;
         become_subreaper();
         Ok(driver)
+    }
+
+    /// A driver that only looks ([`Self::find`]), for `plan`: it creates nothing, not
+    /// even the state folder, and changes nothing about this process.
+    pub fn read_only(state_dir: &Path) -> Self {
+        Self {
+            logs: state_dir.join("logs"),
+            pids: state_dir.join("pids"),
+        }
     }
 
     /// Where a service's stdout and stderr go.
@@ -285,11 +287,7 @@ impl NativeDriver {
     /// `spec.match_pattern`. Records a pid file for what it adopts. Must run inside a
     /// Tokio runtime: a task polls the adopted process for its exit.
     pub fn adopt(&self, name: &ServiceName, spec: &NativeSpec) -> Option<ProcessHandle> {
-        let table = ProcessTable::read()
-            .inspect_err(
-                |error| tracing::warn!(service = %name, %error, "cannot read /proc to adopt"),
-            )
-            .ok()?;
+        let table = read_table(name)?;
         let identity = self
             .adopt_from_pid_file(name, &table)
             .or_else(|| adopt_by_pattern(name, spec, &table))?;
@@ -308,6 +306,23 @@ impl NativeDriver {
         })
     }
 
+    /// Finds the running instance [`Self::adopt`] would adopt, changing nothing: no pid
+    /// file is written or removed, and nothing watches the process, so the handle's
+    /// `wait_exit` answers at once. For `plan`, which only looks.
+    pub fn find(&self, name: &ServiceName, spec: &NativeSpec) -> Option<ProcessHandle> {
+        let table = read_table(name)?;
+        let identity = match self.pid_file_process(name, &table) {
+            PidFileProcess::Running(identity) => identity,
+            PidFileProcess::None | PidFileProcess::Stale => adopt_by_pattern(name, spec, &table)?,
+        };
+        Some(ProcessHandle {
+            identity,
+            pgid: table.get(identity.pid)?.pgid,
+            origin: Origin::Adopted,
+            exit: watch::channel(None).1,
+        })
+    }
+
     /// The process the pid file names, if it is still that process; a stale or broken
     /// pid file is removed.
     fn adopt_from_pid_file(
@@ -315,13 +330,25 @@ impl NativeDriver {
         name: &ServiceName,
         table: &ProcessTable,
     ) -> Option<ProcessIdentity> {
+        match self.pid_file_process(name, table) {
+            PidFileProcess::Running(identity) => Some(identity),
+            PidFileProcess::None => None,
+            PidFileProcess::Stale => {
+                remove_quietly(&self.pid_path(name));
+                None
+            }
+        }
+    }
+
+    /// What the service's pid file says, checked against `table`; reads only.
+    fn pid_file_process(&self, name: &ServiceName, table: &ProcessTable) -> PidFileProcess {
         let path = self.pid_path(name);
         let recorded = match read_pid_file(&path) {
-            Ok(recorded) => recorded?,
+            Ok(Some(recorded)) => recorded,
+            Ok(None) => return PidFileProcess::None,
             Err(error) => {
                 tracing::warn!(service = %name, %error, path = %path.display(), "ignoring an unreadable pid file");
-                remove_quietly(&path);
-                return None;
+                return PidFileProcess::Stale;
             }
         };
         let alive = table
@@ -329,10 +356,9 @@ impl NativeDriver {
             .is_some_and(|p| p.start_ticks == recorded.start_ticks && !p.zombie);
         if !alive {
             tracing::info!(service = %name, pid = recorded.pid, "the process in the pid file is gone");
-            remove_quietly(&path);
-            return None;
+            return PidFileProcess::Stale;
         }
-        Some(recorded)
+        PidFileProcess::Running(recorded)
     }
 
     /// Stops a service: SIGTERM to its process group, up to `timeout` for the whole group
@@ -395,6 +421,22 @@ impl NativeDriver {
             remove_quietly(&path);
         }
     }
+}
+
+/// What a service's pid file says about a running instance.
+enum PidFileProcess {
+    /// No pid file.
+    None,
+    /// It names a process that is gone, or cannot be read.
+    Stale,
+    Running(ProcessIdentity),
+}
+
+/// /proc as it is now, or None (with a warning) when it cannot be read.
+fn read_table(name: &ServiceName) -> Option<ProcessTable> {
+    ProcessTable::read()
+        .inspect_err(|error| tracing::warn!(service = %name, %error, "cannot read /proc to find a running instance"))
+        .ok()
 }
 
 /// The oldest process matching the service's pattern: the one that started the rest, as
@@ -662,6 +704,16 @@ fn spawn_error(name: &ServiceName, program: &str, source: io::Error) -> NativeEr
 }
 
 /// Ok(None) when there is no pid file; an error when it exists but cannot be used.
+/// The pid a service's pid file under `state_dir` records, if any: `gpu-manager doctor`
+/// tells the processes the daemon would adopt from the ones it would not.
+pub fn recorded_pid(state_dir: &Path, name: &ServiceName) -> Option<u32> {
+    let path = state_dir.join("pids").join(format!("{name}.pid"));
+    read_pid_file(&path)
+        .ok()
+        .flatten()
+        .map(|identity| identity.pid)
+}
+
 fn read_pid_file(path: &Path) -> io::Result<Option<ProcessIdentity>> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,

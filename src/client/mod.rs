@@ -1,4 +1,4 @@
-//! The client commands (`status`, `phase N`, `start NAME`, `stop NAME`): they talk to a
+//! The client commands (`status`, `can-fit MB`, `phase N`, `start NAME`, `stop NAME`): they talk to a
 //! running daemon over its HTTP API. Transitions follow `GET /gpu/events` while the POST
 //! is pending, so people see each action and state change as it happens.
 //!
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use reqwest::{StatusCode, Url};
 use tokio::sync::mpsc;
 
+use crate::can_fit::CanFit;
 use crate::config::{Config, Phase};
 use crate::status::{DaemonEvent, Status};
 use crate::transition::TransitionReport;
@@ -141,9 +142,17 @@ impl Client {
         }
     }
 
-    /// `gpu-manager status`: the table, or the daemon's JSON with `json`.
-    pub async fn status(&self, json: bool) -> Result<String, ClientError> {
-        let url = self.url(&["gpu".into(), "status".into()]);
+    /// A GET of `segments` with `query`: the URL asked and the JSON text answered.
+    async fn get(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<(Url, String), ClientError> {
+        let segments: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
+        let mut url = self.url(&segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         let response = self
             .http
             .get(url.clone())
@@ -152,6 +161,35 @@ impl Client {
             .await
             .map_err(|e| self.unreachable(&e))?;
         let body = answer(&url, response).await?;
+        Ok((url, body))
+    }
+
+    /// `gpu-manager can-fit MB`: whether MB fit now (and what a start at `priority`
+    /// would stop), as text or the daemon's JSON; the bool is the answer.
+    pub async fn can_fit(
+        &self,
+        mb: u64,
+        priority: Option<i64>,
+        json: bool,
+    ) -> Result<(bool, String), ClientError> {
+        let mut query = vec![("mb", mb.to_string())];
+        query.extend(priority.map(|p| ("priority", p.to_string())));
+        let (url, body) = self.get(&["gpu", "can-fit"], &query).await?;
+        let answer: CanFit = serde_json::from_str(&body).map_err(|e| ClientError::Protocol {
+            url: url.to_string(),
+            detail: format!("not a can-fit answer: {e}"),
+        })?;
+        let text = if json {
+            format!("{body}\n")
+        } else {
+            render::can_fit(&answer)
+        };
+        Ok((answer.fits, text))
+    }
+
+    /// `gpu-manager status`: the table, or the daemon's JSON with `json`.
+    pub async fn status(&self, json: bool) -> Result<String, ClientError> {
+        let (url, body) = self.get(&["gpu", "status"], &[]).await?;
         if json {
             return Ok(format!("{body}\n"));
         }
@@ -339,7 +377,7 @@ fn read_token(path: &Path) -> Result<String, ClientError> {
 }
 
 /// Runs a client command to its exit code, printing the answer (stdout) or the error
-/// (stderr; with `--json` the daemon's error body also goes to stdout).
+/// (stderr).
 pub async fn run(
     client: Result<Client, ClientError>,
     request: Option<Request>,
@@ -354,10 +392,35 @@ pub async fn run(
                 .await
         }
     };
+    finish(result.map(|text| (true, text)), json)
+}
+
+/// `gpu-manager can-fit MB`: exit 0 when MB fit now, 1 when not (or refused), 2 when
+/// the daemon cannot be reached.
+pub async fn run_can_fit(
+    client: Result<Client, ClientError>,
+    mb: u64,
+    priority: Option<i64>,
+    json: bool,
+) -> ExitCode {
+    let result = match client {
+        Ok(client) => client.can_fit(mb, priority, json).await,
+        Err(error) => Err(error),
+    };
+    finish(result, json)
+}
+
+/// Prints a command's answer (stdout) or error (stderr; with `--json` the daemon's error
+/// body also goes to stdout) and gives its exit code: 0 for a yes, 1 for a no.
+fn finish(result: Result<(bool, String), ClientError>, json: bool) -> ExitCode {
     match result {
-        Ok(text) => {
+        Ok((yes, text)) => {
             print!("{text}");
-            ExitCode::SUCCESS
+            if yes {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(error) => {
             if let (true, ClientError::Refused { body, .. }) = (json, &error) {

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::can_fit::CanFit;
 use crate::status::{ActionRecord, DaemonEvent, Status};
 use crate::transition::TransitionReport;
 
@@ -112,6 +113,19 @@ fn first_line(text: &str) -> &str {
 }
 
 /// One progress line for an event of the stream.
+/// `gpu-manager can-fit`: the verdict, then the daemon's reason.
+pub fn can_fit(answer: &CanFit) -> String {
+    let verdict = if answer.fits { "fits" } else { "does not fit" };
+    let mut out = format!(
+        "{} MB {verdict} ({} MB free of a {} MB budget)\n{}\n",
+        answer.mb, answer.free_mb, answer.budget_mb, answer.reason
+    );
+    if !answer.would_preempt.is_empty() {
+        let _ = writeln!(out, "would preempt: {}", answer.would_preempt.join(", "));
+    }
+    out
+}
+
 pub fn event_line(event: &DaemonEvent) -> String {
     match event {
         DaemonEvent::DesiredAccepted {

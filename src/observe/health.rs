@@ -1,5 +1,5 @@
 //! Readiness and liveness: a service is healthy while its health URL answers 2xx
-//! (DESIGN.md, "Readiness").
+//! (docs/ARCHITECTURE.md, "Observation").
 
 use std::future::Future;
 use std::time::Duration;
@@ -7,8 +7,8 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use tokio::time::Instant;
 
-use crate::act::ExitInfo;
 use crate::config::HealthCheck;
+use crate::process_exit::ExitInfo;
 
 /// The first pause between readiness probes: most services answer within tens of ms
 /// of binding their port, and a start should not wait longer than it must.

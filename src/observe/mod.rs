@@ -3,6 +3,7 @@
 pub mod gpu;
 pub mod health;
 pub mod nvml;
+pub mod open;
 pub mod owners;
 pub mod process;
 pub mod simulated;

@@ -55,7 +55,14 @@ impl NvmlGpu {
 
 impl Gpu for NvmlGpu {
     fn describe(&self) -> String {
-        format!("NVML ({}), GPU {}", self.library, self.index)
+        let driver = self
+            .nvml
+            .sys_driver_version()
+            .unwrap_or_else(|_| "unknown".to_owned());
+        format!(
+            "NVML ({}), driver {driver}, GPU {}",
+            self.library, self.index
+        )
     }
 
     /// Name, memory and processes are required; temperature and utilization are

@@ -1,7 +1,7 @@
-//! The GPU as a simulated GPU folder describes it (DESIGN.md, "Simulated GPU directory"):
-//! the demo and the tests run the daemon on it without any NVIDIA library. The folder's
-//! rules live in the `sim-gpu` crate, shared with the fake libnvidia-ml, so both
-//! backends report the same numbers for the same folder.
+//! The GPU as a simulated GPU folder describes it (docs/ARCHITECTURE.md, "Simulated GPU
+//! folder"): the demo and the tests run the daemon on it without any NVIDIA library.
+//! The folder's rules live in the `sim-gpu` crate, shared with the fake libnvidia-ml, so
+//! both backends report the same numbers for the same folder.
 
 use std::io;
 use std::path::Path;

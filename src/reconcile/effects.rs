@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::act::instance::{ActError, Effects, Instance};
+use crate::act::instance::{ActError, ActErrorKind, Effects, Instance};
 use crate::act::ExitInfo;
 use crate::config::{DockerSpec, HealthCheck, Runtime, ServiceSpec};
 use crate::status::FailureKind;
@@ -36,7 +36,17 @@ impl EffectError {
 
 impl From<ActError> for EffectError {
     fn from(error: ActError) -> Self {
-        Self::new(error.failure_kind(), error.to_string())
+        Self::new(failure_kind(error.kind()), error.to_string())
+    }
+}
+
+/// How an effect's failure shows in the API: 504 on a start timeout, 503 when the
+/// backend is down.
+fn failure_kind(kind: ActErrorKind) -> FailureKind {
+    match kind {
+        ActErrorKind::NotReady => FailureKind::Timeout,
+        ActErrorKind::BackendDown => FailureKind::BackendDown,
+        ActErrorKind::Other => FailureKind::Other,
     }
 }
 
@@ -57,6 +67,13 @@ pub trait ServiceEffects: Send + Sync + 'static {
     /// An instance already running (left by an earlier daemon), if any. Fails only when
     /// the backend cannot be asked.
     fn find_running(
+        &self,
+        spec: &ServiceSpec,
+    ) -> impl Future<Output = Result<Option<Self::Instance>, EffectError>> + Send;
+
+    /// What `find_running` would find, changing nothing: no pid file written, nothing
+    /// watched (the instance's exit is never reported). For dry runs (`plan`).
+    fn look_up(
         &self,
         spec: &ServiceSpec,
     ) -> impl Future<Output = Result<Option<Self::Instance>, EffectError>> + Send;
@@ -113,6 +130,10 @@ impl ServiceEffects for Effects {
 
     async fn find_running(&self, spec: &ServiceSpec) -> Result<Option<Instance>, EffectError> {
         Ok(self.adopt(spec).await?)
+    }
+
+    async fn look_up(&self, spec: &ServiceSpec) -> Result<Option<Instance>, EffectError> {
+        Ok(Effects::look_up(self, spec).await?)
     }
 
     async fn start(&self, spec: &ServiceSpec) -> Result<Instance, EffectError> {
@@ -178,7 +199,7 @@ impl ServiceEffects for Effects {
     }
 
     async fn last_log_lines(&self, spec: &ServiceSpec) -> Vec<String> {
-        Effects::last_log_lines(self, spec)
+        Effects::last_log_lines(self, spec).await
     }
 
     fn root_pid(instance: &Instance) -> Option<u32> {

@@ -88,10 +88,15 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub(super) fn budget(&self) -> Budget {
         let reserve_mb = self.config.gpu.reserve_mb;
         match &self.gpu_view.sample {
+            // A start's process may allocate before the loop has heard that it was
+            // spawned, and so before its memory can be attributed: memory that no
+            // service claims, up to what the starts under way have yet to show, is
+            // theirs, already budgeted, not external (counted twice, it would preempt
+            // the very services being started).
             Some(sample) => Budget {
                 total_mb: sample.total_mb,
                 reserve_mb,
-                external_mb: self.gpu_view.external_mb,
+                external_mb: self.gpu_view.external_mb.saturating_sub(self.promised_mb()),
             },
             None => Budget {
                 total_mb: self.config.gpu.total_mb.unwrap_or(0),
@@ -101,21 +106,24 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         }
     }
 
+    /// What the starts under way have yet to allocate, as far as the GPU shows.
+    fn promised_mb(&self) -> u64 {
+        self.records
+            .iter()
+            .filter(|r| r.starting())
+            .map(|r| r.spec.vram_mb.saturating_sub(r.observed_mb.unwrap_or(0)))
+            .sum()
+    }
+
     /// What the GPU shows free for new starts: free memory, less the reserve and what
     /// the starts under way have yet to allocate. None without an observed GPU.
     pub(super) fn gpu_room_mb(&self) -> Option<u64> {
         let sample = self.gpu_view.sample.as_ref()?;
-        let promised: u64 = self
-            .records
-            .iter()
-            .filter(|r| r.starting())
-            .map(|r| r.spec.vram_mb.saturating_sub(r.observed_mb.unwrap_or(0)))
-            .sum();
         Some(
             sample
                 .free_mb
                 .saturating_sub(self.config.gpu.reserve_mb)
-                .saturating_sub(promised),
+                .saturating_sub(self.promised_mb()),
         )
     }
 }

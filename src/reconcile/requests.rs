@@ -113,11 +113,18 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             }
         }
         change.check_fits(&self.config.inventory, &plan)?;
-        desired::write_atomic(&self.config.desired_state, &next).map_err(|e| {
-            TransitionError::NotWritten {
-                detail: format!("{e}; nothing was changed"),
+        match desired::save(&self.config.desired_state, &next).await {
+            Ok(()) => {}
+            // The new state is in place (and the folder watch sees it): it is in force.
+            Err(error @ desired::DesiredError::NotDurable { .. }) => {
+                tracing::warn!(%error, "desired state written but not synced")
             }
-        })?;
+            Err(error) => {
+                return Err(TransitionError::NotWritten {
+                    detail: error.to_string(),
+                })
+            }
+        }
         tracing::info!(?change, "desired state changed through the API");
         self.desired_error = None;
         if self.desired.as_ref() != Some(&next) {

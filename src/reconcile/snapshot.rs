@@ -132,6 +132,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             recent_actions: self.history.clone(),
             transitions: self.transitions.clone(),
             observed_at_ms: now_ms(),
+            first_round_done: self.first_round_done,
         }
     }
 }

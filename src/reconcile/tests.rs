@@ -85,6 +85,10 @@ impl ServiceEffects for FakeEffects {
         Ok(None)
     }
 
+    async fn look_up(&self, _spec: &ServiceSpec) -> Result<Option<FakeInstance>, EffectError> {
+        Ok(None)
+    }
+
     async fn start(&self, spec: &ServiceSpec) -> Result<FakeInstance, EffectError> {
         let pid = 1000 + self.pids.fetch_add(1, Ordering::SeqCst);
         let (tx, exit) = watch::channel(None);

@@ -276,7 +276,9 @@ impl InProcessDaemon {
             .build()
             .unwrap();
         let config = Arc::new(Config::load(&harness.config_path()).expect("config"));
-        let reconciler = daemon::build_with(config, docker).expect("daemon");
+        let reconciler = runtime
+            .block_on(daemon::build_with(config, docker))
+            .expect("daemon");
         let status = reconciler.handle().status;
         runtime.spawn(reconciler.run(tokio_util::sync::CancellationToken::new()));
         Self {

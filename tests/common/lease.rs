@@ -217,6 +217,30 @@ impl Harness {
     }
 }
 
+/// Whether the daemon with this pid holds `<key>:leader`.
+pub fn leads(server: &TestRedis, pid: u32) -> bool {
+    get(server, "gpu_lock:leader").is_some_and(|l| l.contains(&format!(":{pid}:")))
+}
+
+impl Harness {
+    /// Two daemons on the harness's config: a leader (returned) and the harness's own
+    /// daemon, once it reports standby (its pid returned).
+    pub fn leader_and_standby(&mut self, server: &TestRedis) -> (Daemon, u32) {
+        let leader = self.spawn_daemon("leader.log");
+        eventually(
+            "the first daemon leads",
+            || leads(server, leader.pid),
+            || leader.log(),
+        );
+        self.start_daemon();
+        let standby = self.daemon.as_ref().expect("started").id();
+        self.wait_until("the second daemon reports standby", |h| {
+            h.daemon_log().contains("standby: another daemon leads")
+        });
+        (leader, standby)
+    }
+}
+
 /// Waits for `what`, failing with `context` (logs, keys) if it does not happen.
 pub fn eventually(description: &str, what: impl Fn() -> bool, context: impl Fn() -> String) {
     let deadline = Instant::now() + CONVERGE;

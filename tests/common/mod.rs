@@ -156,6 +156,9 @@ pub struct Harness {
     pub gpu_config: String,
     /// Environment variables the daemon is started with (e.g. `DOCKER_HOST`).
     pub daemon_env: Vec<(String, String)>,
+    /// A command the daemon is started through (e.g. `setpriv` to run it as another
+    /// user); empty: started directly.
+    pub daemon_wrapper: Vec<String>,
 }
 
 impl Harness {
@@ -184,6 +187,7 @@ impl Harness {
                 fake_nvml_library()
             ),
             daemon_env: Vec::new(),
+            daemon_wrapper: Vec::new(),
         };
         harness.write_config("");
         harness.set_desired("phase: null\n");
@@ -256,7 +260,16 @@ impl Harness {
             .append(true)
             .open(self.path("daemon.log"))
             .expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_gpu-manager"))
+        let binary = env!("CARGO_BIN_EXE_gpu-manager");
+        let mut command = match self.daemon_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .args(subcommand)
             .arg("--config")
             .arg(self.config_path())
@@ -414,15 +427,16 @@ impl Drop for Harness {
             if let Runtime::Docker { container } = &service.runtime {
                 docker::remove_container(container);
             }
-            let _ = Command::new("pkill")
-                .args([
-                    "-KILL",
-                    "-f",
-                    &format!("gpu-standin.*--port {}", service.port),
-                ])
-                .status();
+            kill_standin(service.port);
         }
     }
+}
+
+/// Kills the stand-in serving `port` (SIGKILL), wherever a test left it.
+pub fn kill_standin(port: u16) {
+    let _ = Command::new("pkill")
+        .args(["-KILL", "-f", &format!("gpu-standin.*--port {port}")])
+        .status();
 }
 
 /// A minimal HTTP GET on 127.0.0.1: (status code, body).

@@ -1,4 +1,5 @@
-//! The simulated GPU folder (DESIGN.md, "Simulated GPU directory").
+//! The simulated GPU folder (docs/ARCHITECTURE.md in the repository root, "Simulated GPU
+//! folder").
 //!
 //! This is the one implementation of that contract. The daemon's simulated backend, the
 //! fake libnvidia-ml and the stand-in services all go through it, so they cannot disagree

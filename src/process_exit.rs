@@ -1,5 +1,7 @@
 //! How a service's process (or container) ended, in one shape for every runtime, so the
-//! reconciler and the readiness wait need not care whether it was native or Docker.
+//! reconciler and the readiness wait need not care whether it was native or Docker. It
+//! sits below both `observe` (the readiness wait) and `act` (the drivers), importing
+//! neither.
 
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;

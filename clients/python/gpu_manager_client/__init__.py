@@ -1,0 +1,296 @@
+"""Python client for gpu-manager, the daemon that keeps a host's GPU services started
+and stopped so that what is wanted fits in VRAM.
+
+    from gpu_manager_client import GpuManager, GpuManagerError, gpu_lock
+
+    gm = GpuManager()                 # GPU_MANAGER_URL / GPU_MANAGER_TOKEN, else 127.0.0.1:8000
+    if gm.can_fit(4096): ...
+    gm.prepare_for_phase(3)           # the transition report; raises on refusal
+    with gpu_lock("redis://127.0.0.1:6379"):   # the v1 redis-py Lock, unchanged
+        run_my_gpu_job()
+
+Errors are :class:`GpuManagerError` (``.status``, ``.kind``, ``.body``); its subclasses
+name the daemon's error kinds so callers can catch them by meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Type
+
+import requests
+
+__all__ = [
+    "GpuManager",
+    "GpuManagerError",
+    "Unreachable",
+    "Unauthorized",
+    "BadRequest",
+    "NotFound",
+    "CannotFit",
+    "Busy",
+    "Superseded",
+    "LeaseHeld",
+    "BackendDown",
+    "ShuttingDown",
+    "TimedOut",
+    "LockNotAcquired",
+    "gpu_lock",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Transitions answer once the services have converged: a large model may take minutes.
+DEFAULT_TIMEOUT_S = 900.0
+
+
+class GpuManagerError(Exception):
+    """The daemon refused or failed a request, or could not be reached.
+
+    ``status`` is the HTTP status (None when there was no answer), ``kind`` the error
+    kind the daemon named (``cannot_fit``, ``lease_held``...; None when it named none),
+    ``body`` the JSON error body as a dict (empty when there was none).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        status: Optional[int] = None,
+        kind: Optional[str] = None,
+        body: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.kind = kind
+        self.body: Dict[str, Any] = body or {}
+
+
+class Unreachable(GpuManagerError):
+    """No answer: the daemon is not running at that URL, or the network is down."""
+
+
+class Unauthorized(GpuManagerError):
+    """401: the request needs the API token (``token=`` or ``GPU_MANAGER_TOKEN``)."""
+
+
+class BadRequest(GpuManagerError):
+    """400 ``bad_request``: a malformed phase, size or query."""
+
+
+class NotFound(GpuManagerError):
+    """404 ``unknown_service`` / ``unknown_phase``: ``body["known"]`` lists the valid ones."""
+
+
+class CannotFit(GpuManagerError):
+    """409 ``cannot_fit``: it does not fit even after preempting lower priorities;
+    ``body["shortfall_mb"]`` says by how much."""
+
+
+class Busy(GpuManagerError):
+    """409 ``busy``: a service's work did not drain in time; nothing was touched."""
+
+
+class Superseded(GpuManagerError):
+    """409 ``superseded``: a later request replaced this one before it converged."""
+
+
+class LeaseHeld(GpuManagerError):
+    """423 ``lease_held``: someone else holds the GPU lease (``body["holder"]``), such as
+    a Python consumer inside ``gpu_lock``; retry when it is released."""
+
+
+class BackendDown(GpuManagerError):
+    """503 ``backend_down``: Redis or Docker, which the change needs, is unreachable."""
+
+
+class ShuttingDown(GpuManagerError):
+    """503 ``shutting_down``: the daemon is stopping; retry once it is back."""
+
+
+class TimedOut(GpuManagerError):
+    """504 ``timed_out``: a service was not ready in time (the message has its last log
+    lines); the failed start was stopped."""
+
+
+class LockNotAcquired(Exception):
+    """``gpu_lock`` could not take the lock within ``blocking_timeout``."""
+
+
+# The daemon's error kinds; an unknown kind (from a newer daemon) stays GpuManagerError.
+_KINDS: Dict[str, Type[GpuManagerError]] = {
+    "bad_request": BadRequest,
+    "unknown_service": NotFound,
+    "unknown_phase": NotFound,
+    "cannot_fit": CannotFit,
+    "busy": Busy,
+    "superseded": Superseded,
+    "lease_held": LeaseHeld,
+    "backend_down": BackendDown,
+    "shutting_down": ShuttingDown,
+    "timed_out": TimedOut,
+}
+
+
+def _error_from(response: requests.Response) -> GpuManagerError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        body = {"error": response.text}
+    kind = body.get("kind") if isinstance(body.get("kind"), str) else None
+    message = f"HTTP {response.status_code}: {body.get('error') or response.reason}"
+    if response.status_code == 401:
+        cls: Type[GpuManagerError] = Unauthorized
+    else:
+        cls = _KINDS.get(kind or "", GpuManagerError)
+    return cls(message, status=response.status_code, kind=kind, body=body)
+
+
+class GpuManager:
+    """A gpu-manager daemon's HTTP API.
+
+    ``url`` defaults to ``GPU_MANAGER_URL``, else ``http://127.0.0.1:8000``; ``token``
+    (sent as ``Authorization: Bearer`` with changes) to ``GPU_MANAGER_TOKEN``.
+    """
+
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        token: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        session: Optional[requests.Session] = None,
+    ) -> None:
+        self.url = (url or os.environ.get("GPU_MANAGER_URL") or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else os.environ.get("GPU_MANAGER_TOKEN")
+        self.timeout = timeout
+        self._http = session or requests.Session()
+        # A local daemon is never reached through a proxy from the environment.
+        self._http.trust_env = False
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        params: Optional[Dict[str, Any]] = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        headers = {}
+        if method == "POST" and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        url = self.url + path
+        try:
+            response = self._http.request(
+                method,
+                url,
+                params=params,
+                headers=headers,
+                timeout=None if stream else self.timeout,
+                stream=stream,
+            )
+        except requests.RequestException as error:
+            raise Unreachable(
+                f"cannot reach gpu-manager at {self.url}: {error}; is the daemon running "
+                "(gpu-manager serve --config FILE)? Set GPU_MANAGER_URL to point at it."
+            ) from error
+        if response.status_code >= 400:
+            raise _error_from(response)
+        return response
+
+    def _json(self, method: str, path: str, **params: Any) -> Dict[str, Any]:
+        given = {k: v for k, v in params.items() if v is not None}
+        result: Dict[str, Any] = self._request(method, path, params=given).json()
+        return result
+
+    @staticmethod
+    def _wait(wait: bool) -> Optional[str]:
+        # The daemon waits by default; only "false" needs saying.
+        return None if wait else "false"
+
+    def status(self) -> Dict[str, Any]:
+        """``GET /gpu/status``: ``vram``, ``services.NAME.state``, ``lock.holder``..."""
+        return self._json("GET", "/gpu/status")
+
+    def can_fit_detail(self, mb: int, priority: Optional[int] = None) -> Dict[str, Any]:
+        """``GET /gpu/can-fit``: ``fits``, ``free_mb``, ``budget_mb``, ``would_preempt``
+        (what a start of ``mb`` at ``priority`` would stop) and ``reason``."""
+        return self._json("GET", "/gpu/can-fit", mb=mb, priority=priority)
+
+    def can_fit(self, mb: int, priority: Optional[int] = None) -> bool:
+        """Whether ``mb`` MB fit on the GPU now, without stopping anything."""
+        return bool(self.can_fit_detail(mb, priority)["fits"])
+
+    def prepare_for_phase(self, phase: int, wait: bool = True) -> Dict[str, Any]:
+        """Sets the pipeline phase; returns the transition report once the services have
+        converged (with ``wait=False`` at once: poll ``status()``)."""
+        return self._json("POST", f"/gpu/prepare-phase/{int(phase)}", wait=self._wait(wait))
+
+    def start(self, name: str, wait: bool = True) -> Dict[str, Any]:
+        """Pins a service (preempting lower priorities); the transition report."""
+        return self._json("POST", f"/gpu/service/{name}/start", wait=self._wait(wait))
+
+    def stop(self, name: str, wait: bool = True) -> Dict[str, Any]:
+        """Unpins a service and holds it stopped; the transition report."""
+        return self._json("POST", f"/gpu/service/{name}/stop", wait=self._wait(wait))
+
+    def plan(
+        self,
+        phase: Optional[int] = None,
+        start: Optional[str] = None,
+        stop: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """``GET /gpu/plan``: what the daemon would do, changing nothing."""
+        return self._json("GET", "/gpu/plan", phase=phase, start=start, stop=stop)
+
+    def events(self) -> Iterator[Dict[str, Any]]:
+        """``GET /gpu/events``: each Server-Sent Event as a dict, as it happens, until the
+        caller stops iterating (or the daemon goes away). Subscribed when this returns,
+        so no event of a change posted afterwards is missed."""
+        return _server_sent_events(self._request("GET", "/gpu/events", stream=True))
+
+    def services(self) -> List[str]:
+        """The service names the daemon manages."""
+        return sorted(self.status()["services"])
+
+
+def _server_sent_events(response: requests.Response) -> Iterator[Dict[str, Any]]:
+    with response:
+        for line in response.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                yield json.loads(line[len("data:"):])
+
+
+@contextmanager
+def gpu_lock(
+    redis_url: str = "redis://127.0.0.1:6379",
+    key: str = "gpu_lock",
+    timeout: float = 600,
+    blocking_timeout: Optional[float] = None,
+) -> Iterator[Any]:
+    """Holds the GPU lock, the v1 way: a redis-py ``Lock`` on ``key`` that expires after
+    ``timeout`` seconds unless released. gpu-manager takes the same lock (``lease.key``)
+    for each transition, so while this is held its transitions wait and are refused
+    (:class:`LeaseHeld`), and this waits while a transition runs. ``blocking_timeout``:
+    give up after that many seconds (:class:`LockNotAcquired`); None waits for ever.
+
+    Needs the ``redis`` extra: ``pip install 'gpu-manager-client[redis]'``.
+    """
+    try:
+        import redis
+    except ImportError as error:
+        raise ImportError(
+            "gpu_lock needs redis-py: pip install 'gpu-manager-client[redis]'"
+        ) from error
+    lock = redis.Redis.from_url(redis_url).lock(
+        key, timeout=timeout, blocking_timeout=blocking_timeout
+    )
+    if not lock.acquire():
+        raise LockNotAcquired(
+            f"{key} on {redis_url} is still held after {blocking_timeout} s"
+        )
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -1,0 +1,146 @@
+"""gpu_manager_client against the real daemon on a simulated GPU (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from gpu_manager_client import (
+    BadRequest,
+    CannotFit,
+    GpuManager,
+    GpuManagerError,
+    LeaseHeld,
+    NotFound,
+    Unreachable,
+    gpu_lock,
+)
+
+
+def ops(report):
+    return [f"{a['op']} {a['service']}" for a in report["actions"]]
+
+
+def test_status_is_the_ac2_shape(daemon):
+    status = GpuManager(daemon.url).status()
+    assert status["vram"]["total_mb"] == 24576
+    assert set(status["services"]) == {"comfyui", "cosyvoice", "vidi", "ollama"}
+    assert status["services"]["vidi"]["state"] == "stopped"
+    assert "holder" in status["lock"]
+
+
+def test_the_url_and_token_come_from_the_environment(daemon, monkeypatch):
+    monkeypatch.setenv("GPU_MANAGER_URL", daemon.url)
+    monkeypatch.setenv("GPU_MANAGER_TOKEN", "s3cret")
+    gm = GpuManager()
+    assert gm.url == daemon.url and gm.token == "s3cret"
+    assert gm.services() == ["comfyui", "cosyvoice", "ollama", "vidi"]
+
+
+def test_phases_converge_and_report_their_actions(daemon):
+    gm = GpuManager(daemon.url)
+    report = gm.prepare_for_phase(2)
+    assert ops(report) == ["start vidi"]
+    assert report["services"]["vidi"] == "ready"
+    report = gm.prepare_for_phase(3)
+    # The stop and the start fit side by side and run together: in the order they end.
+    assert sorted(ops(report)) == ["start cosyvoice", "stop vidi"]
+    assert list(daemon.allocations().values()) == [4096]
+    assert daemon.oom_log() == ""
+
+
+def test_can_fit_answers_by_the_budget(daemon):
+    gm = GpuManager(daemon.url)
+    gm.prepare_for_phase(3)  # CosyVoice holds 4096 of the 23040 MB budget
+    assert gm.can_fit(18944) is True
+    assert gm.can_fit(18945) is False
+    detail = gm.can_fit_detail(20480, priority=100)
+    assert detail["fits"] is False
+    assert detail["budget_mb"] == 23040
+    assert detail["would_preempt"] == ["cosyvoice"]
+    with pytest.raises(BadRequest) as refused:
+        gm.can_fit(0)
+    assert refused.value.status == 400 and refused.value.kind == "bad_request"
+
+
+def test_start_preempts_and_refusals_raise_by_meaning(daemon):
+    gm = GpuManager(daemon.url)
+    gm.prepare_for_phase(3)
+    report = gm.start("comfyui")
+    assert ops(report) == ["stop cosyvoice", "start comfyui"], json.dumps(report)
+    assert report["services"]["cosyvoice"] == "preempted"
+
+    with pytest.raises(CannotFit) as refused:
+        gm.start("ollama")
+    error = refused.value
+    assert isinstance(error, GpuManagerError)
+    assert error.status == 409 and error.kind == "cannot_fit"
+    assert error.body["shortfall_mb"] > 0
+    assert "comfyui" in str(error)
+
+    with pytest.raises(NotFound) as unknown:
+        gm.start("nope")
+    assert "vidi" in unknown.value.body["known"]
+    report = gm.stop("comfyui")
+    assert ops(report)[0] == "stop comfyui"
+
+
+def test_wait_false_answers_at_once(daemon):
+    gm = GpuManager(daemon.url)
+    accepted = gm.prepare_for_phase(2, wait=False)
+    assert accepted["accepted_only"] is True
+    deadline = time.monotonic() + 30
+    while gm.status()["desired"]["converged_generation"] < accepted["generation"]:
+        assert time.monotonic() < deadline, gm.status()
+        time.sleep(0.05)
+    assert gm.status()["services"]["vidi"]["state"] == "ready"
+
+
+def test_events_stream_the_transition(daemon):
+    gm = GpuManager(daemon.url)
+    seen = []
+    stream = gm.events()
+
+    def follow():
+        for event in stream:
+            seen.append(event)
+            if event["type"] == "action_finished":
+                return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    gm.prepare_for_phase(2)
+    thread.join(30)
+    types = [event["type"] for event in seen]
+    assert "desired_accepted" in types, seen
+    finished = [e for e in seen if e["type"] == "action_finished"]
+    assert finished and finished[0]["action"]["service"] == "vidi", seen
+
+
+def test_while_gpu_lock_is_held_prepare_for_phase_raises_lease_held(daemon):
+    gm = GpuManager(daemon.url)
+    with gpu_lock(daemon.redis_url, key=daemon.lease_key, timeout=60) as lock:
+        with pytest.raises(LeaseHeld) as refused:
+            gm.prepare_for_phase(2)
+        error = refused.value
+        assert error.status == 423 and error.kind == "lease_held"
+        assert error.body["holder"] == lock.local.token.decode()
+        assert daemon.allocations() == {}, "nothing started while the lock was held"
+    # Released: the daemon converges on the phase it was asked for.
+    deadline = time.monotonic() + 30
+    while gm.status()["services"]["vidi"]["state"] != "ready":
+        assert time.monotonic() < deadline, gm.status()
+        time.sleep(0.05)
+    # And between transitions the lock is free for Python again, without waiting.
+    with gpu_lock(daemon.redis_url, key=daemon.lease_key, timeout=10, blocking_timeout=5):
+        pass
+
+
+def test_an_unreachable_daemon_is_one_error_with_no_status():
+    with pytest.raises(Unreachable) as refused:
+        GpuManager("http://127.0.0.1:9", timeout=2).status()
+    assert refused.value.status is None
+    assert "gpu-manager serve" in str(refused.value)

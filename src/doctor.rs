@@ -1,0 +1,651 @@
+//! `gpu-manager doctor --config F`: why would a first start fail here? Each check of the
+//! host against the config ends PASS, WARN or FAIL, and every WARN and FAIL says what to
+//! do. Nothing is started, stopped or written outside a probe file in `state_dir`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::act::docker::DockerDriver;
+use crate::act::native::recorded_pid;
+use crate::api::Auth;
+use crate::config::{Config, Runtime, ServiceSpec};
+use crate::daemon;
+use crate::observe::process::ProcessTable;
+use crate::plan::Budget;
+use crate::reconcile::GpuSource;
+
+/// How long a network probe (Redis, the API) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Outcome {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub check: String,
+    pub status: Outcome,
+    pub detail: String,
+    /// What to do, for a WARN or a FAIL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    /// Nothing failed: the daemon should start.
+    pub ok: bool,
+    pub checks: Vec<Finding>,
+}
+
+impl Report {
+    fn add(&mut self, check: &str, status: Outcome, detail: String, fix: Option<String>) {
+        self.checks.push(Finding {
+            check: check.to_owned(),
+            status,
+            detail,
+            fix,
+        });
+        self.ok = !self.checks.iter().any(|f| f.status == Outcome::Fail);
+    }
+
+    fn pass(&mut self, check: &str, detail: String) {
+        self.add(check, Outcome::Pass, detail, None);
+    }
+
+    fn warn(&mut self, check: &str, detail: String, fix: String) {
+        self.add(check, Outcome::Warn, detail, Some(fix));
+    }
+
+    fn fail(&mut self, check: &str, detail: String, fix: String) {
+        self.add(check, Outcome::Fail, detail, Some(fix));
+    }
+
+    fn count(&self, status: Outcome) -> usize {
+        self.checks.iter().filter(|f| f.status == status).count()
+    }
+
+    /// One line per check, the fix indented under it, and a closing count.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for finding in &self.checks {
+            let status = serde_json::to_value(finding.status)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{status:<5} {:<10} {}\n",
+                finding.check, finding.detail
+            ));
+            if let Some(fix) = &finding.fix {
+                out.push_str(&format!("{:16}fix: {fix}\n", ""));
+            }
+        }
+        out.push_str(&format!(
+            "{} passed, {} warning(s), {} failed\n",
+            self.count(Outcome::Pass),
+            self.count(Outcome::Warn),
+            self.count(Outcome::Fail)
+        ));
+        out
+    }
+}
+
+/// Runs every check against the config at `path`.
+pub async fn run(path: &Path) -> Report {
+    let mut report = Report {
+        ok: true,
+        ..Default::default()
+    };
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            report.fail(
+                "config",
+                error.to_string(),
+                "fix the key named above, then run doctor again (the other checks need a valid config)".into(),
+            );
+            return report;
+        }
+    };
+    report.pass(
+        "config",
+        format!(
+            "{}: valid, {} services, phases {}",
+            config.path.display(),
+            config.inventory.len(),
+            config
+                .inventory
+                .phases()
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    let gpu_total = check_gpu(&mut report, &config).await;
+    let running_containers = check_docker(&mut report, &config).await;
+    check_native(&mut report, &config);
+    check_health_ports(&mut report, &config, &running_containers);
+    check_redis(&mut report, &config).await;
+    check_api(&mut report, &config).await;
+    check_phases_fit(&mut report, &config, gpu_total);
+    check_writable(&mut report, "state_dir", &config.state_dir);
+    if let Some(folder) = config.desired_state.parent() {
+        check_writable(&mut report, "desired", folder);
+    }
+    report
+}
+
+/// NVML (or the simulated GPU): its driver, name and size. Returns the GPU's total MB
+/// when known (observed, or `gpu.total_mb`).
+async fn check_gpu(report: &mut Report, config: &Config) -> Option<u64> {
+    let source = daemon::open_gpu(config).await;
+    let total = match &source {
+        GpuSource::Observed { gpu, .. } => {
+            let gpu = gpu.clone();
+            let described = gpu.describe();
+            match tokio::task::spawn_blocking(move || gpu.sample()).await {
+                Ok(Ok(sample)) => {
+                    report.pass(
+                        "gpu",
+                        format!(
+                            "{described}: {}, {} MB total, {} MB used",
+                            sample.name, sample.total_mb, sample.used_mb
+                        ),
+                    );
+                    Some(sample.total_mb)
+                }
+                Ok(Err(error)) => {
+                    report.fail(
+                        "gpu",
+                        format!("{described} loads but cannot be read: {error}"),
+                        "check the driver with nvidia-smi; a driver/library version mismatch needs a reboot after a driver upgrade".into(),
+                    );
+                    None
+                }
+                Err(error) => {
+                    report.fail(
+                        "gpu",
+                        format!("observing the GPU panicked: {error}"),
+                        "report this bug".into(),
+                    );
+                    None
+                }
+            }
+        }
+        GpuSource::Unavailable { reason } => match config.gpu.total_mb {
+            Some(total) => {
+                report.warn(
+                    "gpu",
+                    reason.clone(),
+                    "install the NVIDIA driver (nvidia-smi must work) or set gpu.nvml_library; until then the daemon cannot see external GPU memory".into(),
+                );
+                Some(total)
+            }
+            None => {
+                report.fail(
+                    "gpu",
+                    reason.clone(),
+                    "install the NVIDIA driver (nvidia-smi must work), set gpu.nvml_library, or set gpu.total_mb to budget from declared sizes".into(),
+                );
+                None
+            }
+        },
+    };
+    if let Err(error) = daemon::check_against_gpu(config, &source) {
+        report.fail(
+            "gpu",
+            error.to_string(),
+            "lower that vram_mb or gpu.reserve_mb".into(),
+        );
+    }
+    total
+}
+
+/// The Docker engine, and each docker service's container with its image and state.
+/// Returns the names of the containers that run.
+async fn check_docker(report: &mut Report, config: &Config) -> BTreeSet<String> {
+    let mut running = BTreeSet::new();
+    let services: Vec<(&ServiceSpec, &str)> = config
+        .inventory
+        .iter()
+        .filter_map(|spec| match &spec.runtime {
+            Runtime::Docker(docker) => Some((spec, docker.container.as_str())),
+            Runtime::Native(_) => None,
+        })
+        .collect();
+    if services.is_empty() {
+        report.pass(
+            "docker",
+            "no docker services: the engine is not needed".into(),
+        );
+        return running;
+    }
+    let driver = DockerDriver::from_env();
+    let mut engine_ok = false;
+    for (spec, container) in services {
+        match driver.describe(&spec.name, container).await {
+            Err(error) if error.is_unreachable() => {
+                report.fail(
+                    "docker",
+                    error.to_string(),
+                    "start the engine (systemctl start docker) or point DOCKER_HOST at it".into(),
+                );
+                return running;
+            }
+            Err(error) => report.fail(
+                "container",
+                error.to_string(),
+                "check the container with docker inspect".into(),
+            ),
+            Ok(found) => {
+                if !engine_ok {
+                    engine_ok = true;
+                    report.pass("docker", format!("engine reachable at {}", driver.host()));
+                }
+                match found {
+                    Some(summary) => {
+                        if summary.state == "running" {
+                            running.insert(container.to_owned());
+                        }
+                        report.pass(
+                            "container",
+                            format!(
+                                "{}: {container} exists, image {}, {}",
+                                spec.name, summary.image, summary.state
+                            ),
+                        );
+                    }
+                    None => report.fail(
+                        "container",
+                        format!("{}: container {container} does not exist", spec.name),
+                        format!("create it once with its image, mounts and GPU options (docker create --name {container} --gpus all ... IMAGE): the daemon starts and stops it but never creates it"),
+                    ),
+                }
+            }
+        }
+    }
+    running
+}
+
+/// Each native command resolves to an executable, and its workdir exists.
+fn check_native(report: &mut Report, config: &Config) {
+    for spec in config.inventory.iter() {
+        let Runtime::Native(native) = &spec.runtime else {
+            continue;
+        };
+        let argv = native.command.argv();
+        let program = &argv[0];
+        if let Some(workdir) = &native.workdir {
+            if !workdir.is_dir() {
+                report.fail(
+                    "command",
+                    format!("{}: workdir {} does not exist", spec.name, workdir.display()),
+                    format!(
+                        "create it or fix services.{}.workdir (relative paths are relative to the config file)",
+                        spec.name
+                    ),
+                );
+                continue;
+            }
+        }
+        let search_path = native
+            .env
+            .get("PATH")
+            .cloned()
+            .or_else(|| std::env::var("PATH").ok())
+            .unwrap_or_default();
+        match resolve(program, native.workdir.as_deref(), &search_path) {
+            Some(found) => report.pass(
+                "command",
+                format!("{}: {} is executable", spec.name, found.display()),
+            ),
+            None => report.fail(
+                "command",
+                format!(
+                    "{}: {program:?} is not an executable file{}",
+                    spec.name,
+                    if program.contains('/') {
+                        String::new()
+                    } else {
+                        " in PATH".to_owned()
+                    }
+                ),
+                format!(
+                    "install it or give services.{}.command the full path",
+                    spec.name
+                ),
+            ),
+        }
+    }
+}
+
+/// Where `program` would be found: a path with a slash is taken from the workdir (where
+/// the service starts), a bare name is searched in `search_path`.
+fn resolve(program: &str, workdir: Option<&Path>, search_path: &str) -> Option<PathBuf> {
+    let executable = |path: &Path| {
+        path.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = match workdir {
+            Some(dir) => dir.join(program),
+            None => PathBuf::from(program),
+        };
+        return executable(&path).then_some(path);
+    }
+    search_path
+        .split(':')
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| executable(path))
+}
+
+/// Each local health URL's port: free, or held by the service itself (a process the
+/// daemon would adopt, or its running container). Held by anything else, the service's
+/// start would fail to bind, or its health check would ask the wrong process.
+fn check_health_ports(report: &mut Report, config: &Config, running_containers: &BTreeSet<String>) {
+    let table = ProcessTable::read().ok();
+    for spec in config.inventory.iter() {
+        let Some(health) = &spec.health else {
+            continue;
+        };
+        let Some((host, port)) = local_port(&health.url) else {
+            report.pass(
+                "port",
+                format!(
+                    "{}: {} is not on this host, not checked",
+                    spec.name, health.url
+                ),
+            );
+            continue;
+        };
+        let free = TcpListener::bind((host, port)).is_ok();
+        if free {
+            report.pass("port", format!("{}: port {port} is free", spec.name));
+            continue;
+        }
+        let owner = listening_pid(port);
+        let adoptable = match &spec.runtime {
+            Runtime::Docker(docker) => running_containers.contains(&docker.container),
+            Runtime::Native(native) => owner.zip(table.as_ref()).is_some_and(|(pid, table)| {
+                let recorded = recorded_pid(&config.state_dir, &spec.name);
+                let matching = native
+                    .match_pattern
+                    .as_deref()
+                    .map(|pattern| table.matching(pattern))
+                    .unwrap_or_default();
+                recorded
+                    .into_iter()
+                    .chain(matching)
+                    .any(|root| root == pid || table.descendants(root).contains(&pid))
+            }),
+        };
+        if adoptable {
+            report.pass(
+                "port",
+                format!(
+                    "{}: port {port} is held by the service itself, which the daemon adopts",
+                    spec.name
+                ),
+            );
+            continue;
+        }
+        let holder = match owner {
+            Some(pid) => format!("pid {pid} ({})", command_of(table.as_ref(), pid)),
+            None => "a process doctor cannot see (another user's, or a container's)".to_owned(),
+        };
+        report.fail(
+            "port",
+            format!("{}: port {port} of {} is held by {holder}, which the daemon does not manage", spec.name, health.url),
+            format!("stop that process, give services.{}.match a part of its command line so the daemon adopts it, or move the service to another port", spec.name),
+        );
+    }
+}
+
+/// The host and port of an http(s) URL on this machine; None for another host.
+fn local_port(url: &str) -> Option<(IpAddr, u16)> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let port = url.port_or_known_default()?;
+    let host: IpAddr = match url.host_str()? {
+        "localhost" => IpAddr::from([127, 0, 0, 1]),
+        other => other.trim_matches(['[', ']']).parse().ok()?,
+    };
+    let local = host.is_loopback() || host.is_unspecified();
+    local.then_some((host, port))
+}
+
+/// The process listening on TCP `port`, from /proc/net/tcp{,6} and the processes' fds.
+fn listening_pid(port: u16) -> Option<u32> {
+    const LISTEN: &str = "0A";
+    let inodes: BTreeSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit(':').next()?;
+                    let listening = fields.get(3) == Some(&LISTEN);
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| fields.get(9).map(|inode| inode.to_string()))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: BTreeSet<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| wanted.contains(target.to_string_lossy().as_ref()))
+                .then_some(pid)
+        })
+}
+
+fn command_of(table: Option<&ProcessTable>, pid: u32) -> String {
+    table
+        .and_then(|t| t.get(pid))
+        .map(|p| p.cmdline.clone())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "command unknown".to_owned())
+}
+
+/// Redis reachable, and who holds the lease key now.
+async fn check_redis(report: &mut Report, config: &Config) {
+    let lease = &config.lease;
+    let Some(url) = &lease.redis_url else {
+        report.warn(
+            "redis",
+            "no lease.redis_url: the lease is in-process, so Python consumers' gpu_lock is not seen".into(),
+            "set lease.redis_url to the Redis your Python consumers lock the GPU with".into(),
+        );
+        return;
+    };
+    let probe = async {
+        let client = redis::Client::open(url.as_str())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("GET")
+            .arg(&lease.key)
+            .query_async::<Option<String>>(&mut connection)
+            .await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        Ok(Ok(None)) => report.pass("redis", format!("{url} reachable; lease key {} is free", lease.key)),
+        Ok(Ok(Some(holder))) => report.pass(
+            "redis",
+            format!("{url} reachable; lease key {} is held by {holder}", lease.key),
+        ),
+        Ok(Err(error)) => report.fail(
+            "redis",
+            format!("{url} is unreachable: {error}"),
+            "start Redis (systemctl start redis-server) or fix lease.redis_url; transitions are refused (503) while it is down".into(),
+        ),
+        Err(_) => report.fail(
+            "redis",
+            format!("{url} did not answer within {PROBE_TIMEOUT:?}"),
+            "check that Redis runs there and that no firewall drops the connection".into(),
+        ),
+    }
+}
+
+/// The API address can be bound (and may be: a token where it is not loopback).
+async fn check_api(report: &mut Report, config: &Config) {
+    if let Err(error) = Auth::from_config(&config.api) {
+        report.fail(
+            "api",
+            error.to_string(),
+            "fix api.listen or api.token_file".into(),
+        );
+        return;
+    }
+    let addr = config.api.listen;
+    match TcpListener::bind(addr) {
+        Ok(_) => report.pass("api", format!("{addr} can be bound")),
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            if answers_healthz(addr).await {
+                report.warn(
+                    "api",
+                    format!("{addr} is taken by a gpu-manager that answers /healthz"),
+                    "this is the running daemon, or another one: stop it before starting this config, or give this one another api.listen".into(),
+                );
+            } else {
+                let holder = listening_pid(addr.port())
+                    .map(|pid| {
+                        format!(
+                            " by pid {pid} ({})",
+                            command_of(ProcessTable::read().ok().as_ref(), pid)
+                        )
+                    })
+                    .unwrap_or_default();
+                report.fail(
+                    "api",
+                    format!("{addr} is taken{holder}"),
+                    "stop that process or change api.listen".into(),
+                );
+            }
+        }
+        Err(error) => report.fail(
+            "api",
+            format!("cannot bind {addr}: {error}"),
+            "change api.listen to an address of this host".into(),
+        ),
+    }
+}
+
+async fn answers_healthz(addr: SocketAddr) -> bool {
+    let Ok(client) = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PROBE_TIMEOUT)
+        .build()
+    else {
+        return false;
+    };
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
+    } else {
+        addr
+    };
+    match client.get(format!("http://{host}/healthz")).send().await {
+        Ok(response) => response
+            .json::<serde_json::Value>()
+            .await
+            .is_ok_and(|body| body["ok"] == true),
+        Err(_) => false,
+    }
+}
+
+/// Every phase's services fit the budget together, by their declared sizes.
+fn check_phases_fit(report: &mut Report, config: &Config, gpu_total: Option<u64>) {
+    let Some(total_mb) = gpu_total else {
+        report.warn(
+            "phases",
+            "the GPU's size is unknown, so the phases were not checked against it".into(),
+            "fix the gpu check above, or set gpu.total_mb".into(),
+        );
+        return;
+    };
+    // External memory (a desktop) is not known before the daemon runs: it lowers this.
+    let budget = Budget {
+        total_mb,
+        reserve_mb: config.gpu.reserve_mb,
+        external_mb: 0,
+    }
+    .usable_mb();
+    for phase in config.inventory.phases() {
+        let wanted: Vec<&ServiceSpec> = config.inventory.in_phase(phase).collect();
+        let need: u64 = wanted.iter().map(|s| s.vram_mb).sum();
+        let names: Vec<String> = wanted
+            .iter()
+            .map(|s| format!("{} {} MB", s.name, s.vram_mb))
+            .collect();
+        let detail = format!(
+            "phase {phase}: {} = {need} MB of a {budget} MB budget ({total_mb} MB - {} MB reserve)",
+            names.join(" + "),
+            config.gpu.reserve_mb
+        );
+        if need <= budget {
+            report.pass("phases", detail);
+        } else {
+            report.fail(
+                "phases",
+                detail,
+                format!("prepare_for_phase({phase}) would leave the lowest priorities preempted: lower their vram_mb, or move a service to another phase"),
+            );
+        }
+    }
+}
+
+/// The daemon writes there (pid files and logs; the desired-state file). A folder that
+/// does not exist yet is probed at its nearest existing parent, where the daemon would
+/// create it; doctor creates nothing.
+fn check_writable(report: &mut Report, check: &str, folder: &Path) {
+    if folder.exists() && !folder.is_dir() {
+        report.fail(
+            check,
+            format!("{} is not a folder", folder.display()),
+            "move that file away, or point the config at a folder".into(),
+        );
+        return;
+    }
+    let existing = folder.ancestors().find(|p| p.is_dir()).unwrap_or(folder);
+    let probe = existing.join(format!(".gpu-manager-doctor-{}", std::process::id()));
+    let written = std::fs::write(&probe, b"probe").and_then(|()| std::fs::remove_file(&probe));
+    let what = if existing == folder {
+        format!("{} is writable", folder.display())
+    } else {
+        format!(
+            "{} can be created in {}",
+            folder.display(),
+            existing.display()
+        )
+    };
+    match written {
+        Ok(()) => report.pass(check, what),
+        Err(error) => report.fail(
+            check,
+            format!("cannot write in {}: {error}", existing.display()),
+            format!("create {} and give the daemon's user write access to it, or point the config elsewhere", folder.display()),
+        ),
+    }
+}
