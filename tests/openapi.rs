@@ -210,7 +210,11 @@ fn junit_report() -> PathBuf {
 fn schemathesis(api: &Api, h: &Harness) -> String {
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openapi/schemathesis.toml");
     let report = junit_report();
+    let workdir = report.parent().unwrap().to_owned();
+    std::fs::create_dir_all(&workdir).unwrap();
     let output = Command::new("schemathesis")
+        // It keeps a cache (.schemathesis/) in the folder it runs in: not the repository.
+        .current_dir(workdir)
         .arg("--config-file")
         .arg(config)
         .arg("--no-color")
