@@ -98,6 +98,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Deserialize)]
 struct WaitQuery {
     wait: Option<bool>,
+    /// `?force=true` skips draining (docs/openapi.json). Nothing drains yet, so there is
+    /// nothing to skip; it is parsed so that a malformed value is a 400 as documented.
+    #[allow(dead_code)]
+    force: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +184,8 @@ pub fn routes(
     auth: Auth,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let cache = StatusCache::new(handle.status.clone());
+    let counters = crate::metrics::Counters::start(&handle.feed);
+    let extra = crate::web::routes(&handle);
     let with_handle = warp::any().map(move || handle.clone());
     let authorized = warp::header::optional::<String>("authorization")
         .and(warp::any().map(move || auth.clone()))
@@ -250,11 +256,12 @@ pub fn routes(
                 });
             warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response()
         });
+    let metrics_counters = counters.clone();
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_handle)
-        .map(|handle: ReconcilerHandle| {
-            let text = crate::metrics::render(&handle.status.borrow());
+        .map(move |handle: ReconcilerHandle| {
+            let text = crate::metrics::render(&handle.status.borrow(), &metrics_counters);
             warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                 .into_response()
         });
@@ -262,7 +269,7 @@ pub fn routes(
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"ok": true})).into_response());
 
-    status
+    let api = status
         .or(phase)
         .unify()
         .or(start)
@@ -279,8 +286,13 @@ pub fn routes(
         .unify()
         .or(healthz)
         .unify()
-        .recover(recover)
+        .or(extra)
         .unify()
+        .recover(move |rejection| recover(rejection, counters.clone()))
+        .unify();
+    warp::path::full()
+        .and(api)
+        .map(crate::web::with_allow_header)
 }
 
 /// Refuses a declared body over [`MAX_BODY_BYTES`]; unlike warp's
@@ -382,7 +394,10 @@ async fn can_fit(query: CanFitQuery, handle: ReconcilerHandle) -> Result<Respons
 }
 
 /// Every error as JSON `{"error": ...}` with the status the contract names.
-async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+async fn recover(
+    rejection: Rejection,
+    counters: Arc<crate::metrics::Counters>,
+) -> Result<Response, Infallible> {
     let (code, body) = if let Some(Refused(error)) = rejection.find::<Refused>() {
         (
             StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -414,6 +429,7 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
             serde_json::json!({"error": format!("bad request: {rejection:?}")}),
         )
     };
+    counters.record_refusal(code.as_u16(), &body);
     Ok(warp::reply::with_status(warp::reply::json(&body), code).into_response())
 }
 

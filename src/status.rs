@@ -225,6 +225,28 @@ pub enum DaemonEvent {
 }
 
 #[cfg(test)]
+impl ServiceStatus {
+    /// A ready native service with one process holding `observed_mb`, for tests.
+    pub fn ready_for_test(declared_mb: u64, observed_mb: u64, phases: Vec<Phase>) -> Self {
+        Self {
+            state: ServiceState::Ready,
+            kind: "native".into(),
+            priority: 40,
+            phases,
+            declared_vram_mb: declared_mb,
+            observed_vram_mb: Some(observed_mb),
+            pids: vec![1],
+            container: None,
+            wanted: true,
+            reason: None,
+            last_error: None,
+            since_ms: 0,
+            restarts: 0,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

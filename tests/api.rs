@@ -440,13 +440,13 @@ fn metrics_expose_vram_and_service_states() {
     let reply = api.get("/metrics");
     assert_eq!(reply.code, 200);
     for line in [
-        "# TYPE gpu_manager_vram_total_mb gauge",
-        "gpu_manager_vram_total_mb 24576",
-        "gpu_manager_vram_used_mb 5120",
+        "# TYPE gpu_manager_vram_total_bytes gauge",
+        "gpu_manager_vram_total_bytes 25769803776",
+        "gpu_manager_vram_used_bytes 5368709120",
         "# TYPE gpu_manager_service_state gauge",
         "gpu_manager_service_state{service=\"vidi\",state=\"ready\"} 1",
         "gpu_manager_service_state{service=\"comfyui\",state=\"stopped\"} 1",
-        "gpu_manager_service_observed_vram_mb{service=\"vidi\"} 4096",
+        "gpu_manager_service_observed_vram_bytes{service=\"vidi\"} 4294967296",
         "gpu_manager_transition_duration_seconds_count 1",
     ] {
         assert!(

@@ -19,6 +19,16 @@ command -v redis-server >/dev/null || apt_install redis-server
 python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet 'redis>=5' || apt_install python3-redis
 python3 -c 'import redis' || { echo "the Python redis module (redis-py) could not be installed: the Redis lease tests need it"; exit 1; }
 
+# The dashboard's browser tests (Debian's headless Chromium and its WebDriver, driven by
+# selenium), the OpenAPI fuzzing (schemathesis) and the metrics check (promtool, from
+# Debian's prometheus package).
+{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || apt_install chromium chromium-driver
+command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
+# A Debian python3 refuses pip installs outside a virtualenv (PEP 668) unless told.
+pip_install() { python3 -m pip install --quiet "$@" || python3 -m pip install --quiet --break-system-packages "$@"; }
+python3 -c 'import selenium' 2>/dev/null || pip_install 'selenium>=4.20'
+command -v schemathesis >/dev/null || pip_install 'schemathesis>=4.0,<5'
+
 # Docker tests need the docker CLI and a running engine; they build their image from the
 # stand-in binary with tar and ldd.
 docker_missing="Docker tests will be skipped (and fail under CI=true)"

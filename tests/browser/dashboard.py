@@ -1,0 +1,298 @@
+"""The dashboard in a real browser: headless Chromium through chromedriver (Debian's
+chromium and chromium-driver), driven by selenium, against a running gpu-manager (the
+test harness's simulated GPU with stand-in services; see tests/dashboard.rs, which
+starts it and runs this script).
+
+    python3 tests/browser/dashboard.py --url http://127.0.0.1:PORT --artifacts DIR [--token T]
+
+Without --token it walks the page's whole life (services listed, a change through the
+API shown live, a phase change by click, a refusal, the timeline, a narrow window);
+with --token the daemon has api.token_file and the page must ask for it. Screenshots
+go to DIR. Exits non-zero on the first failed check, saying what was expected.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+STATES = {"stopped", "starting", "ready", "unhealthy", "stopping", "preempted", "failed",
+          "unknown", "parked", "draining"}
+SERVICES = ["comfyui", "cosyvoice", "ollama", "vidi"]
+CONVERGE_S = 30
+
+
+class Check(Exception):
+    pass
+
+
+def post(url, path, token=None):
+    """POSTs through the API: (status, JSON body)."""
+    request = urllib.request.Request(url + path, method="POST")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def get(url, path):
+    with urllib.request.urlopen(url + path, timeout=10) as response:
+        return response.status, dict(response.headers), response.read()
+
+
+def browser():
+    options = Options()
+    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    for argument in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1600"]:
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # The driver is Debian's; selenium must not try to fetch one.
+    service = Service(executable_path=shutil.which("chromedriver"))
+    return webdriver.Chrome(options=options, service=service)
+
+
+def wait_for(description, condition, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = condition()
+            if last:
+                return last
+        except Exception as error:  # the page may be mid-render
+            last = error
+        time.sleep(0.05)
+    raise Check(f"timed out after {timeout_s} s waiting for: {description} (last: {last!r})")
+
+
+def click(driver, selector):
+    """Clicks the element; retried if the page re-rendered it between finding and clicking."""
+    def attempt():
+        driver.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+    wait_for(f"a click on {selector}", attempt, 5)
+
+
+def page_states(driver):
+    rows = driver.find_elements(By.CSS_SELECTOR, "#services tbody tr")
+    return {row.get_attribute("data-service"): row.find_element(By.CSS_SELECTOR, ".state").text
+            for row in rows}
+
+
+def state_is(driver, service, state):
+    return page_states(driver).get(service) == state
+
+
+class Run:
+    def __init__(self, url, artifacts, token):
+        self.url = url
+        self.artifacts = artifacts
+        self.token = token
+        self.driver = browser()
+
+    def shot(self, name):
+        path = os.path.join(self.artifacts, f"{name}.png")
+        self.driver.save_screenshot(path)
+        print(f"  screenshot {path}")
+
+    def ok(self, text):
+        print(f"PASS {text}")
+
+    def open_page(self):
+        self.driver.get(self.url + "/")
+        wait_for("every service listed", lambda: sorted(page_states(self.driver)) == SERVICES, 10)
+        wait_for("the event stream connected",
+                 lambda: self.driver.find_element(By.ID, "connection").get_attribute("data-state") == "live", 10)
+
+    def csp_violations(self):
+        return [entry["message"] for entry in self.driver.get_log("browser")
+                if "Content Security Policy" in entry["message"]]
+
+    def untokened(self):
+        d = self.driver
+        status, headers, _ = get(self.url, "/")
+        csp = headers.get("content-security-policy", "")
+        if "script-src 'self'" not in csp or "unsafe-inline" in csp:
+            raise Check(f"a strict Content-Security-Policy on the page, got {csp!r}")
+        if "access-control-allow-origin" in {k.lower() for k in headers}:
+            raise Check("no CORS header on the page")
+        self.ok("the page is served with a strict CSP and no CORS header")
+
+        self.open_page()
+        states = page_states(d)
+        if sorted(states) != SERVICES or not set(states.values()) <= STATES:
+            raise Check(f"every service with a known state, got {states}")
+        self.ok(f"every service listed with its state: {states}")
+        self.shot("01-loaded")
+
+        # A change through the API shows up within 1 s, without a reload.
+        d.execute_script("window.__notReloaded = true;")
+        code, body = post(self.url, "/gpu/prepare-phase/2")
+        if code != 200:
+            raise Check(f"POST /gpu/prepare-phase/2 answers 200, got {code}: {body}")
+        answered = time.monotonic()
+        wait_for("vidi ready on the page", lambda: state_is(d, "vidi", "ready"), 1.0)
+        if not d.execute_script("return window.__notReloaded === true;"):
+            raise Check("the page was reloaded")
+        self.ok(f"vidi ready on the page {time.monotonic() - answered:.3f} s after the API answered, without a reload")
+        self.shot("02-phase-2-by-api")
+
+        # Clicking phase 3 performs the transition, and the page shows it.
+        click(d, 'button[data-phase="3"]')
+        wait_for("cosyvoice ready and vidi stopped on the page",
+                 lambda: state_is(d, "cosyvoice", "ready") and state_is(d, "vidi", "stopped"), CONVERGE_S)
+        wait_for("the control's progress ends converged",
+                 lambda: "converged" in d.find_element(By.ID, "progress").text, CONVERGE_S)
+        progress = d.find_element(By.ID, "progress").text
+        for line in ["stop vidi", "vidi: ready -> stopping", "start cosyvoice", "cosyvoice: starting -> ready"]:
+            if line not in progress:
+                raise Check(f"the live progress shows {line!r}, got:\n{progress}")
+        _, _, raw = get(self.url, "/gpu/status")
+        status = json.loads(raw)
+        if status["desired"]["phase"] != 3 or status["services"]["cosyvoice"]["state"] != "ready":
+            raise Check(f"the daemon is in phase 3 with cosyvoice ready, got {status['desired']}")
+        pressed = d.find_element(By.CSS_SELECTOR, 'button[data-phase="3"]').get_attribute("aria-pressed")
+        if pressed != "true":
+            raise Check("the phase 3 control shows it is the current phase")
+        self.ok("clicking phase 3 ran the transition, with its live progress")
+        self.shot("03-phase-3-by-click")
+
+        # A refused request shows its message: Ollama cannot fit beside ComfyUI.
+        click(d, 'button[data-phase="4"]')
+        wait_for("comfyui ready", lambda: state_is(d, "comfyui", "ready"), CONVERGE_S)
+        click(d, 'button[data-action="start"][data-service="ollama"]')
+        refusal = d.find_element(By.ID, "refusal")
+        wait_for("the refusal shown", lambda: refusal.is_displayed(), 10)
+        text = refusal.text
+        if "HTTP 409" not in text or "cannot_fit" not in text or "ollama cannot fit" not in text:
+            raise Check(f"the 409 and its message on the page, got:\n{text}")
+        self.ok(f"a 409 shows its message: {text.splitlines()[0]}")
+        self.shot("04-refused")
+
+        # The timeline has points, and the phase changes marked.
+        wait_for("at least 3 timeline samples",
+                 lambda: int(d.find_element(By.ID, "timeline").get_attribute("data-points")) >= 3, 10)
+        areas = d.find_elements(By.CSS_SELECTOR, "#timeline polygon")
+        marks = d.find_elements(By.CSS_SELECTOR, "#timeline .phase-mark")
+        if not areas or not marks:
+            raise Check(f"stacked areas and phase marks in the timeline, got {len(areas)} and {len(marks)}")
+        points = d.find_element(By.ID, "timeline").get_attribute("data-points")
+        self.ok(f"the timeline has {points} points, {len(areas)} areas, {len(marks)} phase marks")
+
+        legend = d.find_element(By.ID, "vram-legend").text
+        for label in ["comfyui 20480 MB", "external 1024 MB", "reserve", "free"]:
+            if label not in legend:
+                raise Check(f"{label!r} in the VRAM legend, got {legend!r}")
+        log_rows = d.find_elements(By.CSS_SELECTOR, "#actions tbody tr")
+        if len(log_rows) < 5:
+            raise Check(f"the action log lists the actions taken, got {len(log_rows)} rows")
+        self.ok(f"VRAM legend in MB and {len(log_rows)} actions in the log")
+        self.shot("05-full")
+
+        # Readable in a narrow window: nothing wider than the screen but the tables' scrollers.
+        d.set_window_size(390, 1400)
+        time.sleep(0.5)
+        overflow = d.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
+        if overflow > 1:
+            raise Check(f"no horizontal scrolling of the page at 390 px, it overflows by {overflow} px")
+        self.ok("a 390 px window does not scroll sideways")
+        self.shot("06-narrow")
+
+        # The daemon restarts (tests/dashboard.rs does it when asked): the page reconnects
+        # its event stream by itself and follows the new daemon.
+        badge = d.find_element(By.ID, "connection")
+        if badge.get_attribute("data-connects") != "1":
+            raise Check(f"one event-stream connection so far, got {badge.get_attribute('data-connects')}")
+        print("RESTART-DAEMON", flush=True)
+        if sys.stdin.readline().strip() != "restarted":
+            raise Check("the daemon was restarted")
+        wait_for("the event stream reconnected to the new daemon",
+                 lambda: badge.get_attribute("data-connects") == "2" and badge.get_attribute("data-state") == "live",
+                 15)
+        code, body = post(self.url, "/gpu/prepare-phase/3")
+        if code != 200:
+            raise Check(f"phase 3 after the restart, got {code}: {body}")
+        wait_for("cosyvoice ready after the restart", lambda: state_is(d, "cosyvoice", "ready"), 5)
+        if not d.execute_script("return window.__notReloaded === true;"):
+            raise Check("the page was reloaded")
+        self.ok("after a daemon restart the page reconnected by itself and follows the new daemon")
+
+        violations = self.csp_violations()
+        if violations:
+            raise Check(f"no Content-Security-Policy violations, got {violations}")
+        self.ok("no Content-Security-Policy violations in the console")
+
+    def tokened(self):
+        d = self.driver
+        code, body = post(self.url, "/gpu/prepare-phase/2")
+        if code != 401:
+            raise Check(f"a POST without the token is refused with 401, got {code}: {body}")
+        code, body = post(self.url, "/gpu/prepare-phase/2", self.token)
+        if code != 200:
+            raise Check(f"a POST with the token works, got {code}: {body}")
+        self.ok("through the API, a POST without the token fails (401) and with it works")
+
+        self.open_page()
+        wait_for("vidi ready", lambda: state_is(d, "vidi", "ready"), 5)
+        click(d, 'button[data-phase="3"]')
+        form = d.find_element(By.ID, "token-form")
+        wait_for("the page asks for the token", lambda: form.is_displayed(), 10)
+        if "HTTP 401" not in d.find_element(By.ID, "refusal").text:
+            raise Check("the 401 shown")
+        if state_is(d, "cosyvoice", "ready"):
+            raise Check("nothing changed without the token")
+        self.ok("without a token the page's POST is refused and it asks for the token")
+        self.shot("11-token-asked")
+
+        d.find_element(By.ID, "token-input").send_keys(self.token)
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait_for("phase 3 done with the token",
+                 lambda: state_is(d, "cosyvoice", "ready") and state_is(d, "vidi", "stopped"), CONVERGE_S)
+        stored = d.execute_script(
+            "return [sessionStorage.getItem('gpu-manager-token'), localStorage.length, document.cookie];")
+        if stored != [self.token, 0, ""]:
+            raise Check(f"the token kept in sessionStorage only, got {stored}")
+        self.ok("with the token the page's POST works; the token is in sessionStorage only")
+        self.shot("12-token-used")
+
+    def close(self):
+        self.driver.quit()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--token")
+    args = parser.parse_args()
+    os.makedirs(args.artifacts, exist_ok=True)
+    run = Run(args.url, args.artifacts, args.token)
+    try:
+        if args.token:
+            run.tokened()
+        else:
+            run.untokened()
+    except Check as failure:
+        run.shot("failure")
+        print(f"FAIL {failure}", file=sys.stderr)
+        return 1
+    finally:
+        run.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
