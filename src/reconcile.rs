@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::act::instance::Effects;
 use crate::act::ExitInfo;
 use crate::clock::now_ms;
-use crate::config::{Config, ServiceName};
+use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
 use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
 use crate::observe::gpu::SharedGpu;
@@ -700,16 +700,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 return;
             }
         }
-        let supersede = CancellationToken::new();
-        let abandon = self.abandon.child_token();
-        let context = TaskContext {
-            effects: self.effects.clone(),
-            spec: record.spec.clone(),
-            gpu: self.gpu.gpu(),
-            reclaim_timeout: self.config.gpu.reclaim_timeout,
-            wake: self.wake_tx.clone(),
-            supersede: supersede.clone(),
-            abandon: abandon.clone(),
+        let spec = record.spec.clone();
+        let context = self.task_context(spec);
+        let (supersede, abandon) = (context.supersede.clone(), context.abandon.clone());
+        let Some(record) = self.records.get_mut(&action.service) else {
+            return;
         };
         match (action.op, record.instance.clone()) {
             (Op::Stop, Some(instance)) => {
@@ -730,6 +725,19 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             }
         }
         self.mark_in_flight(&action, generation, supersede, abandon);
+    }
+
+    /// What an action task gets at launch, with tokens of its own.
+    fn task_context(&self, spec: ServiceSpec) -> TaskContext<E> {
+        TaskContext {
+            effects: self.effects.clone(),
+            spec,
+            gpu: self.gpu.gpu(),
+            reclaim_timeout: self.config.gpu.reclaim_timeout,
+            wake: self.wake_tx.clone(),
+            supersede: CancellationToken::new(),
+            abandon: self.abandon.child_token(),
+        }
     }
 
     fn spawn_task(
@@ -1036,17 +1044,8 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             };
             tracing::info!(service = %name, pid = ?E::root_pid(&instance), "adopted a running instance");
             self.attach(name, instance.clone());
-            let supersede = CancellationToken::new();
-            let abandon = self.abandon.child_token();
-            let context = TaskContext {
-                effects: self.effects.clone(),
-                spec,
-                gpu: self.gpu.gpu(),
-                reclaim_timeout: self.config.gpu.reclaim_timeout,
-                wake: self.wake_tx.clone(),
-                supersede: supersede.clone(),
-                abandon: abandon.clone(),
-            };
+            let context = self.task_context(spec);
+            let (supersede, abandon) = (context.supersede.clone(), context.abandon.clone());
             if let Some(record) = self.records.get_mut(name) {
                 record.set_state(ServiceState::Starting);
             }

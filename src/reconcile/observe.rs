@@ -58,18 +58,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 ..Default::default()
             },
         };
-        let mut observed: HashMap<&ServiceName, u64> = HashMap::new();
+        let mut observed: HashMap<ServiceName, u64> = HashMap::new();
         if let Some(sample) = &self.gpu_view.sample {
             for process in &sample.processes {
                 if let Some(owner) = self.gpu_view.owners.get(&process.pid) {
-                    *observed.entry(owner).or_insert(0) += process.used_mb;
+                    *observed.entry(owner.clone()).or_insert(0) += process.used_mb;
                 }
             }
         }
-        let observed: HashMap<ServiceName, u64> = observed
-            .into_iter()
-            .map(|(name, mb)| (name.clone(), mb))
-            .collect();
         for record in self.records.iter_mut() {
             record.observed_mb = observed.get(record.name()).copied();
         }

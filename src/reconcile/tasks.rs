@@ -188,10 +188,10 @@ pub(super) async fn stop<E: ServiceEffects>(
         }
         tracing::warn!(service = %ctx.spec.name, %note, "eviction failed: stopping it instead");
     }
-    match ctx.effects.stop(&ctx.spec, &instance).await {
-        Ok(how) => Outcome::Stopped {
+    match stop_then_reclaim(&ctx, &instance, &pids).await {
+        Ok((how, reclaim)) => Outcome::Stopped {
             detail: format!("{note}{}", how.describe()),
-            reclaim: wait_pids_gone(&ctx, &pids).await,
+            reclaim,
         },
         Err(error) => Outcome::StopFailed { error },
     }
@@ -212,8 +212,18 @@ async fn stop_and_reclaim<E: ServiceEffects>(
     instance: &E::Instance,
 ) -> Result<(StopHow, Result<(), EffectError>), EffectError> {
     let pids = pids_of::<E>(ctx, instance).await;
+    stop_then_reclaim(ctx, instance, &pids).await
+}
+
+/// Stops the instance, then waits until the GPU no longer lists `pids` (its processes,
+/// read before the stop: afterwards its process tree is gone).
+async fn stop_then_reclaim<E: ServiceEffects>(
+    ctx: &TaskContext<E>,
+    instance: &E::Instance,
+    pids: &[u32],
+) -> Result<(StopHow, Result<(), EffectError>), EffectError> {
     let how = ctx.effects.stop(&ctx.spec, instance).await?;
-    Ok((how, wait_pids_gone(ctx, &pids).await))
+    Ok((how, wait_pids_gone(ctx, pids).await))
 }
 
 /// The GPU processes that belong to the instance now (before it is stopped: afterwards
