@@ -14,6 +14,7 @@ use crate::{AllocError, Allocation, DeviceSpec, Snapshot, ENV_VAR};
 const DEVICE_FILE: &str = "device.json";
 const ALLOC_DIR: &str = "alloc";
 const OOM_LOG: &str = "oom.log";
+const LOST_LOG: &str = "lost.log";
 const LOCK_FILE: &str = ".lock";
 const EXITED_SUFFIX: &str = ".exited";
 
@@ -39,9 +40,9 @@ struct Listing {
 }
 
 impl SimGpuDir {
-    /// Makes a folder for `device`: `device.json`, `alloc/` and an empty `oom.log`.
-    /// On an existing folder the allocations are kept, as the processes holding them may
-    /// still run; the device and the OOM log are replaced.
+    /// Makes a folder for `device`: `device.json`, `alloc/`, an empty `oom.log` and an
+    /// empty `lost.log`. On an existing folder the allocations are kept, as the processes
+    /// holding them may still run; the device and both logs are replaced.
     pub fn create(path: impl AsRef<Path>, device: &DeviceSpec) -> io::Result<Self> {
         let dir = Self {
             path: path.as_ref().to_path_buf(),
@@ -50,6 +51,7 @@ impl SimGpuDir {
         let _lock = dir.acquire()?;
         write_atomic(&dir.device_path(), &serde_json::to_vec_pretty(device)?)?;
         write_atomic(&dir.path.join(OOM_LOG), b"")?;
+        write_atomic(&dir.path.join(LOST_LOG), b"")?;
         Ok(dir)
     }
 
@@ -101,25 +103,30 @@ impl SimGpuDir {
     pub fn allocate(&self, pid: u32, mb: u64) -> Result<(), AllocError> {
         let locked = self.lock_and_reclaim()?;
         let snapshot = self.tally(locked.device, &locked.pids)?;
-        if mb > snapshot.free_mb {
-            self.log_oom(pid, mb, snapshot.free_mb)?;
-            return Err(AllocError::OutOfMemory {
-                requested_mb: mb,
-                free_mb: snapshot.free_mb,
-            });
-        }
-        let held = snapshot
-            .processes
-            .iter()
-            .find(|allocation| allocation.pid == pid)
-            .map_or(0, |allocation| allocation.mb);
-        // A stamp left by an earlier process with this pid would free the new holder's
-        // memory early. Merging the old memory into the new holder instead can only
-        // over-report use, never under-report it.
-        remove_if_present(&self.stamp_path(pid))?;
-        fs::create_dir_all(self.alloc_dir())?;
-        write_atomic(&self.alloc_path(pid), (held + mb).to_string().as_bytes())?;
-        Ok(())
+        self.refuse_beyond_free(pid, mb, &snapshot)?;
+        // Merging memory a dead earlier holder of this pid left into the new holder's can
+        // only over-report use, never under-report it.
+        self.write_allocation(pid, held_by(&snapshot, pid) + mb)
+    }
+
+    /// Sets what `pid` holds to `mb`: a living process that frees its weights when it
+    /// parks and takes them back when it resumes. Lowering always succeeds; the increase
+    /// of a raise is checked as [`Self::allocate`] checks it, and a refused one leaves the
+    /// allocation as it was.
+    pub fn resize(&self, pid: u32, mb: u64) -> Result<(), AllocError> {
+        let locked = self.lock_and_reclaim()?;
+        let snapshot = self.tally(locked.device, &locked.pids)?;
+        let held = held_by(&snapshot, pid);
+        self.refuse_beyond_free(pid, mb.saturating_sub(held), &snapshot)?;
+        self.write_allocation(pid, mb)
+    }
+
+    /// Appends one line to `lost.log`: a service was stopped while it still had work.
+    /// Line breaks inside `line` become spaces, so that each record stays one line.
+    pub fn record_lost(&self, line: &str) -> io::Result<()> {
+        let _lock = self.acquire()?;
+        let line = line.replace(['\n', '\r'], " ");
+        self.append(LOST_LOG, &format!("{} {line}\n", epoch_ms()))
     }
 
     /// Frees everything `pid` holds at once: a process that frees its memory before it
@@ -132,12 +139,56 @@ impl SimGpuDir {
 
     /// The refused allocations, oldest first.
     pub fn oom_log(&self) -> io::Result<Vec<String>> {
+        self.read_log(OOM_LOG)
+    }
+
+    /// The work lost to stops, oldest first: each line is the epoch ms of the record
+    /// and what [`Self::record_lost`] was given.
+    pub fn lost_log(&self) -> io::Result<Vec<String>> {
+        self.read_log(LOST_LOG)
+    }
+
+    fn read_log(&self, name: &str) -> io::Result<Vec<String>> {
         let _locked = self.lock_and_reclaim()?;
-        match fs::read_to_string(self.path.join(OOM_LOG)) {
+        let path = self.path.join(name);
+        match fs::read_to_string(&path) {
             Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(error) => Err(error),
+            Err(error) => Err(annotate(error, &path)),
         }
+    }
+
+    /// Refuses `increase_mb` more for `pid` when it exceeds what is free, with a line in
+    /// `oom.log`, as a CUDA allocation is refused.
+    fn refuse_beyond_free(
+        &self,
+        pid: u32,
+        increase_mb: u64,
+        snapshot: &Snapshot,
+    ) -> Result<(), AllocError> {
+        if increase_mb <= snapshot.free_mb {
+            return Ok(());
+        }
+        let line = format!(
+            "{} pid={pid} requested_mb={increase_mb} free_mb={}: CUDA out of memory\n",
+            epoch_ms(),
+            snapshot.free_mb
+        );
+        self.append(OOM_LOG, &line)?;
+        Err(AllocError::OutOfMemory {
+            requested_mb: increase_mb,
+            free_mb: snapshot.free_mb,
+        })
+    }
+
+    /// Writes what `pid` holds, under the lock the caller took.
+    fn write_allocation(&self, pid: u32, mb: u64) -> Result<(), AllocError> {
+        // A stamp left by an earlier process with this pid would free the living
+        // holder's memory early.
+        remove_if_present(&self.stamp_path(pid))?;
+        fs::create_dir_all(self.alloc_dir())?;
+        write_atomic(&self.alloc_path(pid), mb.to_string().as_bytes())?;
+        Ok(())
     }
 
     fn acquire(&self) -> io::Result<FolderLock> {
@@ -254,12 +305,8 @@ impl SimGpuDir {
         })
     }
 
-    fn log_oom(&self, pid: u32, requested_mb: u64, free_mb: u64) -> io::Result<()> {
-        let line = format!(
-            "{} pid={pid} requested_mb={requested_mb} free_mb={free_mb}: CUDA out of memory\n",
-            epoch_ms()
-        );
-        let path = self.path.join(OOM_LOG);
+    fn append(&self, name: &str, line: &str) -> io::Result<()> {
+        let path = self.path.join(name);
         OpenOptions::new()
             .create(true)
             .append(true)
@@ -283,6 +330,15 @@ impl SimGpuDir {
     fn stamp_path(&self, pid: u32) -> PathBuf {
         self.alloc_dir().join(format!("{pid}{EXITED_SUFFIX}"))
     }
+}
+
+/// What `pid` holds in `snapshot`; nothing when it has no allocation.
+fn held_by(snapshot: &Snapshot, pid: u32) -> u64 {
+    snapshot
+        .processes
+        .iter()
+        .find(|allocation| allocation.pid == pid)
+        .map_or(0, |allocation| allocation.mb)
 }
 
 /// A pid written as `alloc_path` writes it; anything else in `alloc/` is not ours.
@@ -573,6 +629,92 @@ mod tests {
         dir.release(me).unwrap();
         dir.release(me).unwrap();
         assert_eq!(dir.snapshot().unwrap().used_mb, 512);
+    }
+
+    #[test]
+    fn resize_lowers_at_once_and_raises_within_what_is_free() {
+        let (_temp, dir) = folder(&device(60_000));
+        let me = std::process::id();
+        dir.allocate(me, 16_000).unwrap();
+        dir.resize(me, 1_024).unwrap();
+        assert_eq!(
+            dir.snapshot().unwrap().processes,
+            [Allocation { pid: me, mb: 1_024 }]
+        );
+        dir.resize(me, 20_000).unwrap();
+        let snapshot = dir.snapshot().unwrap();
+        assert_eq!(
+            snapshot.processes,
+            [Allocation {
+                pid: me,
+                mb: 20_000
+            }]
+        );
+        assert_eq!(snapshot.free_mb, 24_576 - 512 - 20_000);
+        assert!(dir.oom_log().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_raise_beyond_free_is_refused_logged_and_changes_nothing() {
+        let (_temp, dir) = folder(&device(60_000));
+        let other = Sleeper::spawn();
+        let me = std::process::id();
+        dir.allocate(other.pid(), 20_000).unwrap();
+        dir.allocate(me, 1_000).unwrap();
+        let error = dir.resize(me, 5_000).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                AllocError::OutOfMemory {
+                    requested_mb: 4_000,
+                    free_mb: 3_064
+                }
+            ),
+            "only the increase is requested: {error}"
+        );
+        let log = dir.oom_log().unwrap();
+        assert_eq!(log.len(), 1);
+        assert!(
+            log[0].contains(&format!("pid={me} requested_mb=4000")),
+            "{}",
+            log[0]
+        );
+        assert_eq!(
+            fs::read_to_string(dir.alloc_path(me)).unwrap(),
+            "1000",
+            "unchanged"
+        );
+        dir.resize(me, 4_064).unwrap();
+        assert_eq!(dir.snapshot().unwrap().free_mb, 0, "exactly what was free");
+    }
+
+    #[test]
+    fn resize_of_a_pid_without_memory_allocates_it() {
+        let (_temp, dir) = folder(&device(60_000));
+        let me = std::process::id();
+        dir.resize(me, 300).unwrap();
+        assert_eq!(
+            dir.snapshot().unwrap().processes,
+            [Allocation { pid: me, mb: 300 }]
+        );
+    }
+
+    #[test]
+    fn lost_work_is_logged_one_line_per_record() {
+        let (_temp, dir) = folder(&device(0));
+        assert!(dir.lost_log().unwrap().is_empty());
+        dir.record_lost("vidi pid 123: job 2 lost after 850 of 3000 ms")
+            .unwrap();
+        dir.record_lost("cosy pid 7: two\nlines").unwrap();
+        let log = dir.lost_log().unwrap();
+        assert_eq!(log.len(), 2);
+        let (stamp, text) = log[0].split_once(' ').unwrap();
+        assert!(epoch_ms() - stamp.parse::<u64>().unwrap() < 60_000);
+        assert_eq!(text, "vidi pid 123: job 2 lost after 850 of 3000 ms");
+        assert!(log[1].ends_with("cosy pid 7: two lines"), "{}", log[1]);
+        assert!(dir.oom_log().unwrap().is_empty(), "the logs are apart");
+        SimGpuDir::create(dir.path(), &device(0)).unwrap();
+        assert!(dir.lost_log().unwrap().is_empty(), "create starts it anew");
     }
 
     #[test]

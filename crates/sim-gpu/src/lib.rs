@@ -7,9 +7,11 @@
 //!
 //! Layout of a folder:
 //! - `device.json`: the [`DeviceSpec`];
-//! - `alloc/<pid>`: decimal MB that process `<pid>` holds;
+//! - `alloc/<pid>`: decimal MB that process `<pid>` holds; a living process may rewrite
+//!   its own ([`SimGpuDir::resize`]: lower when it parks, higher when it resumes);
 //! - `alloc/<pid>.exited`: epoch ms when `<pid>` was first seen dead;
 //! - `oom.log`: one line per refused allocation;
+//! - `lost.log`: one line per stop that cut work short ([`SimGpuDir::record_lost`]);
 //! - `.lock`: `flock`ed by every reader and writer.
 
 mod files;
@@ -57,7 +59,7 @@ pub struct Snapshot {
     pub processes: Vec<Allocation>,
 }
 
-/// Why [`SimGpuDir::allocate`] failed.
+/// Why [`SimGpuDir::allocate`] or [`SimGpuDir::resize`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AllocError {
     /// Refused as a CUDA allocation would be; a line was appended to `oom.log`.
