@@ -8,6 +8,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use sim_gpu::{Allocation, DeviceSpec, SimGpuDir};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -291,5 +292,264 @@ fn ollama_mode_unloads_and_reloads_its_model_through_the_api() {
             pid: standin.pid(),
             mb: 2048
         }]
+    );
+}
+
+/// One HTTP request whose answer is JSON: (status code, parsed body).
+fn http_json(address: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (code, text) = http(address, method, path, body);
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    (code, value)
+}
+
+fn state(address: SocketAddr) -> Value {
+    let (code, state) = http_json(address, "GET", "/state", "");
+    assert_eq!(code, 200, "{state}");
+    state
+}
+
+/// What `pid` holds on the folder; `None` when it has no allocation.
+fn held(dir: &SimGpuDir, pid: u32) -> Option<u64> {
+    let snapshot = dir.snapshot().unwrap();
+    let allocation = snapshot.processes.iter().find(|a| a.pid == pid)?;
+    Some(allocation.mb)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn parking_standin(dir: &SimGpuDir, vram_mb: &str, extra: &[&str]) -> (Standin, SocketAddr) {
+    let mut args = vec!["--vram-mb", vram_mb, "--port", "0", "--name", "vidi"];
+    args.extend_from_slice(extra);
+    let standin = Standin::spawn(dir.path(), &args);
+    let address = standin.listening_on();
+    (standin, address)
+}
+
+const COMFYUI_FREE: &str = r#"{"unload_models": true, "free_memory": true}"#;
+
+#[test]
+fn park_lowers_to_the_residual_and_resume_brings_it_back_after_the_wake() {
+    let (_temp, dir) = folder(24_576);
+    let (standin, address) = parking_standin(
+        &dir,
+        "8000",
+        &[
+            "--residual-mb",
+            "1024",
+            "--wake-ms",
+            "500",
+            "--park-delay-ms",
+            "300",
+        ],
+    );
+    let pid = standin.pid();
+    let asked = Instant::now();
+    let (code, answer) = http_json(address, "POST", "/free", COMFYUI_FREE);
+    assert_eq!(code, 200);
+    assert_eq!(answer, json!({"parked": true, "residual_mb": 1024}));
+    wait_until("parked down to the residual", || {
+        held(&dir, pid) == Some(1024)
+    });
+    assert!(asked.elapsed() >= Duration::from_millis(300), "park delay");
+    let parked = state(address);
+    assert_eq!(parked["parked"], true, "{parked}");
+    assert_eq!(parked["vram_mb"], 1024, "{parked}");
+    assert_eq!(http_status(address), 200, "alive while parked");
+
+    let asked = Instant::now();
+    let (code, answer) = http_json(address, "POST", "/resume", "");
+    let took = asked.elapsed();
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["parked"], false);
+    assert!(answer["took_ms"].as_u64().unwrap() >= 500, "{answer}");
+    assert!(
+        took >= Duration::from_millis(500),
+        "answered after the wake"
+    );
+    assert_eq!(
+        held(&dir, pid),
+        Some(8000),
+        "the same pid holds it all again"
+    );
+    assert_eq!(state(address)["parked"], false);
+
+    http_json(address, "POST", "/park", "");
+    wait_until("parked again", || held(&dir, pid) == Some(1024));
+    let (code, answer) = http_json(address, "POST", "/wake_up", "");
+    assert_eq!((code, &answer["parked"]), (200, &json!(false)), "{answer}");
+    assert_eq!(held(&dir, pid), Some(8000));
+}
+
+#[test]
+fn a_free_that_asks_for_nothing_frees_nothing() {
+    let (_temp, dir) = folder(24_576);
+    let (standin, address) = parking_standin(&dir, "4000", &["--residual-mb", "500"]);
+    let (code, answer) = http_json(address, "POST", "/free", r#"{"unload_models": false}"#);
+    assert_eq!(code, 200);
+    assert_eq!(answer["parked"], false, "{answer}");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(held(&dir, standin.pid()), Some(4000));
+    assert_eq!(state(address)["parking"], false);
+    assert_eq!(http(address, "POST", "/free", "{not json").0, 400);
+}
+
+#[test]
+fn a_resume_that_does_not_fit_answers_507_and_stays_parked() {
+    let (_temp, dir) = folder(10_000);
+    let (standin, address) = parking_standin(&dir, "8000", &["--residual-mb", "1000"]);
+    http_json(address, "POST", "/park", "");
+    wait_until("parked", || held(&dir, standin.pid()) == Some(1000));
+    let other = Standin::spawn(dir.path(), &["--vram-mb", "8000", "--name", "other"]);
+    other.wait_for_line("allocated 8000 MB");
+
+    let (code, answer) = http_json(address, "POST", "/resume", "");
+    assert_eq!(code, 507, "{answer}");
+    let message = answer["error"].as_str().unwrap();
+    assert!(message.starts_with("CUDA out of memory"), "{message}");
+    let oom = dir.oom_log().unwrap();
+    assert_eq!(oom.len(), 1, "{oom:?}");
+    assert!(
+        oom[0].contains(&format!("pid={} requested_mb=7000", standin.pid())),
+        "{oom:?}"
+    );
+    assert_eq!(held(&dir, standin.pid()), Some(1000), "still parked");
+    assert_eq!(state(address)["parked"], true);
+}
+
+#[test]
+fn jobs_run_one_at_a_time_and_show_in_the_queue_until_done() {
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = parking_standin(&dir, "2000", &[]);
+    let idle = json!({"queue_running": [], "queue_pending": []});
+    assert_eq!(http_json(address, "GET", "/queue", "").1, idle);
+
+    let submitted = Instant::now();
+    assert_eq!(
+        http_json(address, "POST", "/job?ms=600", ""),
+        (202, json!({"job": 1}))
+    );
+    assert_eq!(
+        http_json(address, "POST", "/job?ms=300", ""),
+        (202, json!({"job": 2}))
+    );
+    let mut queue = Value::Null;
+    wait_until("the first job runs", || {
+        queue = http_json(address, "GET", "/queue", "").1;
+        queue["queue_running"] == json!([[1, 600]])
+    });
+    assert_eq!(queue["queue_pending"], json!([[2, 300]]), "{queue}");
+    let busy = state(address);
+    assert_eq!(
+        (&busy["jobs_running"], &busy["jobs_pending"]),
+        (&json!(1), &json!(1)),
+        "{busy}"
+    );
+
+    wait_until("the queue empties", || {
+        http_json(address, "GET", "/queue", "").1 == idle
+    });
+    assert!(submitted.elapsed() >= Duration::from_millis(900), "in turn");
+    assert_eq!(http(address, "POST", "/job", "").0, 400, "ms is required");
+    assert_eq!(http(address, "POST", "/job?ms=soon", "").0, 400);
+}
+
+#[test]
+fn a_park_waits_for_the_running_job_and_a_job_while_parked_reloads_first() {
+    let (_temp, dir) = folder(24_576);
+    let (standin, address) =
+        parking_standin(&dir, "6000", &["--residual-mb", "700", "--wake-ms", "300"]);
+    let pid = standin.pid();
+    let started = Instant::now();
+    http_json(address, "POST", "/job?ms=800", "");
+    wait_until("the job runs", || state(address)["jobs_running"] == 1);
+    http_json(address, "POST", "/park", "");
+    assert_eq!(state(address)["parking"], true);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(held(&dir, pid), Some(6000), "not during the job");
+    wait_until("parked after the job", || held(&dir, pid) == Some(700));
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    assert_eq!(
+        state(address)["jobs_running"],
+        0,
+        "the job was not cut short"
+    );
+
+    let submitted = Instant::now();
+    http_json(address, "POST", "/job?ms=100", "");
+    wait_until("reloaded for the job", || held(&dir, pid) == Some(6000));
+    standin.wait_for_line("job 2 done");
+    assert!(
+        submitted.elapsed() >= Duration::from_millis(400),
+        "wake + job"
+    );
+    assert_eq!(state(address)["parked"], false);
+}
+
+#[test]
+fn sigterm_during_a_job_records_the_lost_work() {
+    let (_temp, dir) = folder(24_576);
+    let (mut standin, address) = parking_standin(&dir, "3000", &["--stop-delay-ms", "100"]);
+    http_json(address, "POST", "/job?ms=3000", "");
+    http_json(address, "POST", "/job?ms=1000", "");
+    standin.wait_for_line("job 1 started");
+    thread::sleep(Duration::from_millis(300));
+    standin.signal(libc::SIGTERM);
+    assert_eq!(standin.wait().code(), Some(0));
+
+    let lost = dir.lost_log().unwrap();
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    let prefix = format!("vidi pid {}: job 1 lost after ", standin.pid());
+    let (_stamp, line) = lost[0].split_once(' ').unwrap();
+    let rest = line
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("{line}"));
+    let (done, rest) = rest.split_once(" of ").unwrap();
+    let done: u64 = done.parse().unwrap();
+    assert!((300..3000).contains(&done), "{line}");
+    assert_eq!(rest, "3000 ms; job 2 lost after 0 of 1000 ms");
+}
+
+#[test]
+fn a_stop_without_work_records_nothing() {
+    let (_temp, dir) = folder(24_576);
+    let (mut standin, address) = parking_standin(&dir, "3000", &[]);
+    http_json(address, "POST", "/job?ms=50", "");
+    standin.wait_for_line("job 1 done");
+    standin.signal(libc::SIGINT);
+    assert_eq!(standin.wait().code(), Some(0));
+    assert!(dir.lost_log().unwrap().is_empty());
+}
+
+#[test]
+fn alloc_takes_more_than_it_started_with_and_a_resume_brings_that_back() {
+    let (_temp, dir) = folder(24_576);
+    let (standin, address) = parking_standin(&dir, "4096", &["--residual-mb", "512"]);
+    let pid = standin.pid();
+    assert_eq!(
+        http_json(address, "POST", "/alloc?mb=9000", ""),
+        (200, json!({"vram_mb": 9000}))
+    );
+    assert_eq!(held(&dir, pid), Some(9000));
+    assert_eq!(state(address)["vram_mb"], 9000);
+
+    let (code, answer) = http_json(address, "POST", "/alloc?mb=30000", "");
+    assert_eq!(code, 507, "{answer}");
+    assert_eq!(dir.oom_log().unwrap().len(), 1);
+    assert_eq!(held(&dir, pid), Some(9000), "unchanged");
+
+    http_json(address, "POST", "/park", "");
+    wait_until("parked", || held(&dir, pid) == Some(512));
+    assert_eq!(http(address, "POST", "/alloc?mb=100", "").0, 409);
+    http_json(address, "POST", "/resume", "");
+    assert_eq!(
+        held(&dir, pid),
+        Some(9000),
+        "what it held last, not --vram-mb"
     );
 }

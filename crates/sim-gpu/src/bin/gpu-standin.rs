@@ -5,8 +5,20 @@
 //! answers health checks (503 until it has "loaded", 200 after), and stops on SIGTERM
 //! after a delay. It never frees its memory itself: as with a CUDA process, the memory
 //! goes back when the folder's reclaim rule sees the process dead, which is what the
-//! daemon's "confirm VRAM reclaimed" step must wait for. Only std, libc and the folder
-//! library, so that it builds static and runs in a bare container.
+//! daemon's "confirm VRAM reclaimed" step must wait for. Only std, libc, serde_json and
+//! the folder library, so that it builds static and runs in a bare container.
+//!
+//! Over HTTP it also models a service that gives its VRAM back without exiting, and the
+//! work a stop could cut short:
+//! - jobs: `POST /job?ms=N` queues a job of N ms, run one at a time; `GET /queue` answers
+//!   in ComfyUI's shape, which is what a drain probe polls;
+//! - parking: `POST /park` (ComfyUI's `/free`, vLLM's `/sleep`) lowers its allocation to
+//!   `--residual-mb` between jobs, as ComfyUI acts on `/free`, `--park-delay-ms` after
+//!   the request; `POST /resume` (vLLM's `/wake_up`) raises it back and answers after
+//!   `--wake-ms`; a job that arrives while it is parked reloads first;
+//! - a stop signal while a job runs or waits appends a line to the folder's `lost.log`;
+//! - `POST /alloc?mb=N` makes it hold N MB, more than the daemon declared if asked: what
+//!   it holds never depends on the daemon's `vram_mb`.
 //!
 //! With `--ollama MODEL` it also speaks the two Ollama endpoints the daemon uses to evict
 //! it: `GET /api/ps` lists MODEL while it is loaded (its VRAM is the model), and
@@ -14,22 +26,56 @@
 //! `--unload-delay-ms` later as Ollama's runner does when it exits; a generate request
 //! without `keep_alive: 0` loads it again.
 
+use std::collections::VecDeque;
 use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use sim_gpu::{AllocError, SimGpuDir, ENV_VAR};
 
-const USAGE: &str =
-    "usage: gpu-standin --vram-mb N [--sim-dir DIR] [--port P | --listen ADDR:PORT] \
-[--start-delay-ms MS] [--stop-delay-ms MS] [--ignore-sigterm] [--exit-after-ms MS] [--name NAME] \
-[--ollama MODEL [--unload-delay-ms MS]]";
+const USAGE: &str = "\
+usage: gpu-standin --vram-mb N [--sim-dir DIR] [--port P | --listen ADDR:PORT] [--name NAME]
+         [--start-delay-ms MS] [--stop-delay-ms MS] [--ignore-sigterm] [--exit-after-ms MS]
+         [--residual-mb N] [--wake-ms MS] [--park-delay-ms MS]
+         [--ollama MODEL [--unload-delay-ms MS]]
+
+  --vram-mb N          MB it allocates at start on the simulated GPU folder (--sim-dir, else
+                       $FAKE_NVML_DIR), whatever vram_mb the daemon declares for it: declare
+                       4096 and give --vram-mb 9000 for a service that takes more than declared
+  --start-delay-ms MS  health answers 503 for this long, then 200 (default 0)
+  --stop-delay-ms MS   how long it takes to exit after SIGTERM or SIGINT (default 0)
+  --ignore-sigterm     only SIGINT or SIGKILL stop it
+  --exit-after-ms MS   crash (exit 3) after this long
+  --residual-mb N      what it still holds while parked (default 0)
+  --wake-ms MS         how long a resume, reloading its weights, takes (default 0)
+  --park-delay-ms MS   how long after a park request its memory goes down (default 0)
+  --ollama MODEL       also serve Ollama's /api/ps and /api/generate for MODEL
+  --unload-delay-ms MS how long an Ollama unload takes to free the memory (default 0)
+
+endpoints, with --port or --listen (answers are JSON):
+  POST /job?ms=N             202 {\"job\": id}: queues a job of N ms; jobs run one at a time
+  GET  /queue                200 {\"queue_running\": [[id, ms]], \"queue_pending\": [[id, ms], ...]}
+  POST /park, /free, /sleep  200 {\"parked\": true, \"residual_mb\": N} at once; the memory goes
+                             down to N after the running job ends and --park-delay-ms passes.
+                             A body asking for neither unload_models nor free_memory frees
+                             nothing and answers {\"parked\": false}, as ComfyUI's /free does
+  POST /resume, /wake_up     200 {\"parked\": false, \"took_ms\": T} once its memory is back and
+                             --wake-ms has passed; 507 {\"error\": CUDA OOM text} when the memory
+                             does not fit (it stays parked). A job queued while parked reloads first
+  POST /alloc?mb=N           200 {\"vram_mb\": N}: holds N MB from now on (resumes too); 507 when a
+                             grow does not fit, 409 while parked
+  GET  /state                200 {\"parked\", \"parking\", \"waking\", \"jobs_running\", \"jobs_pending\",
+                             \"vram_mb\"}, vram_mb being what the folder shows it holding
+  GET  any other path        health: 503 until --start-delay-ms has passed, then 200, parked too
+A stop signal while a job runs or waits appends a line to lost.log in the folder:
+  EPOCH_MS NAME pid PID: job ID lost after DONE of MS ms[; job ID lost after 0 of MS ms ...]";
 
 /// Exit codes, distinct so that tests can tell the failures apart.
 const EXIT_SETUP: u8 = 1;
@@ -43,8 +89,13 @@ const POLL: Duration = Duration::from_millis(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Enough for any health probe's request head.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Enough for any Ollama request body the daemon sends.
+/// Enough for any Ollama or park request body the daemon sends.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+const OK: &str = "200 OK";
+const BAD_REQUEST: &str = "400 Bad Request";
+const INSUFFICIENT: &str = "507 Insufficient Storage";
+const INTERNAL: &str = "500 Internal Server Error";
 
 /// The stop signal received (0: none). Set by the signal handler, which may only touch
 /// an atomic.
@@ -59,6 +110,9 @@ struct Options {
     ignore_sigterm: bool,
     exit_after: Option<Duration>,
     name: String,
+    residual_mb: u64,
+    wake: Duration,
+    park_delay: Duration,
     ollama_model: Option<String>,
     unload_delay: Duration,
 }
@@ -68,7 +122,59 @@ struct Service {
     name: String,
     vram_mb: u64,
     ready_at: Instant,
+    engine: Arc<Engine>,
     ollama: Option<Ollama>,
+}
+
+/// The stand-in's weights and its jobs: what parks, resumes and runs work. Shared by the
+/// HTTP threads, the worker thread that runs jobs and parks between them, and the main
+/// thread, which reports the work a stop cuts short.
+struct Engine {
+    name: String,
+    dir: SimGpuDir,
+    residual_mb: u64,
+    wake: Duration,
+    park_delay: Duration,
+    /// Held through a whole change of memory (a park, a resume with its wake, an
+    /// `/alloc`) so that they never interleave; holds what a resume brings back.
+    /// Taken before `work` whenever both are held.
+    memory: Mutex<u64>,
+    work: Mutex<Work>,
+    /// Signalled when a job is queued, a park is asked for or a stop begins.
+    work_changed: Condvar,
+}
+
+#[derive(Default)]
+struct Work {
+    /// Holding only the residual.
+    parked: bool,
+    /// Asked to park; the worker acts on it between jobs.
+    park_asked: bool,
+    /// Memory back, the wake time not over yet.
+    waking: bool,
+    /// A stop signal came: no more jobs start.
+    stopping: bool,
+    running: Option<Running>,
+    pending: VecDeque<Job>,
+    last_id: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    id: u64,
+    ms: u64,
+}
+
+struct Running {
+    job: Job,
+    /// `None` while it reloads parked weights: the job itself has not begun.
+    started: Option<Instant>,
+}
+
+/// What the worker does next.
+enum Task {
+    Park,
+    Run(Job),
 }
 
 /// The Ollama side of `--ollama`: one model, which holds the stand-in's VRAM while it is
@@ -119,11 +225,24 @@ fn run(options: &Options) -> ExitCode {
     if let Err(code) = take_vram(&dir, options) {
         return code;
     }
+    let engine = Arc::new(Engine {
+        name: options.name.clone(),
+        dir: dir.clone(),
+        residual_mb: options.residual_mb,
+        wake: options.wake,
+        park_delay: options.park_delay,
+        memory: Mutex::new(options.vram_mb),
+        work: Mutex::default(),
+        work_changed: Condvar::new(),
+    });
     if let Some(address) = options.listen {
+        let worker = Arc::clone(&engine);
+        thread::spawn(move || worker.serve());
         let service = Service {
             name: options.name.clone(),
             vram_mb: options.vram_mb,
             ready_at: started + options.start_delay,
+            engine: Arc::clone(&engine),
             ollama: options.ollama_model.as_ref().map(|model| Ollama {
                 model: model.clone(),
                 dir: dir.clone(),
@@ -136,7 +255,7 @@ fn run(options: &Options) -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     }
-    wait_for_end(options, started)
+    wait_for_end(options, started, &engine)
 }
 
 fn parse_options(args: Vec<String>) -> Result<Options, String> {
@@ -149,6 +268,9 @@ fn parse_options(args: Vec<String>) -> Result<Options, String> {
         ignore_sigterm: false,
         exit_after: None,
         name: "gpu-standin".into(),
+        residual_mb: 0,
+        wake: Duration::ZERO,
+        park_delay: Duration::ZERO,
         ollama_model: None,
         unload_delay: Duration::ZERO,
     };
@@ -186,6 +308,9 @@ fn parse_options(args: Vec<String>) -> Result<Options, String> {
             "--exit-after-ms" => options.exit_after = Some(millis(&flag, &value()?)?),
             "--ignore-sigterm" if inline.is_none() => options.ignore_sigterm = true,
             "--name" => options.name = value()?,
+            "--residual-mb" => options.residual_mb = number(&flag, &value()?)?,
+            "--wake-ms" => options.wake = millis(&flag, &value()?)?,
+            "--park-delay-ms" => options.park_delay = millis(&flag, &value()?)?,
             "--ollama" => options.ollama_model = Some(value()?),
             "--unload-delay-ms" => options.unload_delay = millis(&flag, &value()?)?,
             other => return Err(format!("unknown argument {other:?}")),
@@ -207,6 +332,11 @@ fn millis(flag: &str, text: &str) -> Result<Duration, String> {
 /// Every line says who speaks, so that logs of several stand-ins can be told apart.
 fn log(name: &str, message: &dyn Display) {
     eprintln!("gpu-standin[{name}] pid {}: {message}", std::process::id());
+}
+
+/// What PyTorch says when CUDA refuses an allocation.
+fn oom_text(requested_mb: u64, free_mb: u64) -> String {
+    format!("CUDA out of memory. Tried to allocate {requested_mb} MiB (GPU 0; {free_mb} MiB free)")
 }
 
 extern "C" fn on_stop_signal(signal: libc::c_int) {
@@ -256,15 +386,224 @@ fn take_vram(dir: &SimGpuDir, options: &Options) -> Result<(), ExitCode> {
             requested_mb,
             free_mb,
         }) => {
-            say(&format_args!(
-                "CUDA out of memory. Tried to allocate {requested_mb} MiB (GPU 0; {free_mb} MiB free)"
-            ));
+            say(&oom_text(requested_mb, free_mb));
             Err(ExitCode::from(EXIT_OOM))
         }
         Err(AllocError::Io(error)) => {
             say(&format_args!("cannot allocate: {error}"));
             Err(ExitCode::from(EXIT_SETUP))
         }
+    }
+}
+
+impl Engine {
+    fn memory(&self) -> MutexGuard<'_, u64> {
+        self.memory.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn work(&self) -> MutexGuard<'_, Work> {
+        self.work.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn say(&self, message: &dyn Display) {
+        log(&self.name, message);
+    }
+
+    /// The worker thread: parks when asked, between jobs, and runs the jobs one at a
+    /// time, until a stop.
+    fn serve(&self) {
+        while let Some(task) = self.next_task() {
+            match task {
+                Task::Park => self.park(),
+                Task::Run(job) => self.run(job),
+            }
+        }
+    }
+
+    fn next_task(&self) -> Option<Task> {
+        let mut work = self.work();
+        loop {
+            if work.stopping {
+                return None;
+            }
+            if work.park_asked {
+                return Some(Task::Park);
+            }
+            if let Some(job) = work.pending.pop_front() {
+                work.running = Some(Running { job, started: None });
+                return Some(Task::Run(job));
+            }
+            work = self
+                .work_changed
+                .wait(work)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn submit(&self, ms: u64) -> u64 {
+        let mut work = self.work();
+        work.last_id += 1;
+        let job = Job {
+            id: work.last_id,
+            ms,
+        };
+        work.pending.push_back(job);
+        self.work_changed.notify_all();
+        self.say(&format_args!("job {} queued ({ms} ms)", job.id));
+        job.id
+    }
+
+    /// Runs a job, reloading parked weights first; a reload that does not fit fails the
+    /// job, as a CUDA out-of-memory error fails a ComfyUI prompt.
+    fn run(&self, job: Job) {
+        if let Err(error) = self.load() {
+            self.say(&format_args!(
+                "job {} failed: cannot reload: {}",
+                job.id,
+                refusal_text(&error)
+            ));
+            self.work().running = None;
+            return;
+        }
+        self.work().running = Some(Running {
+            job,
+            started: Some(Instant::now()),
+        });
+        self.say(&format_args!("job {} started", job.id));
+        thread::sleep(Duration::from_millis(job.ms));
+        self.work().running = None;
+        self.say(&format_args!("job {} done", job.id));
+    }
+
+    /// A park request: the worker acts on it once the running job, if any, has ended.
+    fn ask_park(&self) {
+        self.work().park_asked = true;
+        self.work_changed.notify_all();
+        self.say(&format_args!(
+            "park asked: down to {} MB after the running job and {} ms",
+            self.residual_mb,
+            self.park_delay.as_millis()
+        ));
+    }
+
+    /// Lowers the memory to the residual, unless a resume cancelled the request during
+    /// the park delay.
+    fn park(&self) {
+        thread::sleep(self.park_delay);
+        let _memory = self.memory();
+        let mut work = self.work();
+        if !std::mem::take(&mut work.park_asked) || work.parked {
+            return;
+        }
+        match self.dir.resize(std::process::id(), self.residual_mb) {
+            Ok(()) => {
+                work.parked = true;
+                self.say(&format_args!("parked: holding {} MB", self.residual_mb));
+            }
+            Err(error) => self.say(&format_args!("cannot park: {}", refusal_text(&error))),
+        }
+    }
+
+    /// A resume request: cancels a park not yet done, then reloads if parked.
+    fn resume(&self) -> Result<Duration, AllocError> {
+        self.work().park_asked = false;
+        self.load()
+    }
+
+    /// Brings the parked weights back: the whole allocation, then the wake time. Returns
+    /// how long it took, waiting for a change of memory under way included. A refused
+    /// allocation leaves it parked.
+    fn load(&self) -> Result<Duration, AllocError> {
+        let asked = Instant::now();
+        let loaded_mb = self.memory();
+        {
+            let mut work = self.work();
+            if !work.parked {
+                return Ok(asked.elapsed());
+            }
+            self.dir.resize(std::process::id(), *loaded_mb)?;
+            work.parked = false;
+            work.waking = true;
+        }
+        self.say(&format_args!(
+            "resuming: {} MB back, awake in {} ms",
+            *loaded_mb,
+            self.wake.as_millis()
+        ));
+        thread::sleep(self.wake);
+        self.work().waking = false;
+        self.say(&"awake");
+        Ok(asked.elapsed())
+    }
+
+    /// `POST /alloc`: holds `mb` from now on, and a later resume brings `mb` back.
+    fn reallocate(&self, mb: u64) -> Result<Reply, Reply> {
+        let mut loaded_mb = self.memory();
+        if self.work().parked {
+            return Err(error("409 Conflict", "parked: resume it first"));
+        }
+        self.dir
+            .resize(std::process::id(), mb)
+            .map_err(|error| alloc_refusal(&error))?;
+        *loaded_mb = mb;
+        self.say(&format_args!("now holding {mb} MB"));
+        Ok(reply(OK, &json!({ "vram_mb": mb })))
+    }
+
+    fn state(&self) -> io::Result<Value> {
+        let pid = std::process::id();
+        let vram_mb = self
+            .dir
+            .snapshot()?
+            .processes
+            .iter()
+            .find(|allocation| allocation.pid == pid)
+            .map_or(0, |allocation| allocation.mb);
+        let work = self.work();
+        Ok(json!({
+            "parked": work.parked,
+            "parking": work.park_asked,
+            "waking": work.waking,
+            "jobs_running": usize::from(work.running.is_some()),
+            "jobs_pending": work.pending.len(),
+            "vram_mb": vram_mb,
+        }))
+    }
+
+    /// ComfyUI's `GET /queue` shape, each entry `[id, ms]`.
+    fn queue(&self) -> Value {
+        let work = self.work();
+        let entry = |job: &Job| json!([job.id, job.ms]);
+        let running: Vec<Value> = work.running.iter().map(|r| entry(&r.job)).collect();
+        let pending: Vec<Value> = work.pending.iter().map(entry).collect();
+        json!({ "queue_running": running, "queue_pending": pending })
+    }
+
+    /// On a stop signal: starts no more jobs, and says what work the stop cuts short
+    /// (`None` when there is none).
+    fn stop(&self) -> Option<String> {
+        let mut work = self.work();
+        work.stopping = true;
+        self.work_changed.notify_all();
+        let running = work.running.iter().map(|running| {
+            let done = running.started.map_or(0, |started| {
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+            });
+            (running.job, done.min(running.job.ms))
+        });
+        let pending = work.pending.iter().map(|&job| (job, 0));
+        let lost: Vec<String> = running
+            .chain(pending)
+            .map(|(job, done)| format!("job {} lost after {done} of {} ms", job.id, job.ms))
+            .collect();
+        (!lost.is_empty()).then(|| {
+            format!(
+                "{} pid {}: {}",
+                self.name,
+                std::process::id(),
+                lost.join("; ")
+            )
+        })
     }
 }
 
@@ -294,10 +633,41 @@ fn start_http(address: SocketAddr, service: Service) -> io::Result<()> {
     Ok(())
 }
 
+/// An HTTP status line's reason and a JSON body.
+type Reply = (&'static str, String);
+
+fn reply(status: &'static str, body: &Value) -> Reply {
+    (status, body.to_string())
+}
+
+fn error(status: &'static str, message: impl Display) -> Reply {
+    reply(status, &json!({ "error": message.to_string() }))
+}
+
+fn refusal_text(refusal: &AllocError) -> String {
+    match refusal {
+        AllocError::OutOfMemory {
+            requested_mb,
+            free_mb,
+        } => oom_text(*requested_mb, *free_mb),
+        AllocError::Io(error) => format!("cannot allocate: {error}"),
+    }
+}
+
+/// 507 for memory that does not fit, as a storage server says it is full; 500 when the
+/// folder itself failed.
+fn alloc_refusal(refusal: &AllocError) -> Reply {
+    let status = match refusal {
+        AllocError::OutOfMemory { .. } => INSUFFICIENT,
+        AllocError::Io(_) => INTERNAL,
+    };
+    error(status, refusal_text(refusal))
+}
+
 fn answer(mut stream: TcpStream, service: &Service) -> io::Result<()> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     let request = read_request(&mut stream)?;
-    let (status, body) = respond(&request, service);
+    let (status, body) = route(&request, service).unwrap_or_else(|refusal| refusal);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -305,10 +675,36 @@ fn answer(mut stream: TcpStream, service: &Service) -> io::Result<()> {
     stream.write_all(response.as_bytes())
 }
 
-/// A request's first line and its body (as long as its Content-Length says).
+/// A request's method, path and query, and its body (as long as its Content-Length
+/// says).
 struct Request {
-    line: String,
+    method: String,
+    path: String,
+    query: String,
     body: Vec<u8>,
+}
+
+impl Request {
+    /// The whole-number query parameter `name`, which the endpoint requires.
+    fn number(&self, name: &str) -> Result<u64, Reply> {
+        let text = self
+            .query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find_map(|(key, value)| (key == name).then_some(value))
+            .ok_or_else(|| error(BAD_REQUEST, format!("give ?{name}=N")))?;
+        text.parse().map_err(|_| {
+            error(
+                BAD_REQUEST,
+                format!("{name}={text:?} is not a whole number"),
+            )
+        })
+    }
+
+    fn json(&self) -> Result<Value, Reply> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| error(BAD_REQUEST, format!("invalid JSON: {e}")))
+    }
 }
 
 /// Reads up to the blank line that ends a request head, then the body it announces.
@@ -345,42 +741,80 @@ fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
         body.extend_from_slice(&buffer[..read]);
     }
     body.truncate(length);
-    let line = head.lines().next().unwrap_or_default().to_owned();
-    Ok(Request { line, body })
+    let mut words = head.lines().next().unwrap_or_default().split_whitespace();
+    let method = words.next().unwrap_or_default().to_owned();
+    let target = words.next().unwrap_or_default();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Ok(Request {
+        method,
+        path: path.to_owned(),
+        query: query.to_owned(),
+        body,
+    })
 }
 
-/// Ollama's two endpoints in `--ollama` mode; any other GET path is the health endpoint:
-/// 503 while "loading", 200 once ready.
-fn respond(request: &Request, service: &Service) -> (&'static str, String) {
-    let mut words = request.line.split_whitespace();
-    let (method, path) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
+/// The endpoints listed in USAGE; any other GET path is the health endpoint.
+fn route(request: &Request, service: &Service) -> Result<Reply, Reply> {
+    let engine = &service.engine;
+    let endpoint = (request.method.as_str(), request.path.as_str());
     if let Some(ollama) = &service.ollama {
-        match (method, path) {
-            ("GET", "/api/ps") => return ollama.ps(service.vram_mb),
-            ("POST", "/api/generate") => return ollama.generate(&request.body, service),
+        match endpoint {
+            ("GET", "/api/ps") => return Ok(ollama.ps(service.vram_mb)),
+            ("POST", "/api/generate") => return ollama.generate(request, service),
             _ => {}
         }
     }
-    if method != "GET" {
-        let body = serde_json::json!({ "error": "only GET is served" });
-        return ("405 Method Not Allowed", body.to_string());
+    match endpoint {
+        ("POST", "/job") => {
+            let id = engine.submit(request.number("ms")?);
+            Ok(reply("202 Accepted", &json!({ "job": id })))
+        }
+        ("GET", "/queue") => Ok(reply(OK, &engine.queue())),
+        ("POST", "/park" | "/free" | "/sleep") => park(request, engine),
+        ("POST", "/resume" | "/wake_up") => {
+            let took = engine.resume().map_err(|error| alloc_refusal(&error))?;
+            let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+            Ok(reply(OK, &json!({ "parked": false, "took_ms": took_ms })))
+        }
+        ("POST", "/alloc") => engine.reallocate(request.number("mb")?),
+        ("GET", "/state") => engine
+            .state()
+            .map(|state| reply(OK, &state))
+            .map_err(|e| error(INTERNAL, format!("cannot read the GPU folder: {e}"))),
+        ("GET", _) => Ok(health(service)),
+        (method, path) => Err(error(
+            "405 Method Not Allowed",
+            format!("{method} {path} is not served (see gpu-standin --help)"),
+        )),
     }
+}
+
+/// A park request. ComfyUI's `/free` body names what to free; one that names nothing
+/// frees nothing, as ComfyUI's does, which lets a test make a park that never lands.
+fn park(request: &Request, engine: &Engine) -> Result<Reply, Reply> {
+    if !request.body.is_empty() {
+        let asked = request.json()?;
+        if asked["unload_models"] != true && asked["free_memory"] != true {
+            let body = json!({ "parked": false, "residual_mb": engine.residual_mb });
+            return Ok(reply(OK, &body));
+        }
+    }
+    engine.ask_park();
+    let body = json!({ "parked": true, "residual_mb": engine.residual_mb });
+    Ok(reply(OK, &body))
+}
+
+/// 503 while "loading", 200 once ready, parked or not: the process is alive.
+fn health(service: &Service) -> Reply {
     let ready = Instant::now() >= service.ready_at;
-    let body = serde_json::json!({
+    let body = json!({
         "name": service.name,
         "status": if ready { "ready" } else { "starting" },
         "vram_mb": service.vram_mb,
         "pid": std::process::id(),
     });
-    let status = if ready {
-        "200 OK"
-    } else {
-        "503 Service Unavailable"
-    };
-    (status, body.to_string())
+    let status = if ready { OK } else { "503 Service Unavailable" };
+    reply(status, &body)
 }
 
 impl Ollama {
@@ -393,60 +827,44 @@ impl Ollama {
     }
 
     /// `GET /api/ps`: the model while it holds memory (loaded, or still unloading).
-    fn ps(&self, vram_mb: u64) -> (&'static str, String) {
+    fn ps(&self, vram_mb: u64) -> Reply {
         let models = match self.state() {
             ModelState::Unloaded => Vec::new(),
-            ModelState::Loaded | ModelState::Unloading => vec![serde_json::json!({
+            ModelState::Loaded | ModelState::Unloading => vec![json!({
                 "name": self.model,
                 "model": self.model,
                 "size_vram": vram_mb * 1024 * 1024,
             })],
         };
-        (
-            "200 OK",
-            serde_json::json!({ "models": models }).to_string(),
-        )
+        reply(OK, &json!({ "models": models }))
     }
 
     /// `POST /api/generate`: with `keep_alive: 0` unloads the model, else loads it.
-    fn generate(&self, body: &[u8], service: &Service) -> (&'static str, String) {
-        let request: serde_json::Value = match serde_json::from_slice(body) {
-            Ok(value) => value,
-            Err(error) => {
-                let body = serde_json::json!({ "error": format!("invalid JSON: {error}") });
-                return ("400 Bad Request", body.to_string());
-            }
-        };
-        let model = request["model"].as_str().unwrap_or_default();
+    fn generate(&self, request: &Request, service: &Service) -> Result<Reply, Reply> {
+        let asked = request.json()?;
+        let model = asked["model"].as_str().unwrap_or_default();
         if model != self.model {
-            let body = serde_json::json!({
-                "error": format!("model \"{model}\" not found, try pulling it first")
-            });
-            return ("404 Not Found", body.to_string());
+            return Err(error(
+                "404 Not Found",
+                format!("model \"{model}\" not found, try pulling it first"),
+            ));
         }
-        let (status, done_reason) = if unloads(&request["keep_alive"]) {
+        let done_reason = if unloads(&asked["keep_alive"]) {
             self.unload(service);
-            ("200 OK", "unload")
+            "unload"
         } else {
-            match self.load(service) {
-                Ok(()) => ("200 OK", "load"),
-                Err(message) => {
-                    return (
-                        "500 Internal Server Error",
-                        serde_json::json!({ "error": message }).to_string(),
-                    )
-                }
-            }
+            self.load(service)
+                .map_err(|message| error(INTERNAL, message))?;
+            "load"
         };
-        let body = serde_json::json!({
+        let body = json!({
             "model": self.model,
             "response": "",
             "done": true,
             "done_reason": done_reason,
         });
-        (status, body.to_string())
+        Ok(reply(OK, &body))
     }
-
     /// Frees the model's memory after the unload delay, on a thread of its own so that
     /// the answer comes at once, as Ollama's does.
     fn unload(&self, service: &Service) {
@@ -514,7 +932,9 @@ fn unloads(keep_alive: &serde_json::Value) -> bool {
 }
 
 /// Runs until a stop signal (exit 0 after the stop delay) or the crash deadline (exit 3).
-fn wait_for_end(options: &Options, started: Instant) -> ExitCode {
+/// A stop that cuts work short says so in the folder's `lost.log` first; a crash is not a
+/// stop, and the daemon learns of it otherwise.
+fn wait_for_end(options: &Options, started: Instant, engine: &Engine) -> ExitCode {
     let say = |message: &dyn Display| log(&options.name, message);
     loop {
         let signal = STOP_SIGNAL.load(Ordering::SeqCst);
@@ -523,6 +943,12 @@ fn wait_for_end(options: &Options, started: Instant) -> ExitCode {
                 "signal {signal} received: stopping in {} ms",
                 options.stop_delay.as_millis()
             ));
+            if let Some(lost) = engine.stop() {
+                say(&format_args!("work lost: {lost}"));
+                if let Err(error) = engine.dir.record_lost(&lost) {
+                    say(&format_args!("cannot record the lost work: {error}"));
+                }
+            }
             thread::sleep(options.stop_delay);
             say(&"stopped");
             return ExitCode::SUCCESS;
