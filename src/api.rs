@@ -98,9 +98,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Deserialize)]
 struct WaitQuery {
     wait: Option<bool>,
-    /// `?force=true` skips draining (docs/openapi.json). Nothing drains yet, so there is
-    /// nothing to skip; it is parsed so that a malformed value is a 400 as documented.
-    #[allow(dead_code)]
+    /// `?force=true` skips draining: work in flight may be lost (docs/openapi.json).
     force: Option<bool>,
 }
 
@@ -352,9 +350,11 @@ async fn transition(
     query: WaitQuery,
 ) -> Result<Response, Rejection> {
     let wait = query.wait.unwrap_or(true);
+    let force = query.force.unwrap_or(false);
     let report = ask(&handle, |reply| Command::Transition {
         change,
         wait,
+        force,
         reply,
     })
     .await?;

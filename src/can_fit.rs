@@ -67,6 +67,8 @@ fn holds_memory(service: &ServiceStatus) -> bool {
             | ServiceState::Ready
             | ServiceState::Unhealthy
             | ServiceState::Stopping
+            | ServiceState::Draining
+            | ServiceState::Parked
     ) || service.observed_vram_mb.is_some()
 }
 
@@ -88,10 +90,18 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
                 observed_mb: service.observed_vram_mb,
                 ..ServiceView::new(Presence::Running)
             };
+            let mb = match service.state {
+                // A parked service holds only its residual.
+                ServiceState::Parked => service
+                    .observed_vram_mb
+                    .or(service.residual_mb)
+                    .unwrap_or(0),
+                _ => footprint_mb(service.declared_vram_mb, &view),
+            };
             Holder {
                 name,
                 priority: service.priority,
-                mb: footprint_mb(service.declared_vram_mb, &view),
+                mb,
             }
         })
         .collect();
@@ -188,6 +198,10 @@ mod tests {
             last_error: None,
             since_ms: 0,
             restarts: 0,
+            park: None,
+            residual_mb: None,
+            parked_at_ms: None,
+            resumed_at_ms: None,
         }
     }
 

@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod park;
+
+pub use park::{DrainSpec, HttpRequest, ParkMethod, ParkSpec};
+
 /// A pipeline phase number (the requirements' `prepare_for_phase(n)`).
 pub type Phase = u32;
 
@@ -176,6 +180,10 @@ pub struct ServiceSpec {
     pub health: Option<HealthCheck>,
     pub start_timeout: Duration,
     pub stop_timeout: Duration,
+    /// How it gives its VRAM back while it keeps running, if it can.
+    pub park: Option<ParkSpec>,
+    /// How to tell it has work in flight, waited for before a stop or a park.
+    pub drain: Option<DrainSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -243,14 +251,6 @@ impl CommandLine {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DockerSpec {
     pub container: String,
-    /// Ask the service to release VRAM before stopping it (Ollama: unload models).
-    pub evict: Option<Eviction>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Eviction {
-    /// Unload every model through the Ollama API at this base URL.
-    Ollama { url: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -354,8 +354,11 @@ struct RawService {
     #[serde(rename = "match")]
     match_pattern: Option<String>,
     container: Option<String>,
-    evict: Option<String>,
+    /// Replaced by `park: {kind: ollama}`; read only to say so.
+    evict: Option<serde_yaml::Value>,
     evict_url: Option<String>,
+    park: Option<park::RawPark>,
+    drain: Option<park::RawDrain>,
     vram_mb: u64,
     #[serde(default)]
     priority: i64,
@@ -550,6 +553,27 @@ fn parse_service(
         .map_err(|e| service_error(source, &name, &e))?;
     let invalid = |field: &str, message: String| source.invalid_owned(&at(field), message);
 
+    if raw.evict.is_some() || raw.evict_url.is_some() {
+        let field = if raw.evict.is_some() {
+            "evict"
+        } else {
+            "evict_url"
+        };
+        return Err(invalid(
+            field,
+            park::evict_migration(name.as_str(), raw.evict_url.as_deref()),
+        ));
+    }
+    let park = raw
+        .park
+        .map(|p| park::parse_park(name.as_str(), p))
+        .transpose()
+        .map_err(|e| invalid(e.key, e.message))?;
+    let drain = raw
+        .drain
+        .map(|d| park::parse_drain(name.as_str(), d))
+        .transpose()
+        .map_err(|e| invalid(e.key, e.message))?;
     if raw.vram_mb == 0 {
         return Err(invalid(
             "vram_mb",
@@ -558,10 +582,7 @@ fn parse_service(
     }
     let runtime = match raw.kind {
         RawKind::Native => {
-            for (field, present) in [
-                ("container", raw.container.is_some()),
-                ("evict", raw.evict.is_some()),
-            ] {
+            for (field, present) in [("container", raw.container.is_some())] {
                 if present {
                     return Err(invalid(
                         field,
@@ -621,29 +642,7 @@ fn parse_service(
                     format!("services.{name}.container is missing: name the Docker container (docker create it first)"),
                 )
             })?;
-            let evict = match (raw.evict.as_deref(), raw.evict_url) {
-                (None, None) => None,
-                (Some("ollama"), Some(url)) => Some(Eviction::Ollama { url }),
-                (Some("ollama"), None) => {
-                    return Err(invalid(
-                        "evict",
-                        format!("services.{name}.evict: ollama needs evict_url, the Ollama API base URL such as \"http://localhost:11434\""),
-                    ))
-                }
-                (Some(other), _) => {
-                    return Err(invalid(
-                        "evict",
-                        format!("services.{name}.evict {other:?} is unknown: the only eviction is \"ollama\""),
-                    ))
-                }
-                (None, Some(_)) => {
-                    return Err(invalid(
-                        "evict_url",
-                        format!("services.{name}.evict_url without evict: add evict: ollama or remove it"),
-                    ))
-                }
-            };
-            Runtime::Docker(DockerSpec { container, evict })
+            Runtime::Docker(DockerSpec { container })
         }
     };
     let health = match raw.health {
@@ -692,6 +691,8 @@ fn parse_service(
         priority: raw.priority,
         phases: raw.phases,
         health,
+        park,
+        drain,
     })
 }
 

@@ -12,7 +12,7 @@ use crate::status::{
     ActionRecord, DaemonEvent, FailureKind, ServiceState, ServiceStatus, Status, TransitionStats,
 };
 
-const STATES: [ServiceState; 8] = [
+const STATES: [ServiceState; 10] = [
     ServiceState::Stopped,
     ServiceState::Starting,
     ServiceState::Ready,
@@ -21,6 +21,8 @@ const STATES: [ServiceState; 8] = [
     ServiceState::Preempted,
     ServiceState::Failed,
     ServiceState::Unknown,
+    ServiceState::Parked,
+    ServiceState::Draining,
 ];
 
 /// Status figures are MiB (what NVML reports divided by 2^20); metrics are in bytes.
@@ -334,6 +336,7 @@ mod tests {
             outcome,
             started_at_ms: 0,
             finished_at_ms: 0,
+            busy: None,
         }
     }
 

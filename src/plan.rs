@@ -45,6 +45,10 @@ pub enum Presence {
     /// A stop is under way (or a cancelled start is being stopped): its memory is on the
     /// way back. The planner never plans for it until the stop is done.
     Stopping,
+    /// A park is under way: its memory is on the way back, down to its residual.
+    Parking,
+    /// Alive, holding only its residual (docs/ARCHITECTURE.md, "Parking and draining").
+    Parked,
     Stopped,
 }
 
@@ -84,6 +88,9 @@ pub struct ServiceView {
     pub presence: Presence,
     /// VRAM the GPU attributes to the service's processes, when a GPU is observed.
     pub observed_mb: Option<u64>,
+    /// What a park left it holding, as observed last time; None: the configured
+    /// `park.residual_mb` is trusted.
+    pub learned_residual_mb: Option<u64>,
     pub gate: StartGate,
     pub condition: Condition,
 }
@@ -97,6 +104,7 @@ impl ServiceView {
         Self {
             presence,
             observed_mb: None,
+            learned_residual_mb: None,
             gate: StartGate::Open,
             condition: Condition::Healthy,
         }
@@ -115,6 +123,17 @@ pub struct Observation {
 pub enum Op {
     Stop,
     Start,
+    /// Give the memory back down to the residual; the process or container lives on.
+    Park,
+    /// Bring a parked service's memory back: the same process, not a restart.
+    Resume,
+}
+
+impl Op {
+    /// Whether the step gives memory back (it never waits for room).
+    pub fn frees(self) -> bool {
+        matches!(self, Op::Stop | Op::Park)
+    }
 }
 
 impl fmt::Display for Op {
@@ -122,6 +141,8 @@ impl fmt::Display for Op {
         f.write_str(match self {
             Op::Stop => "stop",
             Op::Start => "start",
+            Op::Park => "park",
+            Op::Resume => "resume",
         })
     }
 }
@@ -161,7 +182,8 @@ impl From<WantReason> for Cause {
 pub struct Action {
     pub op: Op,
     pub service: ServiceName,
-    /// What the step frees (stop) or needs (start), in MB.
+    /// What the step frees (stop, park) or needs (start, resume: what it takes beyond
+    /// what it holds parked), in MB.
     pub vram_mb: u64,
     pub cause: Cause,
     pub reason: String,
@@ -246,18 +268,45 @@ pub fn render(plan: &Plan) -> String {
     out
 }
 
-/// The VRAM a service counts for: its declared need, or more if the GPU shows more.
-fn cost(spec: &ServiceSpec, view: &ServiceView) -> u64 {
+/// The VRAM a service needs when it runs: its declared need, or more if the GPU shows
+/// more while it runs.
+fn footprint(spec: &ServiceSpec, view: &ServiceView) -> u64 {
     footprint_mb(spec.vram_mb, view)
 }
 
-/// [`cost`] from a declared size alone, for readers of the status snapshot
+/// [`footprint`] from a declared size alone, for readers of the status snapshot
 /// (`GET /gpu/can-fit`) that have no [`ServiceSpec`].
 pub fn footprint_mb(declared_mb: u64, view: &ServiceView) -> u64 {
-    if view.presence.holds_memory() {
-        declared_mb.max(view.observed_mb.unwrap_or(0))
-    } else {
-        declared_mb
+    match view.presence {
+        // What a parked service shows is its residual, not what it needs to run.
+        Presence::Parked | Presence::Stopped => declared_mb,
+        _ => declared_mb.max(view.observed_mb.unwrap_or(0)),
+    }
+}
+
+/// What it keeps when parked: as last observed, else as configured. None: it cannot park.
+fn residual(spec: &ServiceSpec, view: &ServiceView) -> Option<u64> {
+    let park = spec.park.as_ref()?;
+    Some(view.learned_residual_mb.unwrap_or(park.residual_mb))
+}
+
+/// The VRAM it holds now (or is about to, for a start under way).
+fn held(spec: &ServiceSpec, view: &ServiceView) -> u64 {
+    match view.presence {
+        Presence::Stopped => 0,
+        Presence::Parked => view
+            .observed_mb
+            .or_else(|| residual(spec, view))
+            .unwrap_or(0),
+        _ => footprint(spec, view),
+    }
+}
+
+/// What its stop or park under way (or planned) gives back.
+fn freed_by(spec: &ServiceSpec, view: &ServiceView, op: Op) -> u64 {
+    match op {
+        Op::Park => footprint(spec, view).saturating_sub(residual(spec, view).unwrap_or(0)),
+        _ => held(spec, view),
     }
 }
 
@@ -265,6 +314,18 @@ pub fn footprint_mb(declared_mb: u64, view: &ServiceView) -> u64 {
 /// whose gate is closed (a stop that failed waits for its retry).
 fn stuck(view: &ServiceView) -> bool {
     view.presence.holds_memory() && matches!(view.gate, StartGate::Closed { .. })
+}
+
+/// Whether a service that will not run may stay (or become) parked, rather than be
+/// stopped: it can park, nobody asked for a real stop, and it is healthy.
+fn may_park(spec: &ServiceSpec, view: &ServiceView, desired: &DesiredState) -> bool {
+    spec.park.is_some()
+        && !desired.held.contains(&spec.name)
+        && view.condition == Condition::Healthy
+        && matches!(
+            view.presence,
+            Presence::Running | Presence::Parking | Presence::Parked
+        )
 }
 
 /// Computes the plan. Pure: no I/O, no clock.
@@ -276,7 +337,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     let stuck_mb: u64 = inventory
         .iter()
         .filter(|s| stuck(view_of(&s.name)))
-        .map(|s| cost(s, view_of(&s.name)))
+        .map(|s| held(s, view_of(&s.name)))
         .sum();
 
     // Greedy by priority (the inventory iterates highest first): each wanted service
@@ -300,7 +361,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
                 reason: reason.clone(),
             },
             (Some(_), StartGate::Open, _) => {
-                let need = cost(spec, view);
+                let need = footprint(spec, view);
                 if need <= remaining {
                     remaining -= need;
                     kept.push((spec, need));
@@ -313,64 +374,110 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
         verdicts.insert(spec.name.clone(), verdict);
     }
 
+    // What will not run parks where it can and its residual fits beside what runs:
+    // running ones first, then those already parked, highest priority first. The rest
+    // is stopped (docs/ARCHITECTURE.md, "Parking and draining").
+    let will_not_run = |spec: &&ServiceSpec| {
+        verdicts[&spec.name] != Verdict::Run
+            && !stuck(view_of(&spec.name))
+            && may_park(spec, view_of(&spec.name), desired)
+    };
+    let already_parked = |spec: &&ServiceSpec| view_of(&spec.name).presence == Presence::Parked;
+    let mut stays_parked = Vec::new();
+    let by_preference = inventory
+        .iter()
+        .filter(will_not_run)
+        .filter(|s| !already_parked(s))
+        .chain(inventory.iter().filter(will_not_run).filter(already_parked));
+    for spec in by_preference {
+        let view = view_of(&spec.name);
+        // What it would hold parked: as the GPU shows it, if it is parked already.
+        let keep = match view.presence {
+            Presence::Parked => held(spec, view),
+            _ => residual(spec, view).unwrap_or(0),
+        };
+        if keep <= remaining {
+            remaining -= keep;
+            stays_parked.push(spec.name.clone());
+        }
+    }
+
     let mut actions = Vec::new();
-    // Stops: lowest priority first. A stop of a starting service cancels its start.
+    // Stops first of parked services, then parks or stops of running ones, lowest
+    // priority first. A stop of a starting service cancels its start.
     let lowest_first: Vec<&ServiceSpec> = inventory
         .iter()
         .collect::<Vec<_>>()
         .into_iter()
         .rev()
         .collect();
-    for spec in &lowest_first {
+    let mut give_back = |spec: &ServiceSpec, presences: &[Presence]| {
         let view = view_of(&spec.name);
         let verdict = &verdicts[&spec.name];
-        let can_stop =
-            matches!(view.presence, Presence::Running | Presence::Starting) && !stuck(view);
-        if can_stop && *verdict != Verdict::Run {
-            let cause = stop_cause(desired, &spec.name, view, verdict);
-            actions.push(Action {
-                op: Op::Stop,
-                service: spec.name.clone(),
-                vram_mb: cost(spec, view),
-                cause,
-                reason: stop_reason(desired, cause, verdict),
-                after: Vec::new(),
-            });
+        if !presences.contains(&view.presence) || stuck(view) || *verdict == Verdict::Run {
+            return;
         }
+        let op = match stays_parked.contains(&spec.name) {
+            true if view.presence == Presence::Parked => return,
+            true => Op::Park,
+            false => Op::Stop,
+        };
+        let cause = stop_cause(desired, &spec.name, view, verdict);
+        actions.push(Action {
+            op,
+            service: spec.name.clone(),
+            vram_mb: freed_by(spec, view, op),
+            cause,
+            reason: stop_reason(desired, cause, verdict),
+            after: Vec::new(),
+        });
+    };
+    for spec in &lowest_first {
+        give_back(spec, &[Presence::Parked]);
     }
-    // What is on its way back, in the order it comes back: stops under way, then the
-    // planned ones.
+    for spec in &lowest_first {
+        give_back(spec, &[Presence::Running, Presence::Starting]);
+    }
+    // What is on its way back, in the order it comes back: stops and parks under way,
+    // then the planned ones.
     let mut frees: Vec<(ServiceName, u64)> = lowest_first
         .iter()
-        .filter(|s| view_of(&s.name).presence == Presence::Stopping)
-        .map(|s| (s.name.clone(), cost(s, view_of(&s.name))))
+        .filter_map(|s| {
+            let view = view_of(&s.name);
+            let op = match view.presence {
+                Presence::Stopping => Op::Stop,
+                Presence::Parking => Op::Park,
+                _ => return None,
+            };
+            Some((s.name.clone(), freed_by(s, view, op)))
+        })
         .collect();
     frees.extend(actions.iter().map(|a| (a.service.clone(), a.vram_mb)));
-    let occupied: u64 = inventory
-        .iter()
-        .filter(|s| view_of(&s.name).presence.holds_memory())
-        .map(|s| cost(s, view_of(&s.name)))
-        .sum();
+    let occupied: u64 = inventory.iter().map(|s| held(s, view_of(&s.name))).sum();
     let mut room = usable as i128 - occupied as i128;
     let mut freed = frees.iter();
     let mut after: Vec<ServiceName> = Vec::new();
-    // Starts: highest priority first, each after the fewest frees that make its room.
+    // Starts and resumes: highest priority first, each after the fewest frees that
+    // make its room. A resume needs what it takes beyond its residual.
     for (spec, need) in &kept {
-        if view_of(&spec.name).presence != Presence::Stopped {
-            continue;
-        }
-        while room < *need as i128 {
+        let view = view_of(&spec.name);
+        let (op, need) = match view.presence {
+            Presence::Stopped => (Op::Start, *need),
+            Presence::Parked => (Op::Resume, need.saturating_sub(held(spec, view))),
+            _ => continue,
+        };
+        while room < need as i128 {
             let Some((name, mb)) = freed.next() else {
                 break;
             };
             room += *mb as i128;
             after.push(name.clone());
         }
-        room -= *need as i128;
+        room -= need as i128;
         actions.push(Action {
-            op: Op::Start,
+            op,
             service: spec.name.clone(),
-            vram_mb: *need,
+            vram_mb: need,
             cause: Cause::from(wanted[&spec.name]),
             reason: start_reason(wanted[&spec.name]),
             after: after.clone(),
@@ -481,6 +588,8 @@ pub(crate) mod tests {
             health: None,
             start_timeout: Duration::from_secs(1),
             stop_timeout: Duration::from_secs(1),
+            park: None,
+            drain: None,
         }
     }
 
@@ -510,6 +619,91 @@ pub(crate) mod tests {
                 .map(|n| (name(n), ServiceView::new(Presence::Running)))
                 .collect(),
         }
+    }
+
+    /// The requirements' inventory where vidi and cosyvoice park, keeping 1 GB each.
+    fn parking_mcn() -> Inventory {
+        let parks = |mut spec: ServiceSpec| {
+            spec.park = Some(parks_with(1024));
+            spec
+        };
+        Inventory::new(vec![
+            spec("comfyui", 20480, 100, vec![4]),
+            parks(spec("cosyvoice", 4096, 50, vec![3])),
+            parks(spec("vidi", 4096, 40, vec![2])),
+            spec("ollama", 18432, 10, vec![]),
+        ])
+    }
+
+    fn with(mut observation: Observation, name_: &str, presence: Presence) -> Observation {
+        observation
+            .services
+            .insert(name(name_), ServiceView::new(presence));
+        observation
+    }
+
+    fn ops(plan: &Plan) -> Vec<String> {
+        plan.actions
+            .iter()
+            .map(|a| format!("{} {} {}", a.op, a.service, a.vram_mb))
+            .collect()
+    }
+
+    #[test]
+    fn a_service_no_longer_wanted_parks_when_its_residual_fits() {
+        let p = plan(&parking_mcn(), &phase(3), &rtx4090(&["vidi"]));
+        assert_eq!(ops(&p), ["park vidi 3072", "start cosyvoice 4096"]);
+        assert_eq!(p.actions[1].after, Vec::<ServiceName>::new(), "both fit");
+    }
+
+    #[test]
+    fn a_wanted_parked_service_is_resumed_for_what_it_lacks() {
+        let observed = with(rtx4090(&["cosyvoice"]), "vidi", Presence::Parked);
+        let p = plan(&parking_mcn(), &phase(2), &observed);
+        assert_eq!(ops(&p), ["park cosyvoice 3072", "resume vidi 3072"]);
+    }
+
+    #[test]
+    fn parked_services_stay_beside_a_large_start_and_are_stopped_first_when_room_is_needed() {
+        // 23040 MB usable: comfyui's 20480 leaves 2560, room for both 1 GB residuals.
+        let observed = with(
+            with(rtx4090(&[]), "vidi", Presence::Parked),
+            "cosyvoice",
+            Presence::Parked,
+        );
+        let p = plan(&parking_mcn(), &phase(4), &observed);
+        assert_eq!(ops(&p), ["start comfyui 20480"]);
+        // With 2 GB more taken outside, only one residual fits: the lower priority
+        // parked service (vidi) is stopped, before anything else.
+        let mut tight = observed.clone();
+        tight.budget.external_mb += 1024;
+        let p = plan(&parking_mcn(), &phase(4), &tight);
+        assert_eq!(ops(&p), ["stop vidi 1024", "start comfyui 20480"]);
+        assert_eq!(p.actions[1].after, [name("vidi")]);
+    }
+
+    #[test]
+    fn a_stop_asked_for_is_a_stop_even_for_a_service_that_parks() {
+        let mut desired = phase(2);
+        desired.hold(&name("vidi"));
+        let p = plan(&parking_mcn(), &desired, &rtx4090(&["vidi"]));
+        assert_eq!(ops(&p), ["stop vidi 4096"]);
+        let parked = with(rtx4090(&[]), "vidi", Presence::Parked);
+        let p = plan(&parking_mcn(), &desired, &parked);
+        assert_eq!(ops(&p), ["stop vidi 1024"]);
+    }
+
+    #[test]
+    fn a_parked_service_counts_at_its_observed_residual() {
+        let mut observed = with(rtx4090(&[]), "vidi", Presence::Parked);
+        observed
+            .services
+            .get_mut(&name("vidi"))
+            .unwrap()
+            .observed_mb = Some(2600);
+        // comfyui 20480 + 2600 > 23040 usable: vidi's residual does not fit beside it.
+        let p = plan(&parking_mcn(), &phase(4), &observed);
+        assert_eq!(ops(&p), ["stop vidi 2600", "start comfyui 20480"]);
     }
 
     fn phase(n: u32) -> DesiredState {
@@ -636,6 +830,8 @@ pub(crate) mod tests {
             prop::bool::ANY,
             0u64..4000,
             prop::bool::ANY,
+            prop::option::of(0u64..3000),
+            prop::bool::ANY,
         );
         (
             prop::collection::vec(service, 1..8),
@@ -649,21 +845,30 @@ pub(crate) mod tests {
             .prop_map(|(services, phase, total, reserve, external, pins, holds)| {
                 let mut specs = Vec::new();
                 let mut views = BTreeMap::new();
-                for (i, (vram, ph, running, open, extra, has_phase)) in
+                for (i, (vram, ph, running, open, extra, has_phase, residual, parked)) in
                     services.into_iter().enumerate()
                 {
                     let n = format!("s{i}");
                     let phases = if has_phase { vec![ph] } else { vec![] };
-                    specs.push(spec(&n, vram, i as i64 * 7 % 11 + i as i64 * 100, phases));
+                    let mut s = spec(&n, vram, i as i64 * 7 % 11 + i as i64 * 100, phases);
+                    s.park = residual.map(parks_with);
+                    let presence = match (running, parked && s.park.is_some()) {
+                        (true, true) => Presence::Parked,
+                        (true, false) => Presence::Running,
+                        (false, _) => Presence::Stopped,
+                    };
+                    let observed_mb = match presence {
+                        Presence::Parked => residual.map(|r| r + extra / 8),
+                        Presence::Running => Some(vram + extra / 2),
+                        _ => None,
+                    };
+                    specs.push(s);
                     views.insert(
                         name(&n),
                         ServiceView {
-                            presence: if running {
-                                Presence::Running
-                            } else {
-                                Presence::Stopped
-                            },
-                            observed_mb: running.then_some(vram + extra / 2),
+                            presence,
+                            observed_mb,
+                            learned_residual_mb: None,
                             gate: if open {
                                 StartGate::Open
                             } else {
@@ -698,36 +903,63 @@ pub(crate) mod tests {
             })
     }
 
-    /// Applies a plan to the observation, checking the budget after every start.
+    /// A `park: {kind: http}` keeping `residual_mb`.
+    pub(crate) fn parks_with(residual_mb: u64) -> crate::config::ParkSpec {
+        crate::config::ParkSpec {
+            method: crate::config::ParkMethod::Http {
+                park: crate::config::HttpRequest {
+                    method: "POST".into(),
+                    url: "http://127.0.0.1:1/free".into(),
+                    body: None,
+                },
+                resume: None,
+            },
+            residual_mb,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Applies a plan to the observation, checking the budget after every start and
+    /// resume: what each service holds, running or parked.
     fn simulate(inv: &Inventory, observed: &Observation, plan: &Plan) -> Result<(), String> {
-        let mut running: BTreeMap<ServiceName, u64> = inv
+        let mut holding: BTreeMap<ServiceName, u64> = inv
             .iter()
             .filter_map(|s| {
                 let v = observed.services.get(&s.name)?;
-                (v.presence == Presence::Running).then(|| (s.name.clone(), cost(s, v)))
+                v.presence
+                    .holds_memory()
+                    .then(|| (s.name.clone(), held(s, v)))
             })
             .collect();
         let usable = observed.budget.usable_mb();
         let mut started = false;
         for action in &plan.actions {
+            if action.op.frees() && started {
+                return Err(format!("{} after a start: {action:?}", action.op));
+            }
             match action.op {
                 Op::Stop => {
-                    if started {
-                        return Err(format!("stop after a start: {action:?}"));
-                    }
-                    running
+                    holding
                         .remove(&action.service)
                         .ok_or("stop of a stopped service")?;
                 }
-                Op::Start => {
+                Op::Park => {
+                    let before = holding
+                        .get_mut(&action.service)
+                        .ok_or("park of a stopped service")?;
+                    *before = before
+                        .checked_sub(action.vram_mb)
+                        .ok_or("a park frees more than it holds")?;
+                }
+                Op::Start | Op::Resume => {
                     started = true;
-                    if running
-                        .insert(action.service.clone(), action.vram_mb)
-                        .is_some()
-                    {
-                        return Err("start of a running service".into());
+                    let before = holding.insert(action.service.clone(), 0);
+                    if (action.op == Op::Start) != before.is_none() {
+                        return Err(format!("{action:?} of a service holding {before:?}"));
                     }
-                    let sum: u64 = running.values().sum();
+                    *holding.get_mut(&action.service).unwrap() =
+                        before.unwrap_or(0) + action.vram_mb;
+                    let sum: u64 = holding.values().sum();
                     if sum > usable {
                         return Err(format!("after {action:?}: {sum} MB > usable {usable} MB"));
                     }
@@ -757,9 +989,15 @@ pub(crate) mod tests {
                 prop_assert_eq!(wanted.contains_key(&spec.name), verdict != &Verdict::Idle);
             }
             let priority = |a: &Action| inv.get(&a.service).unwrap().priority;
-            let stops: Vec<i64> = p.actions.iter().filter(|a| a.op == Op::Stop).map(priority).collect();
-            let starts: Vec<i64> = p.actions.iter().filter(|a| a.op == Op::Start).map(priority).collect();
-            prop_assert!(stops.windows(2).all(|w| w[0] < w[1]), "stops lowest first: {:?}", stops);
+            let was_parked = |a: &&Action| observed.services[&a.service].presence == Presence::Parked;
+            let frees = p.actions.iter().filter(|a| a.op.frees());
+            let parked_first: Vec<bool> = frees.clone().map(|a| was_parked(&a)).collect();
+            prop_assert!(parked_first.windows(2).all(|w| w[0] >= w[1]), "parked services are stopped first: {:?}", p.actions);
+            let parked: Vec<i64> = frees.clone().filter(was_parked).map(priority).collect();
+            let running: Vec<i64> = frees.filter(|a| !was_parked(a)).map(priority).collect();
+            prop_assert!(parked.windows(2).all(|w| w[0] < w[1]), "stops lowest first: {:?}", parked);
+            prop_assert!(running.windows(2).all(|w| w[0] < w[1]), "stops and parks lowest first: {:?}", running);
+            let starts: Vec<i64> = p.actions.iter().filter(|a| !a.op.frees()).map(priority).collect();
             prop_assert!(starts.windows(2).all(|w| w[0] > w[1]), "starts highest first: {:?}", starts);
             prop_assert_eq!(&p, &plan(&inv, &desired, &observed), "deterministic");
         }
@@ -775,9 +1013,15 @@ pub(crate) mod tests {
             let p = plan(&inv, &desired, &observed);
             let mut after = observed.clone();
             for action in &p.actions {
+                let spec = inv.get(&action.service).unwrap();
                 let view = after.services.entry(action.service.clone()).or_insert_with(ServiceView::stopped);
-                view.presence = match action.op { Op::Stop => Presence::Stopped, Op::Start => Presence::Running };
-                view.observed_mb = (action.op == Op::Start).then_some(action.vram_mb);
+                let holds = held(spec, view);
+                (view.presence, view.observed_mb) = match action.op {
+                    Op::Stop => (Presence::Stopped, None),
+                    Op::Start => (Presence::Running, Some(action.vram_mb)),
+                    Op::Park => (Presence::Parked, Some(holds - action.vram_mb)),
+                    Op::Resume => (Presence::Running, Some(holds + action.vram_mb)),
+                };
             }
             let again = plan(&inv, &desired, &after);
             prop_assert!(again.is_empty(), "second plan not empty: {:?}", again.actions);

@@ -42,8 +42,17 @@ pub use crate::transition::Change;
 pub use effects::{EffectError, ServiceEffects, StopHow};
 
 use observe::GpuView;
-use records::{InFlight, Records, RoomWait};
+use records::{InFlight, ParkedAt, Records, RoomWait};
 use tasks::{Finished, Outcome, TaskContext};
+
+/// A service a drain left as it was: ready, or still parked.
+fn untouched_state(parked: bool) -> ServiceState {
+    if parked {
+        ServiceState::Parked
+    } else {
+        ServiceState::Ready
+    }
+}
 
 /// The reconciler the daemon runs: real drivers, the configured lease.
 pub type DaemonReconciler = Reconciler<Effects, Lease>;
@@ -62,9 +71,11 @@ const LEASE_POLL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub enum Command {
     /// Change the desired state; answered when converged, or at once if `wait` is false.
+    /// `force`: skip draining (`?force=true`): work in flight may be lost.
     Transition {
         change: Change,
         wait: bool,
+        force: bool,
         reply: TransitionReply,
     },
     /// The plan the daemon would follow for a change, without making it.
@@ -93,6 +104,12 @@ pub(crate) enum Wake<I> {
     Spawned {
         service: ServiceName,
         instance: I,
+    },
+    /// A stop or park began waiting for the service's work in flight to end (true), or
+    /// that wait is over (false).
+    Draining {
+        service: ServiceName,
+        draining: bool,
     },
 }
 
@@ -159,6 +176,9 @@ pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     action_ids: HashMap<Id, ServiceName>,
     /// Cancelled at shutdown's deadline: every task stops where it is.
     abandon: CancellationToken,
+    /// Cancelled by a forced transition: drains under way (and begun for the same
+    /// desired state) end at once. A new desired state gets a fresh one.
+    skip_drain: CancellationToken,
     /// Something changed since the last round.
     dirty: bool,
     /// A timer for the next round: a backoff ending, a start waiting for room.
@@ -200,6 +220,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             actions: JoinSet::new(),
             action_ids: HashMap::new(),
             abandon: CancellationToken::new(),
+            skip_drain: CancellationToken::new(),
             dirty: true,
             next_wake: None,
             lifecycle: Lifecycle::Running,
@@ -350,6 +371,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             held: state.held.iter().map(|n| n.to_string()).collect(),
         });
         self.desired = Some(state);
+        if self.skip_drain.is_cancelled() {
+            self.skip_drain = CancellationToken::new();
+        }
         self.waiters.supersede(self.generation);
         // A new desired state is a new chance for services that had failed.
         for record in self.records.iter_mut() {
@@ -374,6 +398,18 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             Wake::Spawned { service, instance } => {
                 if self.records.get(&service).is_some_and(|r| r.starting()) {
                     self.attach(&service, instance);
+                    self.publish();
+                }
+            }
+            Wake::Draining { service, draining } => {
+                let Some(record) = self.records.get_mut(&service) else {
+                    return;
+                };
+                if record.in_flight.as_ref().is_some_and(|f| f.op.frees()) {
+                    record.set_state(match draining {
+                        true => ServiceState::Draining,
+                        false => ServiceState::Stopping,
+                    });
                     self.publish();
                 }
             }
@@ -407,9 +443,17 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let Some(record) = self.records.get_mut(service) else {
             return;
         };
-        tracing::warn!(%service, pid, %exit, "service exited unexpectedly");
         record.instance = None;
         record.stop_monitor();
+        if record.parked.take().is_some() {
+            // Parked, it was not serving: nothing to restart unless it is wanted.
+            tracing::warn!(%service, pid, %exit, "service exited while parked");
+            record.last_error = Some(format!("{service} {exit} while parked"));
+            record.set_state(ServiceState::Stopped);
+            self.publish();
+            return;
+        }
+        tracing::warn!(%service, pid, %exit, "service exited unexpectedly");
         record.fail(
             "start",
             format!("{service} {exit} unexpectedly; last log lines:\n{log}"),
@@ -580,7 +624,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             let Some(record) = self.records.get_mut(name) else {
                 continue;
             };
-            if record.instance.is_some() || record.in_flight.is_some() {
+            if let Some(flight) = &record.in_flight {
+                // Wanted again while it drains: nothing was done yet; call it off.
+                if *verdict == Verdict::Run && record.state == ServiceState::Draining {
+                    flight.supersede.cancel();
+                }
+                continue;
+            }
+            if record.instance.is_some() {
                 continue;
             }
             match verdict {
@@ -648,6 +699,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 failure: Some(FailureKind::Timeout),
                 started_at_ms: now_ms().saturating_sub(timeout.as_millis() as u64),
                 finished_at_ms: now_ms(),
+                busy: None,
             });
         }
     }
@@ -690,8 +742,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let Some(record) = self.records.get_mut(&action.service) else {
             return;
         };
-        if action.op == Op::Stop {
-            if let Some(flight) = record.in_flight.as_mut().filter(|f| f.op == Op::Start) {
+        if action.op.frees() {
+            let starting = |f: &&mut InFlight| matches!(f.op, Op::Start | Op::Resume);
+            if let Some(flight) = record.in_flight.as_mut().filter(starting) {
                 tracing::info!(service = %action.service, reason = %action.reason, "superseded: cancelling its start");
                 flight.supersede.cancel();
                 flight.superseded = true;
@@ -706,14 +759,28 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let Some(record) = self.records.get_mut(&action.service) else {
             return;
         };
-        match (action.op, record.instance.clone()) {
-            (Op::Stop, Some(instance)) => {
+        match (action.op, record.instance.clone(), record.spec.park.clone()) {
+            (Op::Stop, Some(instance), _) => {
                 record.stop_monitor();
                 record.set_state(ServiceState::Stopping);
                 self.spawn_task(&action.service, tasks::stop(context, instance));
             }
-            (Op::Stop, None) => return,
-            (Op::Start, _) => {
+            (Op::Park, Some(instance), Some(park)) => {
+                record.stop_monitor();
+                record.set_state(ServiceState::Stopping);
+                self.spawn_task(&action.service, tasks::park(context, instance, park));
+            }
+            (Op::Resume, Some(instance), Some(park)) => {
+                let pids = record.parked.take().map(|p| p.pids).unwrap_or_default();
+                record.condition = Condition::Healthy;
+                record.set_state(ServiceState::Starting);
+                self.spawn_task(
+                    &action.service,
+                    tasks::resume(context, instance, park, pids),
+                );
+            }
+            (Op::Stop | Op::Park | Op::Resume, _, _) => return,
+            (Op::Start, _, _) => {
                 // A restart is a start retried after failures; a new desired state
                 // forgives failures, so a start it asks for is not one.
                 if record.consecutive_failures > 0 {
@@ -737,6 +804,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             wake: self.wake_tx.clone(),
             supersede: CancellationToken::new(),
             abandon: self.abandon.child_token(),
+            skip_drain: self.skip_drain.clone(),
         }
     }
 
@@ -826,99 +894,148 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             return;
         };
         let spec_name = record.name().clone();
-        let (outcome, failure): (Result<String, String>, Option<FailureKind>) =
-            match finished.outcome {
-                Outcome::Started { instance, took } => {
-                    record.instance = Some(instance);
-                    let detail = match flight.cause {
-                        Cause::Adopted => format!("adopted; ready after {} ms", took.as_millis()),
-                        _ => format!("ready after {} ms", took.as_millis()),
-                    };
-                    self.mark_ready(&spec_name);
-                    (Ok(detail), None)
-                }
-                Outcome::StartFailed {
-                    error,
-                    left_running,
-                } => {
-                    let message = error.message.clone();
-                    match left_running {
-                        Some(instance) => {
-                            // Still running: stopped as unhealthy, under the lease.
-                            record.instance = Some(instance);
-                            record.last_error = Some(message.clone());
-                            record.condition = Condition::Unhealthy {
-                                reason: message.clone(),
-                            };
-                            record.set_state(ServiceState::Unhealthy);
-                        }
-                        None if error.is_backend_down() => {
-                            record.instance = None;
-                            record.last_error = Some(message.clone());
-                            record.set_state(ServiceState::Unknown);
-                        }
-                        None => {
-                            record.instance = None;
-                            record.fail("start", message.clone());
-                        }
+        let mut busy = None;
+        let (outcome, failure): (Result<String, String>, Option<FailureKind>) = match finished
+            .outcome
+        {
+            Outcome::Started {
+                instance,
+                took,
+                fell_back,
+            } => {
+                record.instance = Some(instance);
+                let ready = format!("ready after {} ms", took.as_millis());
+                let detail = match (flight.cause, flight.op, fell_back) {
+                    (Cause::Adopted, _, _) => format!("adopted; {ready}"),
+                    (_, Op::Resume, None) => {
+                        record.resumed_at_ms = Some(now_ms());
+                        format!("resumed, same instance; {ready}")
                     }
-                    (Err(message), Some(error.kind))
-                }
-                Outcome::Stopped { detail, reclaim } => {
-                    record.instance = None;
-                    let failed_health = match &record.condition {
-                        Condition::Unhealthy { reason } => Some(reason.clone()),
-                        Condition::Healthy => None,
-                    };
-                    record.condition = Condition::Healthy;
-                    match (flight.cause, failed_health) {
-                        (Cause::Unhealthy, Some(reason)) => record.fail("start", reason),
-                        (Cause::Preempted, _) => {
-                            record.forgive();
-                            record.set_state(ServiceState::Preempted);
-                        }
-                        _ => {
-                            record.forgive();
-                            record.set_state(ServiceState::Stopped);
-                        }
+                    (_, _, Some(why)) => format!("{why}; started cold instead: {ready}"),
+                    _ => ready,
+                };
+                self.mark_ready(&spec_name);
+                (Ok(detail), None)
+            }
+            Outcome::Parked {
+                detail,
+                pids,
+                residual_mb,
+            } => {
+                record.parked = Some(ParkedAt { pids });
+                record.learned_residual_mb = Some(residual_mb);
+                record.parked_at_ms = Some(now_ms());
+                record.condition = Condition::Healthy;
+                record.forgive();
+                record.set_state(ServiceState::Parked);
+                (
+                    Ok(format!("{detail}; the GPU shows {residual_mb} MB left")),
+                    None,
+                )
+            }
+            Outcome::Busy { answer, waited } => {
+                let message = format!(
+                        "{spec_name} still has work in flight after {waited:?}: its drain probe answered {answer}; it was left as it was. Try again later, or add ?force=true to {} it anyway (the work in flight is lost)",
+                        flight.op
+                    );
+                busy = Some(answer);
+                record.hold_busy(message.clone());
+                record.set_state(untouched_state(record.parked.is_some()));
+                self.watch_health(&spec_name);
+                (Err(message), Some(FailureKind::Busy))
+            }
+            Outcome::Kept => {
+                record.set_state(untouched_state(record.parked.is_some()));
+                self.watch_health(&spec_name);
+                (
+                    Err("wanted again while it drained: left as it was".to_owned()),
+                    Some(FailureKind::Cancelled),
+                )
+            }
+            Outcome::StartFailed {
+                error,
+                left_running,
+            } => {
+                let message = error.message.clone();
+                match left_running {
+                    Some(instance) => {
+                        // Still running: stopped as unhealthy, under the lease.
+                        record.instance = Some(instance);
+                        record.last_error = Some(message.clone());
+                        record.condition = Condition::Unhealthy {
+                            reason: message.clone(),
+                        };
+                        record.set_state(ServiceState::Unhealthy);
                     }
-                    match reclaim {
-                        Ok(()) => (Ok(detail), None),
-                        Err(error) => {
-                            record.last_error = Some(error.message.clone());
-                            (Err(error.message), Some(error.kind))
-                        }
-                    }
-                }
-                Outcome::StopFailed { error } => {
-                    let message = error.message.clone();
-                    if error.is_backend_down() {
-                        // Whether it still runs is not known: let the instance go; the next
-                        // rounds ask the engine again and adopt it if it runs.
-                        if let Some(instance) = record.instance.take() {
-                            self.effects.let_go(&instance);
-                        }
+                    None if error.is_backend_down() => {
+                        record.instance = None;
                         record.last_error = Some(message.clone());
                         record.set_state(ServiceState::Unknown);
-                    } else {
-                        record.fail("stop", message.clone());
                     }
-                    (Err(message), Some(error.kind))
+                    None => {
+                        record.instance = None;
+                        record.fail("start", message.clone());
+                    }
                 }
-                Outcome::Cancelled { detail, reclaim } => {
-                    record.instance = None;
-                    record.set_state(ServiceState::Stopped);
-                    let message = match reclaim {
-                        Ok(()) => format!("cancelled: {detail}"),
-                        Err(error) => format!("cancelled: {detail}; {error}"),
-                    };
-                    (Err(message), Some(FailureKind::Cancelled))
+                (Err(message), Some(error.kind))
+            }
+            Outcome::Stopped { detail, reclaim } => {
+                record.instance = None;
+                record.parked = None;
+                let failed_health = match &record.condition {
+                    Condition::Unhealthy { reason } => Some(reason.clone()),
+                    Condition::Healthy => None,
+                };
+                record.condition = Condition::Healthy;
+                match (flight.cause, failed_health) {
+                    (Cause::Unhealthy, Some(reason)) => record.fail("start", reason),
+                    (Cause::Preempted, _) => {
+                        record.forgive();
+                        record.set_state(ServiceState::Preempted);
+                    }
+                    _ => {
+                        record.forgive();
+                        record.set_state(ServiceState::Stopped);
+                    }
                 }
-                Outcome::Abandoned => (
-                    Err("left as it was at shutdown, for the next daemon to adopt".to_owned()),
-                    Some(FailureKind::Cancelled),
-                ),
-            };
+                match reclaim {
+                    Ok(()) => (Ok(detail), None),
+                    Err(error) => {
+                        record.last_error = Some(error.message.clone());
+                        (Err(error.message), Some(error.kind))
+                    }
+                }
+            }
+            Outcome::StopFailed { error } => {
+                let message = error.message.clone();
+                if error.is_backend_down() {
+                    // Whether it still runs is not known: let the instance go; the next
+                    // rounds ask the engine again and adopt it if it runs.
+                    if let Some(instance) = record.instance.take() {
+                        self.effects.let_go(&instance);
+                    }
+                    record.last_error = Some(message.clone());
+                    record.set_state(ServiceState::Unknown);
+                } else {
+                    record.fail("stop", message.clone());
+                }
+                (Err(message), Some(error.kind))
+            }
+            Outcome::Cancelled { detail, reclaim } => {
+                record.instance = None;
+                record.parked = None;
+                record.set_state(ServiceState::Stopped);
+                let message = match reclaim {
+                    Ok(()) => format!("cancelled: {detail}"),
+                    Err(error) => format!("cancelled: {detail}; {error}"),
+                };
+                (Err(message), Some(FailureKind::Cancelled))
+            }
+            Outcome::Abandoned => (
+                Err("left as it was at shutdown, for the next daemon to adopt".to_owned()),
+                Some(FailureKind::Cancelled),
+            ),
+        };
         let elapsed = flight.started.elapsed();
         match &outcome {
             Ok(detail) => {
@@ -944,6 +1061,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             failure,
             started_at_ms: flight.started_at_ms,
             finished_at_ms: now_ms(),
+            busy,
         });
     }
 
@@ -980,9 +1098,6 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
     /// A service became ready: forgive its failures and watch its health.
     fn mark_ready(&mut self, name: &ServiceName) {
-        let interval = self.config.resync;
-        let effects = self.effects.clone();
-        let wake = self.wake_tx.clone();
         let Some(record) = self.records.get_mut(name) else {
             return;
         };
@@ -990,6 +1105,21 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         record.last_error = None;
         record.condition = Condition::Healthy;
         record.set_state(ServiceState::Ready);
+        self.watch_health(name);
+    }
+
+    /// Probes a running service's health every resync; `UNHEALTHY_AFTER` failures in a
+    /// row wake the loop. Parked services are not watched.
+    fn watch_health(&mut self, name: &ServiceName) {
+        let interval = self.config.resync;
+        let effects = self.effects.clone();
+        let wake = self.wake_tx.clone();
+        let Some(record) = self.records.get_mut(name) else {
+            return;
+        };
+        if record.parked.is_some() {
+            return;
+        }
         let pid = record.instance.as_ref().and_then(E::root_pid);
         let service = name.clone();
         if let (Some(check), Some(pid)) = (record.spec.health.clone(), pid) {

@@ -1,11 +1,12 @@
 //! Which of a plan's actions may begin now (docs/ARCHITECTURE.md, "The schedule").
-//! Pure, like the planner: stops begin at once, side by side; a start begins once the
-//! stops it waits for (`Action::after`) are done and the GPU shows its room, so starts
-//! that fit run side by side too. The reconciler asks again after every event, so an
-//! action waiting here begins as soon as what it waits for is done.
+//! Pure, like the planner: stops and parks begin at once, side by side; a start (or a
+//! resume) begins once the stops and parks it waits for (`Action::after`) are done and
+//! the GPU shows its room, so starts that fit run side by side too. The reconciler asks
+//! again after every event, so an action waiting here begins as soon as what it waits
+//! for is done.
 
 use crate::config::ServiceName;
-use crate::plan::{Action, Op, Plan};
+use crate::plan::{Action, Plan};
 
 /// Why a planned start does not begin yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,9 +32,9 @@ pub fn launch(plan: &Plan, gpu_room_mb: Option<u64>) -> Launch {
     let mut launch = Launch::default();
     for action in &plan.actions {
         let wait = match action.op {
-            Op::Stop => None,
-            Op::Start if !action.after.is_empty() => Some(Wait::Stops(action.after.clone())),
-            Op::Start => match room {
+            op if op.frees() => None,
+            _ if !action.after.is_empty() => Some(Wait::Stops(action.after.clone())),
+            _ => match room {
                 Some(room_mb) if room_mb < action.vram_mb => Some(Wait::GpuRoom {
                     need_mb: action.vram_mb,
                     room_mb,
@@ -63,7 +64,7 @@ mod tests {
     use crate::config::{Inventory, ServiceSpec};
     use crate::desired::DesiredState;
     use crate::plan::{
-        plan, Budget, Condition, Observation, Presence, ServiceView, StartGate, Verdict,
+        plan, Budget, Condition, Observation, Op, Presence, ServiceView, StartGate, Verdict,
     };
 
     /// Service `s<index>`, priority `index * 10`.
@@ -87,14 +88,17 @@ mod tests {
             }
         }
 
-        /// Memory held by services running, starting, or still reclaiming.
+        /// Memory held by services running, starting, parked, or still reclaiming.
         fn occupied_mb(&self) -> u64 {
             self.services
                 .iter()
-                .filter(|(_, v)| v.presence != Presence::Stopped)
                 .map(|(name, v)| {
-                    let declared = self.inventory.get(name).unwrap().vram_mb;
-                    declared.max(v.observed_mb.unwrap_or(0))
+                    let spec = self.inventory.get(name).unwrap();
+                    match v.presence {
+                        Presence::Stopped => 0,
+                        Presence::Parked => spec.park.as_ref().map_or(0, |p| p.residual_mb),
+                        _ => spec.vram_mb.max(v.observed_mb.unwrap_or(0)),
+                    }
                 })
                 .sum()
         }
@@ -102,14 +106,19 @@ mod tests {
         fn under_way(&self) -> Vec<ServiceName> {
             self.services
                 .iter()
-                .filter(|(_, v)| matches!(v.presence, Presence::Starting | Presence::Stopping))
+                .filter(|(_, v)| {
+                    matches!(
+                        v.presence,
+                        Presence::Starting | Presence::Stopping | Presence::Parking
+                    )
+                })
                 .map(|(n, _)| n.clone())
                 .collect()
         }
     }
 
     fn arb_world() -> impl Strategy<Value = (World, DesiredState)> {
-        let service = (1u64..12_000, 0u32..3, 0u8..4);
+        let service = (1u64..12_000, 0u32..3, 0u8..6, prop::option::of(0u64..2_000));
         (
             prop::collection::vec(service, 1..7),
             0u32..3,
@@ -119,12 +128,15 @@ mod tests {
             .prop_map(|(services, phase, total, external)| {
                 let mut specs = Vec::new();
                 let mut views = BTreeMap::new();
-                for (i, (vram, ph, presence)) in services.into_iter().enumerate() {
-                    let spec = spec(i, vram, vec![ph]);
-                    let presence = match presence {
-                        0 => Presence::Running,
-                        1 => Presence::Starting,
-                        2 => Presence::Stopping,
+                for (i, (vram, ph, presence, residual)) in services.into_iter().enumerate() {
+                    let mut spec = spec(i, vram, vec![ph]);
+                    spec.park = residual.map(crate::plan::tests::parks_with);
+                    let presence = match (presence, &spec.park) {
+                        (0, _) => Presence::Running,
+                        (1, _) => Presence::Starting,
+                        (2, _) => Presence::Stopping,
+                        (3, Some(_)) => Presence::Parking,
+                        (4, Some(_)) => Presence::Parked,
                         _ => Presence::Stopped,
                     };
                     views.insert(spec.name.clone(), ServiceView::new(presence));
@@ -165,8 +177,10 @@ mod tests {
             return;
         };
         let view = world.services.get_mut(name).unwrap();
+        // A park that fails falls back to a stop; a resume that fails, to a cold start.
         view.presence = match (view.presence, fails) {
             (Presence::Starting, false) => Presence::Running,
+            (Presence::Parking, false) => Presence::Parked,
             _ => Presence::Stopped,
         };
     }
@@ -180,10 +194,11 @@ mod tests {
             let view = world.services.get_mut(&action.service).unwrap();
             view.presence = match action.op {
                 Op::Stop => Presence::Stopping,
-                Op::Start => Presence::Starting,
+                Op::Park => Presence::Parking,
+                Op::Start | Op::Resume => Presence::Starting,
             };
             let occupied = world.occupied_mb();
-            if action.op == Op::Start && occupied > world.budget.usable_mb() {
+            if !action.op.frees() && occupied > world.budget.usable_mb() {
                 return Err(format!(
                     "beginning {action:?} puts {occupied} MB in use, over the usable {} MB",
                     world.budget.usable_mb()
@@ -194,9 +209,9 @@ mod tests {
     }
 
     proptest! {
-        /// Over every order in which actions can finish (and fail), no start ever puts
-        /// the memory of running, starting and reclaiming services over the budget, and
-        /// the host converges on the plan's verdicts.
+        /// Over every order in which actions can finish (and fail), no start or resume
+        /// ever puts the memory of running, starting, parked and reclaiming services
+        /// over the budget, and the host converges on the plan's verdicts.
         #[test]
         fn every_schedule_stays_within_the_budget_and_converges(
             (mut world, desired) in arb_world(),

@@ -26,6 +26,10 @@ pub enum ServiceState {
     Failed,
     /// Its backend (Docker) cannot be reached, so nobody knows.
     Unknown,
+    /// Alive, holding only its residual VRAM; resumed (not restarted) when wanted.
+    Parked,
+    /// Waiting for its work in flight to end before a stop or a park.
+    Draining,
 }
 
 impl fmt::Display for ServiceState {
@@ -85,6 +89,17 @@ pub struct ServiceStatus {
     pub last_error: Option<String>,
     pub since_ms: u64,
     pub restarts: u32,
+    /// How it parks (`http`, `ollama`, `cuda-checkpoint`); None: it is stopped instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub park: Option<String>,
+    /// What it holds (or would hold) parked: observed at its last park, else configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_mb: Option<u64>,
+    /// When it was last parked and resumed, milliseconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -138,6 +153,9 @@ pub struct ActionRecord {
     #[serde(default)]
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
+    /// A drain that timed out: what the service's probe answered (the `busy_if` parts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub busy: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +167,8 @@ pub enum FailureKind {
     BackendDown,
     /// A newer desired state no longer wanted it: stopped before it was ready.
     Cancelled,
+    /// Its work in flight did not end within the drain timeout: left untouched.
+    Busy,
     Other,
 }
 
@@ -242,6 +262,10 @@ impl ServiceStatus {
             last_error: None,
             since_ms: 0,
             restarts: 0,
+            park: None,
+            residual_mb: None,
+            parked_at_ms: None,
+            resumed_at_ms: None,
         }
     }
 }

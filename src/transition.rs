@@ -128,6 +128,14 @@ pub enum TransitionError {
     NotWritten { detail: String },
     #[error("{detail}")]
     BadRequest { detail: String },
+    /// A stop or park found work in flight that did not end within the drain timeout:
+    /// the service is untouched. `answer` is what its drain probe said.
+    #[error("{detail}")]
+    Busy {
+        service: String,
+        detail: String,
+        answer: serde_json::Value,
+    },
     /// The daemon is shutting down (SIGTERM, SIGINT): send the request to the next one.
     #[error("{detail}")]
     ShuttingDown { detail: String },
@@ -159,7 +167,9 @@ impl TransitionError {
     pub fn http_status(&self) -> u16 {
         match self {
             TransitionError::UnknownService { .. } | TransitionError::UnknownPhase { .. } => 404,
-            TransitionError::CannotFit { .. } | TransitionError::Superseded { .. } => 409,
+            TransitionError::CannotFit { .. }
+            | TransitionError::Superseded { .. }
+            | TransitionError::Busy { .. } => 409,
             TransitionError::LeaseHeld { .. } => 423,
             TransitionError::BackendDown { .. } | TransitionError::ShuttingDown { .. } => 503,
             TransitionError::TimedOut { .. } => 504,
@@ -192,6 +202,11 @@ impl TransitionError {
             Some(FailureKind::BackendDown) => TransitionError::BackendDown {
                 backend: service,
                 detail,
+            },
+            Some(FailureKind::Busy) => TransitionError::Busy {
+                service,
+                detail,
+                answer: action.busy.clone().unwrap_or_default(),
             },
             _ => TransitionError::Failed { service, detail },
         }
@@ -349,6 +364,7 @@ mod tests {
             failure,
             started_at_ms: 0,
             finished_at_ms: 0,
+            busy: None,
         }
     }
 

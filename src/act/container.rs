@@ -123,7 +123,7 @@ impl ContainerHandle {
     }
 
     /// Lets the container run on without the daemon: its watch ends and the handle no
-    /// longer names a process (an evicted Ollama keeps running, holding no memory).
+    /// longer names a process (a parked Ollama keeps running, holding no memory).
     pub fn release(&self) {
         self.watcher.released.store(true, Ordering::SeqCst);
         self.watcher.stop.notify_one();

@@ -529,7 +529,6 @@ mod tests {
         let driver = DockerDriver::new(&host);
         let spec = DockerSpec {
             container: "mcn_cosyvoice".into(),
-            evict: None,
         };
         let error = driver.start(&name("cosyvoice"), &spec).await.unwrap_err();
         assert!(error.is_unreachable(), "{error:?}");

@@ -7,9 +7,13 @@ use std::time::Duration;
 use crate::act::common::{StopReport, LOG_LINES_IN_ERRORS};
 use crate::act::container::ContainerHandle;
 use crate::act::docker::{DockerDriver, DockerError};
-use crate::act::evict::{unload_ollama_models, EvictError};
+use crate::act::drain::{self, DrainProbe};
 use crate::act::native::{NativeDriver, NativeError, ProcessHandle};
-use crate::config::{Eviction, NativeSpec, Runtime, ServiceName, ServiceSpec};
+use crate::act::ollama::{unload_ollama_models, OllamaError};
+use crate::act::park::{self, ParkRequestError};
+use crate::config::{
+    DrainSpec, NativeSpec, ParkMethod, ParkSpec, Runtime, ServiceName, ServiceSpec,
+};
 use crate::observe::health::{wait_ready, HealthProber, ReadyError};
 use crate::process_exit::ExitInfo;
 
@@ -52,7 +56,11 @@ pub enum ActError {
     #[error(transparent)]
     Docker(#[from] DockerError),
     #[error(transparent)]
-    Evict(#[from] EvictError),
+    Ollama(#[from] OllamaError),
+    #[error(transparent)]
+    ParkRequest(#[from] ParkRequestError),
+    #[error("{0}")]
+    Checkpoint(String),
     #[error("{service} exited while starting ({exit}); last log lines:\n{log}")]
     ExitedWhileStarting {
         service: String,
@@ -230,22 +238,77 @@ impl Effects {
         }
     }
 
-    /// Asks the service to give its GPU memory back while it keeps running (Ollama:
-    /// unload every model); returns what it unloaded. Each request may take up to the
-    /// service's stop timeout. The memory is only free once the GPU says so.
-    pub async fn evict(
+    /// Asks the service to give its GPU memory back while it keeps running; says what it
+    /// did. `gpu_pids` are the service's processes on the GPU (cuda-checkpoint acts on
+    /// each). The memory is only free once the GPU says so.
+    pub async fn park(
         &self,
         spec: &ServiceSpec,
-        eviction: &Eviction,
-    ) -> Result<Vec<String>, ActError> {
-        match eviction {
-            Eviction::Ollama { url } => {
-                Ok(
-                    unload_ollama_models(self.prober.client(), &spec.name, url, spec.stop_timeout)
-                        .await?,
-                )
+        park: &ParkSpec,
+        gpu_pids: &[u32],
+    ) -> Result<String, ActError> {
+        match &park.method {
+            ParkMethod::Http { park: request, .. } => {
+                let answer = park::send(self.prober.client(), request, park.timeout).await?;
+                Ok(format!(
+                    "{} {} answered {answer:?}",
+                    request.method, request.url
+                ))
+            }
+            ParkMethod::Ollama { url } => {
+                let models =
+                    unload_ollama_models(self.prober.client(), &spec.name, url, park.timeout)
+                        .await?;
+                Ok(if models.is_empty() {
+                    "no model was loaded".to_owned()
+                } else {
+                    format!("unloaded {}", models.join(", "))
+                })
+            }
+            ParkMethod::CudaCheckpoint => {
+                let _ = gpu_pids;
+                Err(ActError::Checkpoint(
+                    "cuda-checkpoint is not available".into(),
+                ))
             }
         }
+    }
+
+    /// Brings a parked service's memory back; says what it did. `parked_pids` are the
+    /// processes the park acted on. The caller has made sure its full footprint is free.
+    pub async fn resume(
+        &self,
+        spec: &ServiceSpec,
+        park: &ParkSpec,
+        parked_pids: &[u32],
+    ) -> Result<String, ActError> {
+        match &park.method {
+            ParkMethod::Http {
+                resume: Some(request),
+                ..
+            } => {
+                let answer = park::send(self.prober.client(), request, park.timeout).await?;
+                Ok(format!(
+                    "{} {} answered {answer:?}",
+                    request.method, request.url
+                ))
+            }
+            ParkMethod::Http { resume: None, .. } => {
+                Ok("no resume request: it reloads on first use".to_owned())
+            }
+            ParkMethod::Ollama { .. } => Ok("Ollama loads its models on first use".to_owned()),
+            ParkMethod::CudaCheckpoint => {
+                let _ = (spec, parked_pids);
+                Err(ActError::Checkpoint(
+                    "cuda-checkpoint is not available".into(),
+                ))
+            }
+        }
+    }
+
+    /// One probe of the service's drain URL.
+    pub async fn drain_probe(&self, spec: &DrainSpec) -> DrainProbe {
+        drain::probe(self.prober.client(), spec).await
     }
 
     /// The last log lines of the service's latest run that ended: its log file (read on

@@ -239,6 +239,10 @@ mod tests {
                 last_error: Some("vidi exited\nlog line".into()),
                 since_ms: 0,
                 restarts: 1,
+                park: None,
+                residual_mb: None,
+                parked_at_ms: None,
+                resumed_at_ms: None,
             },
         );
         let table = status_table(&status);

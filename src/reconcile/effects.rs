@@ -6,9 +6,10 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
+pub use crate::act::drain::DrainProbe;
 use crate::act::instance::{ActError, ActErrorKind, Effects, Instance};
 use crate::act::ExitInfo;
-use crate::config::{DockerSpec, HealthCheck, Runtime, ServiceSpec};
+use crate::config::{DrainSpec, HealthCheck, ParkSpec, ServiceSpec};
 use crate::status::FailureKind;
 
 /// An effect that failed, classified for the reconciler's decisions and the API's code.
@@ -98,15 +99,30 @@ pub trait ServiceEffects: Send + Sync + 'static {
         instance: &Self::Instance,
     ) -> impl Future<Output = Result<StopHow, EffectError>> + Send;
 
-    /// Asks a running service to give its GPU memory back while it keeps running
-    /// (Ollama: unload every model). None when the service cannot; then it is stopped.
-    fn give_back_memory(
+    /// Asks a running service to give its GPU memory back while it keeps running; says
+    /// what it did. `gpu_pids`: its processes on the GPU now. The memory is only given
+    /// back once the GPU shows it.
+    fn park(
         &self,
         spec: &ServiceSpec,
-        instance: &Self::Instance,
-    ) -> impl Future<Output = Option<Result<String, EffectError>>> + Send;
+        park: &ParkSpec,
+        gpu_pids: &[u32],
+    ) -> impl Future<Output = Result<String, EffectError>> + Send;
 
-    /// Lets an instance run on untracked (its memory was given back).
+    /// Brings a parked service's memory back; says what it did. `parked_pids`: the
+    /// processes its park acted on. Called only with its full footprint free.
+    fn resume(
+        &self,
+        spec: &ServiceSpec,
+        park: &ParkSpec,
+        parked_pids: &[u32],
+    ) -> impl Future<Output = Result<String, EffectError>> + Send;
+
+    /// One probe of whether the service has work in flight.
+    fn drain_probe(&self, drain: &DrainSpec) -> impl Future<Output = DrainProbe> + Send;
+
+    /// Lets an instance run on untracked (another daemon leads, or its backend cannot
+    /// say whether it still runs).
     fn let_go(&self, instance: &Self::Instance);
 
     /// Resolves when the instance ends.
@@ -157,31 +173,26 @@ impl ServiceEffects for Effects {
         })
     }
 
-    async fn give_back_memory(
+    async fn park(
         &self,
         spec: &ServiceSpec,
-        instance: &Instance,
-    ) -> Option<Result<String, EffectError>> {
-        let (
-            Runtime::Docker(DockerSpec {
-                container,
-                evict: Some(eviction),
-            }),
-            Instance::Docker(_),
-        ) = (&spec.runtime, instance)
-        else {
-            return None;
-        };
-        Some(match self.evict(spec, eviction).await {
-            Ok(models) if models.is_empty() => Ok(format!(
-                "no model was loaded; container {container} left running"
-            )),
-            Ok(models) => Ok(format!(
-                "unloaded {}; container {container} left running",
-                models.join(", ")
-            )),
-            Err(error) => Err(error.into()),
-        })
+        park: &ParkSpec,
+        gpu_pids: &[u32],
+    ) -> Result<String, EffectError> {
+        Ok(Effects::park(self, spec, park, gpu_pids).await?)
+    }
+
+    async fn resume(
+        &self,
+        spec: &ServiceSpec,
+        park: &ParkSpec,
+        parked_pids: &[u32],
+    ) -> Result<String, EffectError> {
+        Ok(Effects::resume(self, spec, park, parked_pids).await?)
+    }
+
+    async fn drain_probe(&self, drain: &DrainSpec) -> DrainProbe {
+        Effects::drain_probe(self, drain).await
     }
 
     fn let_go(&self, instance: &Instance) {

@@ -127,8 +127,13 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 /// The planner's view of one service: where it stands, and whether it may be acted on.
 fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
     let presence = match (&record.in_flight, &record.instance) {
-        (Some(flight), _) if flight.op == Op::Start && !flight.superseded => Presence::Starting,
-        (Some(_), _) => Presence::Stopping,
+        (Some(flight), _) if flight.superseded => Presence::Stopping,
+        (Some(flight), _) => match flight.op {
+            Op::Start | Op::Resume => Presence::Starting,
+            Op::Park => Presence::Parking,
+            Op::Stop => Presence::Stopping,
+        },
+        (None, Some(_)) if record.parked.is_some() => Presence::Parked,
         (None, Some(_)) => Presence::Running,
         (None, None) => Presence::Stopped,
     };
@@ -146,6 +151,7 @@ fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
     ServiceView {
         presence,
         observed_mb: record.observed_mb,
+        learned_residual_mb: record.learned_residual_mb,
         gate,
         condition: record.condition.clone(),
     }

@@ -37,6 +37,12 @@ pub(super) struct InFlight {
     pub superseded: bool,
 }
 
+/// A parked service: what its park acted on and left.
+pub(super) struct ParkedAt {
+    /// The processes the park acted on; its resume acts on them.
+    pub pids: Vec<u32>,
+}
+
 /// Since when a planned start has waited for the GPU to show its room.
 pub(super) struct RoomWait {
     pub since: Instant,
@@ -57,6 +63,14 @@ pub(super) struct Record<I> {
     pub observed_mb: Option<u64>,
     pub in_flight: Option<InFlight>,
     pub room_wait: Option<RoomWait>,
+    /// Alive but parked: its instance holds only its residual.
+    pub parked: Option<ParkedAt>,
+    /// What its last park left it holding, as the GPU showed it.
+    pub learned_residual_mb: Option<u64>,
+    pub parked_at_ms: Option<u64>,
+    pub resumed_at_ms: Option<u64>,
+    /// Its last stop or park found it busy: the gate is closed until `retry_at`.
+    pub busy: bool,
 }
 
 impl<I> Record<I> {
@@ -76,6 +90,11 @@ impl<I> Record<I> {
             observed_mb: None,
             in_flight: None,
             room_wait: None,
+            parked: None,
+            learned_residual_mb: None,
+            parked_at_ms: None,
+            resumed_at_ms: None,
+            busy: false,
         }
     }
 
@@ -97,11 +116,11 @@ impl<I> Record<I> {
         }
     }
 
-    /// Whether a start is under way and still wanted.
+    /// Whether a start or a resume is under way and still wanted.
     pub fn starting(&self) -> bool {
         self.in_flight
             .as_ref()
-            .is_some_and(|f| f.op == Op::Start && !f.superseded)
+            .is_some_and(|f| matches!(f.op, Op::Start | Op::Resume) && !f.superseded)
     }
 
     /// Records a failure and closes the gate for a backoff, or for good after
@@ -126,15 +145,31 @@ impl<I> Record<I> {
         }
     }
 
+    /// Its stop or park found work in flight that did not end in time: it is left as it
+    /// is, and the next try backs off like a failure (without the `failed` state: the
+    /// service is fine).
+    pub fn hold_busy(&mut self, message: String) {
+        self.busy = true;
+        self.consecutive_failures += 1;
+        let backoff = backoff(self.consecutive_failures);
+        self.retry_at = Some(Instant::now() + backoff);
+        self.reason = Some(format!(
+            "busy: trying again in {}s (or ask with ?force=true)",
+            backoff.as_secs()
+        ));
+        self.last_error = Some(message);
+    }
+
     /// A new chance: failures are forgotten (a new desired state, or a success).
     pub fn forgive(&mut self) {
         self.consecutive_failures = 0;
         self.retry_at = None;
+        self.busy = false;
     }
 
-    /// Whether its gate is closed now: failed for good, or backing off.
+    /// Whether its gate is closed now: failed (or busy) for good, or backing off.
     pub fn gate_closed(&self, now: Instant) -> bool {
-        self.state == ServiceState::Failed && self.retry_at.is_none_or(|at| at > now)
+        (self.state == ServiceState::Failed || self.busy) && self.retry_at.is_none_or(|at| at > now)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::desired::{self, DesiredState};
 use crate::lease::{LeaseBackend, LeaseError, LeaseRole};
 use crate::plan::{self, Plan, StartGate};
 use crate::status::ServiceState;
-use crate::transition::{Change, TransitionError, TransitionReport};
+use crate::transition::{Change, TransitionError, TransitionReply, TransitionReport};
 
 use super::effects::ServiceEffects;
 use super::{Command, Reconciler};
@@ -21,17 +21,19 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             Command::Transition {
                 change,
                 wait,
+                force,
                 reply,
             } => match self.accept_change(&change).await {
-                Ok(generation) if wait => self.waiters.add(generation, reply),
                 Ok(generation) => {
-                    let _ = reply.send(Ok(TransitionReport {
-                        generation,
-                        accepted_only: true,
-                        actions: Vec::new(),
-                        services: BTreeMap::new(),
-                        duration_ms: 0,
-                    }));
+                    if force {
+                        // Drains under way, and those this state begins, end at once.
+                        tracing::warn!(
+                            ?change,
+                            "forced: draining is skipped; work in flight may be lost"
+                        );
+                        self.skip_drain.cancel();
+                    }
+                    self.answer_accepted(generation, wait, reply);
                 }
                 Err(error) => {
                     let _ = reply.send(Err(error));
@@ -39,6 +41,22 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             },
             Command::Plan { change, reply } => {
                 let _ = reply.send(self.plan_for(change.as_ref()).await.map(|(_, plan)| plan));
+            }
+        }
+    }
+
+    /// A waiting caller is answered when the generation converges; otherwise at once.
+    fn answer_accepted(&mut self, generation: u64, wait: bool, reply: TransitionReply) {
+        match wait {
+            true => self.waiters.add(generation, reply),
+            false => {
+                let _ = reply.send(Ok(TransitionReport {
+                    generation,
+                    accepted_only: true,
+                    actions: Vec::new(),
+                    services: BTreeMap::new(),
+                    duration_ms: 0,
+                }));
             }
         }
     }

@@ -91,6 +91,13 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     last_error: record.last_error.clone(),
                     since_ms: record.since_ms,
                     restarts: record.restarts,
+                    park: spec.park.as_ref().map(|p| p.method.kind().to_owned()),
+                    residual_mb: spec
+                        .park
+                        .as_ref()
+                        .map(|p| record.learned_residual_mb.unwrap_or(p.residual_mb)),
+                    parked_at_ms: record.parked_at_ms,
+                    resumed_at_ms: record.resumed_at_ms,
                 };
                 (spec.name.to_string(), status)
             })

@@ -1,12 +1,14 @@
-//! Action tasks (docs/ARCHITECTURE.md, "Action tasks"): each start or stop runs in a
-//! task of its own and reports its outcome; the loop never awaits one. A task owns no
+//! Action tasks (docs/ARCHITECTURE.md, "Action tasks"): each start, stop, park or resume
+//! runs in a task of its own and reports its outcome; the loop never awaits one. A task owns no
 //! state of the reconciler's: it gets what it needs at launch, tells the loop when it
 //! has spawned an instance, and answers to two tokens: `supersede` (a start no longer
 //! wanted: stop what it started, wait for its memory) and `abandon` (shutdown: leave
 //! things as they are, at a safe point, for the next daemon to adopt).
 //!
 //! Trust the GPU, not the bookkeeping: a stop is done when the GPU no longer lists the
-//! service's processes.
+//! service's processes, a park when it shows them down to the residual. Never kill work
+//! silently: a stop or a park first waits for the service's work in flight to end
+//! (docs/ARCHITECTURE.md, "Parking and draining").
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,17 +18,22 @@ use tokio::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ServiceName, ServiceSpec};
+use crate::config::{ParkSpec, ServiceName, ServiceSpec};
 use crate::observe::gpu::SharedGpu;
 use crate::status::FailureKind;
 
-use super::effects::{EffectError, ServiceEffects, StopHow};
+use super::effects::{DrainProbe, EffectError, ServiceEffects, StopHow};
 use super::observe::{gpu_pids_of, process_name, sample_gpu};
 use super::Wake;
 
 /// How often reclaim waits re-read the GPU: an observation costs well under a
 /// millisecond, and every poll interval adds to the transition's latency.
 const RECLAIM_POLL: Duration = Duration::from_millis(10);
+/// How often a drain asks again whether the work in flight has ended.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
+/// A park is done when the GPU shows the service within this much of its residual (or
+/// a tenth of it, if more): allocators keep some slack.
+const PARK_TOLERANCE_MB: u64 = 64;
 
 /// What a task gets at launch.
 pub(super) struct TaskContext<E: ServiceEffects> {
@@ -37,13 +44,20 @@ pub(super) struct TaskContext<E: ServiceEffects> {
     pub wake: mpsc::Sender<Wake<E::Instance>>,
     pub supersede: CancellationToken,
     pub abandon: CancellationToken,
+    /// Cancelled by a forced transition (`?force=true`): drains end at once.
+    pub skip_drain: CancellationToken,
 }
 
 /// How an action ended.
 #[derive(Debug)]
 pub(super) enum Outcome<I> {
-    /// A start (or an adopted instance) is ready.
-    Started { instance: I, took: Duration },
+    /// A start, a resume or an adopted instance is ready. `fell_back`: a resume failed
+    /// for this reason, and the service was stopped and started cold instead.
+    Started {
+        instance: I,
+        took: Duration,
+        fell_back: Option<String>,
+    },
     /// A start failed. What it had started was stopped, unless that failed too; then
     /// the instance is left running, to be stopped as unhealthy.
     StartFailed {
@@ -58,6 +72,21 @@ pub(super) enum Outcome<I> {
     },
     /// The stop failed: the instance may still run.
     StopFailed { error: EffectError },
+    /// Parked: the GPU shows it down to `residual_mb`. `pids`: the processes the park
+    /// acted on, which its resume acts on.
+    Parked {
+        detail: String,
+        pids: Vec<u32>,
+        residual_mb: u64,
+    },
+    /// Its work in flight did not end within the drain timeout: nothing was done. The
+    /// probe's last answer (the `busy_if` parts).
+    Busy {
+        answer: serde_json::Value,
+        waited: Duration,
+    },
+    /// Wanted again while it drained: nothing was done.
+    Kept,
     /// A superseded start, undone: stopped, and its memory reclaimed (or not).
     Cancelled {
         detail: String,
@@ -96,6 +125,14 @@ pub(super) async fn start<E: ServiceEffects>(ctx: TaskContext<E>) -> Outcome<E::
     };
     // The loop attributes the instance's GPU memory and watches its exit from now on.
     let _ = ctx.wake.send(spawned).await;
+    until_ready(&ctx, instance).await
+}
+
+/// Waits until the instance answers its health check; what is not ready is stopped.
+async fn until_ready<E: ServiceEffects>(
+    ctx: &TaskContext<E>,
+    instance: E::Instance,
+) -> Outcome<E::Instance> {
     let ready = tokio::select! {
         biased;
         () = ctx.abandon.cancelled() => return Outcome::Abandoned,
@@ -103,8 +140,12 @@ pub(super) async fn start<E: ServiceEffects>(ctx: TaskContext<E>) -> Outcome<E::
         ready = ctx.effects.wait_ready(&ctx.spec, &instance) => Some(ready),
     };
     match ready {
-        Some(Ok(took)) => Outcome::Started { instance, took },
-        None => match stop_and_reclaim(&ctx, &instance).await {
+        Some(Ok(took)) => Outcome::Started {
+            instance,
+            took,
+            fell_back: None,
+        },
+        None => match stop_and_reclaim(ctx, &instance).await {
             Ok((how, reclaim)) => Outcome::Cancelled {
                 detail: format!(
                     "a newer desired state no longer wants it: {}",
@@ -118,7 +159,7 @@ pub(super) async fn start<E: ServiceEffects>(ctx: TaskContext<E>) -> Outcome<E::
             },
         },
         // Nothing is left half-started: a start that failed is stopped.
-        Some(Err(error)) => match stop_and_reclaim(&ctx, &instance).await {
+        Some(Err(error)) => match stop_and_reclaim(ctx, &instance).await {
             Ok(_) => Outcome::StartFailed {
                 error,
                 left_running: None,
@@ -152,7 +193,11 @@ pub(super) async fn verify_adopted<E: ServiceEffects>(
         ready = ctx.effects.wait_ready(&ctx.spec, &instance) => ready,
     };
     match ready {
-        Ok(took) => Outcome::Started { instance, took },
+        Ok(took) => Outcome::Started {
+            instance,
+            took,
+            fell_back: None,
+        },
         Err(error) => Outcome::StartFailed {
             error: EffectError::new(
                 error.kind,
@@ -163,37 +208,216 @@ pub(super) async fn verify_adopted<E: ServiceEffects>(
     }
 }
 
-/// Frees the service's memory: asks it to give the memory back while it keeps running
-/// where it can (Ollama), and stops it otherwise or when that fails.
+/// Stops the service once its work in flight has ended.
 pub(super) async fn stop<E: ServiceEffects>(
     ctx: TaskContext<E>,
     instance: E::Instance,
 ) -> Outcome<E::Instance> {
-    let mut note = String::new();
-    let pids = pids_of::<E>(&ctx, &instance).await;
-    if let Some(given) = ctx.effects.give_back_memory(&ctx.spec, &instance).await {
-        match given {
-            Ok(detail) => match wait_pids_gone(&ctx, &pids).await {
-                Ok(()) => {
-                    ctx.effects.let_go(&instance);
-                    tracing::info!(service = %ctx.spec.name, %detail, "memory given back: the GPU shows it free; the service keeps running");
-                    return Outcome::Stopped {
-                        detail,
-                        reclaim: Ok(()),
-                    };
-                }
-                Err(error) => note = format!("giving the memory back did not free it ({error}); "),
-            },
-            Err(error) => note = format!("giving the memory back failed ({error}); "),
-        }
-        tracing::warn!(service = %ctx.spec.name, %note, "eviction failed: stopping it instead");
+    if let Err(outcome) = drain(&ctx).await {
+        return outcome;
     }
+    let pids = pids_of::<E>(&ctx, &instance).await;
     match stop_then_reclaim(&ctx, &instance, &pids).await {
         Ok((how, reclaim)) => Outcome::Stopped {
-            detail: format!("{note}{}", how.describe()),
+            detail: how.describe().to_owned(),
             reclaim,
         },
         Err(error) => Outcome::StopFailed { error },
+    }
+}
+
+/// Parks the service once its work in flight has ended: asks it to give its memory
+/// back, and waits until the GPU shows it down to its residual. If the request fails,
+/// or the GPU does not show it within `park.timeout_ms`, the service is stopped
+/// instead, and the outcome says why.
+pub(super) async fn park<E: ServiceEffects>(
+    ctx: TaskContext<E>,
+    instance: E::Instance,
+    park: ParkSpec,
+) -> Outcome<E::Instance> {
+    if let Err(outcome) = drain(&ctx).await {
+        return outcome;
+    }
+    let pids = pids_of::<E>(&ctx, &instance).await;
+    let note = match ctx.effects.park(&ctx.spec, &park, &pids).await {
+        Ok(detail) => match wait_down_to(&ctx, &pids, &park).await {
+            Ok(residual_mb) => {
+                tracing::info!(service = %ctx.spec.name, %detail, residual_mb, "parked: the GPU shows it down to its residual");
+                return Outcome::Parked {
+                    detail,
+                    pids,
+                    residual_mb,
+                };
+            }
+            Err(error) => format!("the park did not free its memory ({error})"),
+        },
+        Err(error) => format!("the park failed ({error})"),
+    };
+    tracing::warn!(service = %ctx.spec.name, %note, "park failed: stopping it instead");
+    match stop_then_reclaim(&ctx, &instance, &pids).await {
+        Ok((how, reclaim)) => Outcome::Stopped {
+            detail: format!("{note}; {}", how.describe()),
+            reclaim,
+        },
+        Err(error) => Outcome::StopFailed {
+            error: EffectError::new(error.kind, format!("{note}; and the stop failed: {error}")),
+        },
+    }
+}
+
+/// Brings a parked service back: the same process or container, not a restart. A
+/// resume that fails (or does not become ready) falls back to a stop and a cold start.
+pub(super) async fn resume<E: ServiceEffects>(
+    ctx: TaskContext<E>,
+    instance: E::Instance,
+    park: ParkSpec,
+    parked_pids: Vec<u32>,
+) -> Outcome<E::Instance> {
+    let resumed = tokio::select! {
+        biased;
+        () = ctx.abandon.cancelled() => return Outcome::Abandoned,
+        resumed = ctx.effects.resume(&ctx.spec, &park, &parked_pids) => resumed,
+    };
+    let failure = match resumed {
+        Ok(detail) => {
+            tracing::info!(service = %ctx.spec.name, %detail, "resume asked; waiting for it to be ready");
+            match until_ready(&ctx, instance.clone()).await {
+                Outcome::StartFailed {
+                    error,
+                    left_running: None,
+                } => format!("it was not ready after the resume ({error})"),
+                done => return done,
+            }
+        }
+        Err(error) => match stop_and_reclaim(&ctx, &instance).await {
+            Ok(_) => format!("the resume failed ({error})"),
+            Err(stop_error) => {
+                return Outcome::StartFailed {
+                    error: EffectError::new(
+                        error.kind,
+                        format!(
+                            "the resume failed ({error}), and stopping it failed: {stop_error}"
+                        ),
+                    ),
+                    left_running: Some(instance),
+                }
+            }
+        },
+    };
+    tracing::warn!(service = %ctx.spec.name, %failure, "resume failed: starting it cold");
+    match start(ctx).await {
+        Outcome::Started { instance, took, .. } => Outcome::Started {
+            instance,
+            took,
+            fell_back: Some(failure),
+        },
+        Outcome::StartFailed {
+            error,
+            left_running,
+        } => Outcome::StartFailed {
+            error: EffectError::new(
+                error.kind,
+                format!("{failure}; then the cold start failed: {error}"),
+            ),
+            left_running,
+        },
+        other => other,
+    }
+}
+
+/// Waits until the service has no work in flight (docs/ARCHITECTURE.md, "Parking and
+/// draining"). Err: the outcome to report instead of acting (busy at the timeout,
+/// wanted again, or shutdown).
+async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E::Instance>> {
+    let Some(drain) = &ctx.spec.drain else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + drain.timeout;
+    let mut told_loop = false;
+    let result = loop {
+        let probe = tokio::select! {
+            biased;
+            () = ctx.abandon.cancelled() => break Err(Outcome::Abandoned),
+            () = ctx.skip_drain.cancelled() => break Ok(()),
+            () = ctx.supersede.cancelled() => break Err(Outcome::Kept),
+            probe = ctx.effects.drain_probe(drain) => probe,
+        };
+        let answer = match probe {
+            DrainProbe::Idle => break Ok(()),
+            DrainProbe::Unanswered { error } => {
+                tracing::warn!(service = %ctx.spec.name, %error, "the drain probe got no answer: a service that cannot answer has no work left; going on");
+                break Ok(());
+            }
+            DrainProbe::Busy { answer } => answer,
+        };
+        if Instant::now() >= deadline {
+            break Err(Outcome::Busy {
+                answer,
+                waited: drain.timeout,
+            });
+        }
+        if !told_loop {
+            told_loop = true;
+            tracing::info!(service = %ctx.spec.name, %answer, "draining: waiting for its work in flight to end");
+            tell_draining(ctx, true).await;
+        }
+        tokio::select! {
+            biased;
+            () = ctx.abandon.cancelled() => break Err(Outcome::Abandoned),
+            () = ctx.skip_drain.cancelled() => break Ok(()),
+            () = ctx.supersede.cancelled() => break Err(Outcome::Kept),
+            () = tokio::time::sleep(DRAIN_POLL.min(deadline - Instant::now())) => {}
+        }
+    };
+    if told_loop && result.is_ok() {
+        tell_draining(ctx, false).await;
+    }
+    result
+}
+
+async fn tell_draining<E: ServiceEffects>(ctx: &TaskContext<E>, draining: bool) {
+    let wake = Wake::Draining {
+        service: ctx.spec.name.clone(),
+        draining,
+    };
+    let _ = ctx.wake.send(wake).await;
+}
+
+/// Waits until the GPU shows `pids` down to the residual (within the tolerance), for at
+/// most the park's timeout; returns what they hold then.
+async fn wait_down_to<E: ServiceEffects>(
+    ctx: &TaskContext<E>,
+    pids: &[u32],
+    park: &ParkSpec,
+) -> Result<u64, EffectError> {
+    let Some(gpu) = &ctx.gpu else {
+        return Ok(park.residual_mb);
+    };
+    let ceiling = park.residual_mb + PARK_TOLERANCE_MB.max(park.residual_mb / 10);
+    let deadline = Instant::now() + park.timeout;
+    loop {
+        let sample = sample_gpu(gpu.clone())
+            .await
+            .map_err(|e| EffectError::new(FailureKind::Other, e))?;
+        let held: u64 = sample
+            .processes
+            .iter()
+            .filter(|p| pids.contains(&p.pid))
+            .map(|p| p.used_mb)
+            .sum();
+        if held <= ceiling {
+            return Ok(held);
+        }
+        if Instant::now() >= deadline {
+            return Err(EffectError::new(
+                FailureKind::Timeout,
+                format!(
+                    "the GPU still shows {held} MB for {} after {:?}, above its {} MB residual",
+                    ctx.spec.name, park.timeout, park.residual_mb
+                ),
+            ));
+        }
+        tokio::time::sleep(RECLAIM_POLL).await;
     }
 }
 

@@ -9,8 +9,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::config::{HealthCheck, ServiceSpec};
+use crate::config::{DrainSpec, HealthCheck, ParkSpec, ServiceSpec};
 use crate::lease::{LeaseRole, LockStatus};
+use crate::reconcile::effects::DrainProbe;
 use crate::status::ServiceState;
 
 // ---- the fakes ----
@@ -22,6 +23,10 @@ struct Behaviour {
     stop_takes: Duration,
     never_ready: bool,
     stop_fails: bool,
+    park_fails: bool,
+    resume_fails: bool,
+    /// How long a resume takes (weights back from host RAM).
+    wake_takes: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -38,6 +43,8 @@ struct World {
     exits: HashMap<u32, watch::Sender<Option<ExitInfo>>>,
     /// Services whose health probe fails.
     sick: Vec<String>,
+    /// Services whose drain probe answers busy, until when.
+    busy_until: HashMap<String, Instant>,
 }
 
 #[derive(Clone, Default)]
@@ -69,6 +76,13 @@ impl FakeEffects {
 
     fn count(&self, call: &str) -> usize {
         self.calls().iter().filter(|c| *c == call).count()
+    }
+
+    /// The service has work in flight for `how_long` from now.
+    fn busy_for(&self, service: &str, how_long: Duration) {
+        self.world()
+            .busy_until
+            .insert(service.into(), Instant::now() + how_long);
     }
 
     fn crash(&self, pid: u32) {
@@ -144,12 +158,49 @@ impl ServiceEffects for FakeEffects {
         Ok(StopHow::Graceful)
     }
 
-    async fn give_back_memory(
+    async fn park(
         &self,
-        _spec: &ServiceSpec,
-        _instance: &FakeInstance,
-    ) -> Option<Result<String, EffectError>> {
-        None
+        spec: &ServiceSpec,
+        _park: &ParkSpec,
+        gpu_pids: &[u32],
+    ) -> Result<String, EffectError> {
+        self.world()
+            .calls
+            .push(format!("park {} {gpu_pids:?}", spec.name));
+        match self.behaviour(spec.name.as_str()).park_fails {
+            true => Err(EffectError::new(FailureKind::Other, "answered 500")),
+            false => Ok("freed".into()),
+        }
+    }
+
+    async fn resume(
+        &self,
+        spec: &ServiceSpec,
+        _park: &ParkSpec,
+        parked_pids: &[u32],
+    ) -> Result<String, EffectError> {
+        let behaviour = self.behaviour(spec.name.as_str());
+        self.world()
+            .calls
+            .push(format!("resume {} {parked_pids:?}", spec.name));
+        tokio::time::sleep(behaviour.wake_takes).await;
+        match behaviour.resume_fails {
+            true => Err(EffectError::new(FailureKind::Other, "answered 507")),
+            false => Ok("awake".into()),
+        }
+    }
+
+    async fn drain_probe(&self, drain: &DrainSpec) -> DrainProbe {
+        let world = self.world();
+        let busy = world.busy_until.iter().any(|(service, until)| {
+            drain.url.contains(service.as_str()) && *until > Instant::now()
+        });
+        match busy {
+            true => DrainProbe::Busy {
+                answer: serde_json::json!({"/queue_running": [[1]]}),
+            },
+            false => DrainProbe::Idle,
+        }
     }
 
     fn let_go(&self, _instance: &FakeInstance) {}
@@ -296,11 +347,15 @@ const SERVICES: &str = "
 ";
 
 fn start(effects: FakeEffects, lease: FakeLease) -> Test {
+    start_with(SERVICES, effects, lease)
+}
+
+fn start_with(services: &str, effects: FakeEffects, lease: FakeLease) -> Test {
     let dir = tempfile::tempdir().unwrap();
     let desired = dir.path().join("state.yaml");
     std::fs::write(&desired, "phase: null\n").unwrap();
     let yaml = format!(
-        "gpu: {{ total_mb: 24500, reserve_mb: 500 }}\ndesired_state: {}\nstate_dir: {}\nresync_ms: 500\nshutdown_timeout_ms: 5000\nservices:{SERVICES}",
+        "gpu: {{ total_mb: 24500, reserve_mb: 500 }}\ndesired_state: {}\nstate_dir: {}\nresync_ms: 500\nshutdown_timeout_ms: 5000\nservices:{services}",
         desired.display(),
         dir.path().join("state").display()
     );
@@ -346,12 +401,21 @@ impl Test {
         &self,
         change: Change,
     ) -> oneshot::Receiver<Result<crate::transition::TransitionReport, TransitionError>> {
+        self.transition_forced(change, false).await
+    }
+
+    async fn transition_forced(
+        &self,
+        change: Change,
+        force: bool,
+    ) -> oneshot::Receiver<Result<crate::transition::TransitionReport, TransitionError>> {
         let (reply, answer) = oneshot::channel();
         self.handle
             .commands
             .send(Command::Transition {
                 change,
                 wait: true,
+                force,
                 reply,
             })
             .await
@@ -701,6 +765,7 @@ async fn shutdown_answers_callers_leaves_starts_running_and_steps_down() {
         .send(Command::Transition {
             change: Change::Phase(2),
             wait: true,
+            force: false,
             reply,
         })
         .await;

@@ -1,9 +1,9 @@
-//! Eviction: asking a service to give its GPU memory back without stopping it. Ollama
-//! unloads its models on request (`keep_alive: 0`), as the old `gpu_manager.py` did; its
-//! container stays up, holding no VRAM, and loads models again when asked.
+//! `park: {kind: ollama}`: Ollama gives its GPU memory back without stopping when its
+//! models are unloaded (`keep_alive: 0`), as the old `gpu_manager.py` did; it stays up,
+//! holding no VRAM, and loads models again on first use.
 //!
-//! Only the HTTP calls live here; whether to evict, the GPU's confirmation and the
-//! fallback to a stop are the reconciler's.
+//! Only the HTTP calls live here; whether to park, the GPU's confirmation and the
+//! fallback to a stop are the reconciler's (docs/ARCHITECTURE.md, "Parking and draining").
 
 use std::time::Duration;
 
@@ -12,9 +12,9 @@ use serde::Deserialize;
 use crate::act::common::error_chain;
 use crate::config::ServiceName;
 
-/// Why the models could not be unloaded; the reconciler then stops the container.
+/// Why the models could not be unloaded; the reconciler then stops the service.
 #[derive(Debug, thiserror::Error)]
-pub enum EvictError {
+pub enum OllamaError {
     #[error("cannot list the models {service} has loaded (GET {url}): {detail}")]
     List {
         service: ServiceName,
@@ -65,10 +65,10 @@ pub async fn unload_ollama_models(
     service: &ServiceName,
     base_url: &str,
     timeout: Duration,
-) -> Result<Vec<String>, EvictError> {
+) -> Result<Vec<String>, OllamaError> {
     let base = base_url.trim_end_matches('/');
     let ps_url = format!("{base}/api/ps");
-    let list_error = |detail: String| EvictError::List {
+    let list_error = |detail: String| OllamaError::List {
         service: service.clone(),
         url: ps_url.clone(),
         detail,
@@ -88,7 +88,7 @@ pub async fn unload_ollama_models(
     let generate_url = format!("{base}/api/generate");
     let mut unloaded = Vec::new();
     for model in loaded.models.into_iter().map(LoadedModel::id) {
-        let unload_error = |detail: String| EvictError::Unload {
+        let unload_error = |detail: String| OllamaError::Unload {
             service: service.clone(),
             url: generate_url.clone(),
             model: model.clone(),
@@ -206,7 +206,7 @@ mod tests {
         let error = unload_ollama_models(&client(), &svc(), &url, Duration::from_secs(5))
             .await
             .unwrap_err();
-        assert!(matches!(error, EvictError::List { .. }), "{error:?}");
+        assert!(matches!(error, OllamaError::List { .. }), "{error:?}");
         assert!(
             error.to_string().contains(&format!("{url}/api/ps")),
             "{error}"
