@@ -45,6 +45,8 @@ struct World {
     sick: Vec<String>,
     /// Services whose drain probe answers busy, until when.
     busy_until: HashMap<String, Instant>,
+    /// Instances that have loaded once: a resumed one answers its health check at once.
+    loaded: Vec<u32>,
 }
 
 #[derive(Clone, Default)]
@@ -119,6 +121,9 @@ impl ServiceEffects for FakeEffects {
     ) -> Result<Duration, EffectError> {
         let behaviour = self.behaviour(spec.name.as_str());
         let mut exit = instance.exit.clone();
+        if self.world().loaded.contains(&instance.pid) {
+            return Ok(Duration::ZERO);
+        }
         let wait = if behaviour.never_ready {
             spec.start_timeout
         } else {
@@ -135,6 +140,7 @@ impl ServiceEffects for FakeEffects {
                     format!("{} did not become ready", spec.name),
                 ))
             } else {
+                self.world().loaded.push(instance.pid);
                 Ok(wait)
             },
         }
@@ -793,4 +799,199 @@ async fn shutdown_waits_for_stops_until_its_deadline() {
     // shutdown_timeout_ms: 5000, then the stop is left where it is.
     assert_between(began.elapsed(), 5_000, 5_100);
     assert_eq!(t.lease.state().step_downs, 1);
+}
+
+// ---- draining and parking ----
+
+/// a (16.5 GB, phase 1) and p (8 GB, phase 2), which drains and parks keeping 500 MB:
+/// on the 24 GB budget, a needs p parked.
+const PARKING: &str = "
+  a: { kind: native, command: x, vram_mb: 16500, priority: 30, phases: [1], health: { url: 'http://a/' } }
+  p: { kind: native, command: x, vram_mb: 8000, priority: 20, phases: [2], health: { url: 'http://p/' }, park: { kind: http, url: 'http://p/free', residual_mb: 500 }, drain: { url: 'http://p/queue', busy_if: ['/queue_running'], timeout_ms: 2000 } }
+";
+
+impl Test {
+    fn pid(&self, service: &str) -> Option<u32> {
+        self.handle.status.borrow().services[service]
+            .pids
+            .first()
+            .copied()
+    }
+
+    fn recent(&self) -> Vec<String> {
+        self.handle
+            .status
+            .borrow()
+            .recent_actions
+            .iter()
+            .map(|a| format!("{} {}", a.op, a.service))
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_waits_for_work_in_flight_showing_draining() {
+    let effects = FakeEffects::default();
+    let t = start_with(PARKING, effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    effects.busy_for("p", Duration::from_millis(1500));
+    let began = Instant::now();
+    let answer = t.transition(Change::Stop(name("p"))).await;
+    t.until("p drains", |t| t.state("p") == ServiceState::Draining)
+        .await;
+    assert_eq!(effects.count("stop p"), 0, "nothing is stopped while busy");
+    answer.await.unwrap().unwrap();
+    assert_between(began.elapsed(), 1500, 1800);
+    assert_eq!(effects.count("stop p"), 1);
+    assert_eq!(t.state("p"), ServiceState::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_times_out_answers_busy_and_touches_nothing() {
+    let effects = FakeEffects::default();
+    let t = start_with(PARKING, effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    let pid = t.pid("p");
+    effects.busy_for("p", Duration::from_secs(3600));
+    let error = t.phase(1).await.unwrap_err();
+    assert_eq!(error.http_status(), 409, "{error}");
+    let TransitionError::Busy {
+        service, answer, ..
+    } = &error
+    else {
+        panic!("{error:?}");
+    };
+    assert_eq!(service, "p");
+    assert_eq!(answer, &serde_json::json!({"/queue_running": [[1]]}));
+    assert!(error.to_string().contains("force=true"), "{error}");
+    assert_eq!(t.state("p"), ServiceState::Ready);
+    assert_eq!(t.pid("p"), pid);
+    assert!(
+        !effects
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("park p") || c == "stop p"),
+        "{:?}",
+        effects.calls()
+    );
+    // a needs p's memory: it is not started beside the busy service.
+    assert_eq!(effects.count("start a"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn force_skips_the_drain() {
+    let effects = FakeEffects::default();
+    let t = start_with(PARKING, effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    effects.busy_for("p", Duration::from_secs(3600));
+    let began = Instant::now();
+    let answer = t.transition_forced(Change::Stop(name("p")), true).await;
+    answer.await.unwrap().unwrap();
+    assert!(began.elapsed() < Duration::from_millis(100));
+    assert_eq!(effects.count("stop p"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forced_request_ends_a_drain_under_way() {
+    let effects = FakeEffects::default();
+    let t = start_with(PARKING, effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    effects.busy_for("p", Duration::from_secs(3600));
+    let first = t.transition(Change::Phase(1)).await;
+    t.until("p drains", |t| t.state("p") == ServiceState::Draining)
+        .await;
+    let forced = t.transition_forced(Change::Phase(1), true).await;
+    forced.await.unwrap().unwrap();
+    assert!(first.await.unwrap().is_ok());
+    assert_eq!(t.state("p"), ServiceState::Parked);
+    assert_eq!(t.state("a"), ServiceState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_parks_and_resumes_as_the_same_instance() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "p",
+        Behaviour {
+            ready_after: Duration::from_secs(5),
+            wake_takes: Duration::from_millis(300),
+            ..Default::default()
+        },
+    );
+    let t = start_with(PARKING, effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    let pid = t.pid("p");
+    t.phase(1).await.unwrap();
+    assert_eq!(t.state("p"), ServiceState::Parked);
+    assert_eq!(t.pid("p"), pid, "parked, not stopped");
+    let began = Instant::now();
+    let report = t.phase(2).await.unwrap();
+    let ops: Vec<String> = report
+        .actions
+        .iter()
+        .map(|a| format!("{} {}", a.op, a.service))
+        .collect();
+    assert!(ops.contains(&"resume p".to_owned()), "{ops:?}");
+    assert_eq!(t.pid("p"), pid, "the same instance");
+    assert_eq!(t.state("p"), ServiceState::Ready);
+    // The wake time plus the ready check, not a 5 s cold start.
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(effects.count("start p"), 1);
+    let status = t.handle.status.borrow().services["p"].clone();
+    assert!(status.parked_at_ms.is_some() && status.resumed_at_ms.is_some());
+    assert_eq!(status.park.as_deref(), Some("http"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_park_falls_back_to_a_stop_and_a_failed_resume_to_a_cold_start() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "p",
+        Behaviour {
+            park_fails: true,
+            ..Default::default()
+        },
+    );
+    let t = start_with(PARKING, effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    let report = t.phase(1).await.unwrap();
+    let park = report.actions.iter().find(|a| a.service == "p").unwrap();
+    assert_eq!(park.op, "park");
+    let detail = park.outcome.as_ref().unwrap();
+    assert!(
+        detail.contains("the park failed") && detail.contains("stopped"),
+        "{detail}"
+    );
+    assert_eq!(t.state("p"), ServiceState::Stopped);
+    assert_eq!(t.pid("p"), None);
+
+    effects.behave(
+        "p",
+        Behaviour {
+            resume_fails: true,
+            ..Default::default()
+        },
+    );
+    t.phase(2).await.unwrap();
+    let parked_pid = t.pid("p");
+    t.phase(1).await.unwrap();
+    assert_eq!(t.state("p"), ServiceState::Parked);
+    let report = t.phase(2).await.unwrap();
+    let resume = report.actions.iter().find(|a| a.op == "resume").unwrap();
+    let detail = resume.outcome.as_ref().unwrap();
+    assert!(
+        detail.contains("the resume failed") && detail.contains("started cold"),
+        "{detail}"
+    );
+    assert_eq!(t.state("p"), ServiceState::Ready);
+    assert_ne!(t.pid("p"), parked_pid, "a new instance");
+    assert!(t.recent().contains(&"resume p".to_owned()));
+}
+
+fn name(service: &str) -> ServiceName {
+    ServiceName::parse(service).unwrap()
 }
