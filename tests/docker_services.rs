@@ -294,8 +294,8 @@ fn comfyui_and_ollama(unload_delay_ms: u64) -> Vec<Standin> {
 }
 
 #[test]
-fn ollama_unloads_its_models_instead_of_being_stopped() {
-    if !engine_or_skip("ollama_unloads_its_models_instead_of_being_stopped") {
+fn ollama_parks_by_unloading_its_models_and_resumes_in_the_same_container() {
+    if !engine_or_skip("ollama_parks_by_unloading_its_models_and_resumes_in_the_same_container") {
         return;
     }
     let mut h = Harness::new(comfyui_and_ollama(300));
@@ -318,15 +318,17 @@ fn ollama_unloads_its_models_instead_of_being_stopped() {
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
     let log = h.daemon_log();
     assert!(log.contains("asked Ollama to unload the model"), "{log}");
-    assert!(log.contains("left running"), "{log}");
+    assert!(
+        log.contains("parked: the GPU shows it down to its residual"),
+        "{log}"
+    );
+    assert!(log.contains("to=parked"), "{log}");
 
-    // Wanted again: the container is taken over as it runs, not started anew.
+    // Wanted again: the parked container is resumed as it runs, not started anew.
     h.set_desired("pinned: [ollama]\n");
-    h.wait_until("ollama is taken over", |h| {
-        h.daemon_log().contains("already runs: taking it over")
-    });
     h.wait_until("comfyui is stopped", |h| h.is_down("comfyui"));
-    assert!(h.is_ready("ollama"));
+    h.wait_until("ollama is resumed", |h| h.is_ready("ollama"));
+    assert!(h.daemon_log().contains("op=resume"), "{}", h.daemon_log());
     assert_eq!(h.container_started_at("ollama"), run, "never restarted");
 }
 
@@ -335,12 +337,10 @@ fn ollama_is_stopped_when_the_gpu_does_not_confirm_the_unload() {
     if !engine_or_skip("ollama_is_stopped_when_the_gpu_does_not_confirm_the_unload") {
         return;
     }
-    // The model's memory would only be freed after a minute; the GPU is given 1.5 s.
-    let mut h = Harness::new(comfyui_and_ollama(60_000));
-    h.gpu_config = h
-        .gpu_config
-        .replace("reclaim_timeout_ms: 10000", "reclaim_timeout_ms: 1500");
-    h.write_config("");
+    // The model's memory would only be freed after a minute; the park gives it 1.5 s.
+    let mut services = comfyui_and_ollama(60_000);
+    services[1].park_timeout_ms = Some(1500);
+    let mut h = Harness::new(services);
     h.create_containers();
     h.start_daemon();
     h.set_desired("pinned: [ollama]\n");
@@ -352,10 +352,7 @@ fn ollama_is_stopped_when_the_gpu_does_not_confirm_the_unload() {
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
     let log = h.daemon_log();
     assert!(log.contains("asked Ollama to unload the model"), "{log}");
-    assert!(
-        log.contains("eviction failed: stopping it instead"),
-        "{log}"
-    );
+    assert!(log.contains("park failed: stopping it instead"), "{log}");
 }
 
 #[test]

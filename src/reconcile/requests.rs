@@ -25,6 +25,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 reply,
             } => match self.accept_change(&change).await {
                 Ok(generation) => {
+                    // Asked again: a stop or park that found the service busy is tried
+                    // again now, not after its backoff.
+                    for record in self.records.iter_mut().filter(|r| r.busy) {
+                        record.forgive();
+                    }
+                    self.dirty = true;
                     if force {
                         // Drains under way, and those this state begins, end at once.
                         tracing::warn!(

@@ -73,8 +73,10 @@ pub struct Standin {
     pub start_timeout_ms: u64,
     pub port: u16,
     pub runtime: Runtime,
-    /// Speaks Ollama's API with this model loaded, and is evicted through it.
+    /// Speaks Ollama's API with this model loaded, and is parked through it
+    /// (`park: {kind: ollama}`, with `park_timeout_ms` when set).
     pub ollama_model: Option<&'static str>,
+    pub park_timeout_ms: Option<u64>,
     /// A native service run by `sh -c` with this script, in which `STANDIN` stands for
     /// the stand-in's own command line (e.g. `noisy-loop & exec STANDIN`).
     pub shell_script: Option<String>,
@@ -97,6 +99,7 @@ impl Standin {
             port: free_port(),
             runtime: Runtime::Native,
             ollama_model: None,
+            park_timeout_ms: None,
             shell_script: None,
             config_extra: String::new(),
         }
@@ -238,12 +241,16 @@ impl Harness {
                 Runtime::Docker { container } => {
                     let mut lines = format!("    kind: docker\n    container: {container}\n");
                     if s.ollama_model.is_some() {
+                        let timeout = s
+                            .park_timeout_ms
+                            .map(|ms| format!(", timeout_ms: {ms}"))
+                            .unwrap_or_default();
                         lines.push_str(&format!(
-                            "    evict: ollama\n    evict_url: \"http://127.0.0.1:{}\"\n",
+                            "    park: {{ kind: ollama, url: \"http://127.0.0.1:{}\"{timeout} }}\n",
                             s.port
                         ));
                     }
-                    lines
+                    lines + &s.config_extra
                 }
             };
             text.push_str(&format!(
