@@ -86,6 +86,7 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
         .map(|(name, service)| {
             let view = ServiceView {
                 observed_mb: service.observed_vram_mb,
+                learned_mb: service.learned_peak_mb,
                 ..ServiceView::new(Presence::Running)
             };
             Holder {
@@ -181,6 +182,9 @@ mod tests {
             phases: Vec::new(),
             declared_vram_mb: declared,
             observed_vram_mb: observed,
+            learned_peak_mb: None,
+            learned_residual_mb: None,
+            footprint_warning: None,
             pids: Vec::new(),
             container: None,
             wanted: false,

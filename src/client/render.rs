@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::can_fit::CanFit;
+use crate::footprints::Forgotten;
 use crate::status::{ActionRecord, DaemonEvent, Status};
 use crate::transition::TransitionReport;
 
@@ -126,6 +127,22 @@ pub fn can_fit(answer: &CanFit) -> String {
     out
 }
 
+/// `gpu-manager forget NAME`: what was reset.
+pub fn forgotten(answer: &Forgotten, whence: &str) -> String {
+    let service = &answer.service;
+    match &answer.forgotten {
+        None => format!("{service}: nothing was learned of its footprint ({whence})\n"),
+        Some(footprint) => {
+            let figure = |mb: Option<u64>| mb.map_or("-".to_owned(), |mb| format!("{mb} MB"));
+            format!(
+                "{service}: {whence} its learned peak {} and residual {}; it is budgeted at its declared vram_mb until it runs again\n",
+                figure(footprint.peak_mb),
+                figure(footprint.residual_mb)
+            )
+        }
+    }
+}
+
 pub fn event_line(event: &DaemonEvent) -> String {
     match event {
         DaemonEvent::DesiredAccepted {
@@ -232,6 +249,9 @@ mod tests {
                 phases: vec![2],
                 declared_vram_mb: 4096,
                 observed_vram_mb: None,
+                learned_peak_mb: None,
+                learned_residual_mb: None,
+                footprint_warning: None,
                 pids: Vec::new(),
                 container: None,
                 wanted: true,

@@ -69,11 +69,15 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         for record in self.records.iter_mut() {
             record.observed_mb = observed.get(record.name()).copied();
         }
+        self.learn_peaks();
         let now = Instant::now();
         let services = self
             .records
             .iter()
-            .map(|record| (record.name().clone(), view_of(record, now)))
+            .map(|record| {
+                let learned_mb = self.footprints.peak_mb(record.name());
+                (record.name().clone(), view_of(record, now, learned_mb))
+            })
             .collect();
         Observation {
             budget: self.budget(),
@@ -102,12 +106,17 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         }
     }
 
-    /// What the starts under way have yet to allocate, as far as the GPU shows.
+    /// What the starts under way have yet to allocate, as far as the GPU shows: each is
+    /// budgeted at its declared size or its learned peak.
     fn promised_mb(&self) -> u64 {
         self.records
             .iter()
             .filter(|r| r.starting())
-            .map(|r| r.spec.vram_mb.saturating_sub(r.observed_mb.unwrap_or(0)))
+            .map(|r| {
+                self.footprints
+                    .budget_mb(&r.spec)
+                    .saturating_sub(r.observed_mb.unwrap_or(0))
+            })
             .sum()
     }
 
@@ -125,7 +134,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 }
 
 /// The planner's view of one service: where it stands, and whether it may be acted on.
-fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
+fn view_of<I>(record: &Record<I>, now: Instant, learned_mb: Option<u64>) -> ServiceView {
     let presence = match (&record.in_flight, &record.instance) {
         (Some(flight), _) if flight.op == Op::Start && !flight.superseded => Presence::Starting,
         (Some(_), _) => Presence::Stopping,
@@ -146,6 +155,7 @@ fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
     ServiceView {
         presence,
         observed_mb: record.observed_mb,
+        learned_mb,
         gate,
         condition: record.condition.clone(),
     }
