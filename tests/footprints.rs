@@ -20,6 +20,8 @@ use sim_gpu::DeviceSpec;
 fn sixteen_gb() -> Harness {
     let mut vidi = Standin::new("vidi", 9000, 40, "[2]");
     vidi.declared_vram_mb = Some(4096);
+    // It allocates at once, then takes this long to answer its health check.
+    vidi.start_delay_ms = 1500;
     let h = Harness::new(vec![Standin::new("big", 8000, 100, "[2]"), vidi]);
     sim_gpu::SimGpuDir::create(
         h.gpu.path(),
@@ -87,9 +89,19 @@ fn a_learned_peak_survives_a_restart_and_keeps_an_over_budget_service_from_start
     assert_eq!(starts(&plan_phase_2(&api)), ["big 8000", "vidi 4096"]);
     assert_eq!(vidi(&api)["learned_peak_mb"], Value::Null);
 
-    // It runs once, alone: the GPU shows 9000 MB, which is learned, with a warning.
-    let reply = api.post("/gpu/service/vidi/start");
-    assert_eq!(reply.code, 200, "{}", reply.body);
+    // It runs once, alone: the GPU shows 9000 MB, which is learned once it is ready
+    // (not while it starts: a start's memory is still coming), with a warning.
+    let reply = api.post("/gpu/service/vidi/start?wait=false");
+    assert_eq!(reply.code, 202, "{}", reply.body);
+    h.wait_until("vidi starting, holding its 9000 MB", |_| {
+        let vidi = vidi(&api);
+        let seen = vidi["state"] == "starting" && vidi["observed_vram_mb"] == 9000;
+        assert!(
+            !seen || vidi["learned_peak_mb"].is_null(),
+            "learned while starting: {vidi}"
+        );
+        seen
+    });
     h.wait_until("vidi's 9000 MB learned", |_| {
         vidi(&api)["learned_peak_mb"] == 9000
     });
