@@ -7,6 +7,7 @@
 mod common;
 
 use std::process::Output;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -110,10 +111,20 @@ fn a_learned_peak_survives_a_restart_and_keeps_an_over_budget_service_from_start
         warning.contains("9000 MB") && warning.contains("4096 MB"),
         "{warning}"
     );
+    let file = h.path("state/footprints.json");
+    let saved = |_: &Harness| {
+        std::fs::read_to_string(&file).is_ok_and(|text| text.contains("\"peak_mb\": 9000"))
+    };
+    h.wait_until("the file holds vidi's 9000 MB", saved);
+    // Rounds that learn nothing new write nothing: three resyncs (500 ms) later, the
+    // file is the one written then.
+    let written = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(vidi(&api)["state"], "ready");
+    let again = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert_eq!(again, written, "no write without a new figure");
     let reply = api.post("/gpu/service/vidi/stop");
     assert_eq!(reply.code, 200, "{}", reply.body);
-    let file = std::fs::read_to_string(h.path("state/footprints.json")).expect("the file");
-    assert!(file.contains("\"peak_mb\": 9000"), "{file}");
     let warned = h.daemon_log().matches("was seen using 9000 MB").count();
     assert_eq!(warned, 1, "warned once per new peak:\n{}", h.daemon_log());
 
