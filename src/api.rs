@@ -195,10 +195,8 @@ pub fn routes(
             }
         })
         .untuple_one();
-    let post = warp::post()
-        .and(authorized)
-        .and(bounded_body())
-        .and(warp::query::<WaitQuery>());
+    let post_plain = warp::post().and(authorized).and(bounded_body());
+    let post = post_plain.clone().and(warp::query::<WaitQuery>());
 
     let status = warp::path!("gpu" / "status").and(warp::get()).map(move || {
         warp::reply::with_header(cache.body(), "content-type", "application/json").into_response()
@@ -227,6 +225,14 @@ pub fn routes(
         .and_then(|name: String, query: WaitQuery, handle| async move {
             let change = Change::Stop(service_name(&name, &handle)?);
             transition(handle, change, query).await
+        });
+    let forget = warp::path!("gpu" / "service" / String / "forget")
+        .and(post_plain)
+        .and(with_handle.clone())
+        .and_then(|name: String, handle| async move {
+            let service = service_name(&name, &handle)?;
+            let forgotten = ask(&handle, |reply| Command::Forget { service, reply }).await?;
+            Ok::<_, Rejection>(warp::reply::json(&forgotten).into_response())
         });
     let plan = warp::path!("gpu" / "plan")
         .and(warp::get())
@@ -273,6 +279,8 @@ pub fn routes(
         .or(start)
         .unify()
         .or(stop)
+        .unify()
+        .or(forget)
         .unify()
         .or(plan)
         .unify()
@@ -411,7 +419,7 @@ async fn recover(
     } else if rejection.is_not_found() {
         (
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics"}),
+            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|forget, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics"}),
         )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (

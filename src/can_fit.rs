@@ -3,7 +3,7 @@
 //!
 //! A pure function of the published status snapshot: it asks the reconciler nothing and
 //! changes nothing. It counts memory with the planner's rules (`plan::Budget` and
-//! `plan::footprint_mb`) and preempts as the planner does: services of higher (or
+//! `plan::footprint_mb`: declared, learned peak, or observed, whichever is most) and preempts as the planner does: services of higher (or
 //! equal) priority keep their room, then lower ones are kept, highest first, while they
 //! still fit in what is left; the rest would be stopped.
 
@@ -88,6 +88,7 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
         .map(|(name, service)| {
             let view = ServiceView {
                 observed_mb: service.observed_vram_mb,
+                learned_mb: service.learned_peak_mb,
                 ..ServiceView::new(Presence::Running)
             };
             let mb = match service.state {
@@ -191,6 +192,9 @@ mod tests {
             phases: Vec::new(),
             declared_vram_mb: declared,
             observed_vram_mb: observed,
+            learned_peak_mb: None,
+            learned_residual_mb: None,
+            footprint_warning: None,
             pids: Vec::new(),
             container: None,
             wanted: false,
@@ -244,6 +248,15 @@ mod tests {
     fn a_service_counts_for_more_than_declared_when_the_gpu_shows_more() {
         let status = rtx4090(&[("vidi", Some(6000))]);
         assert_eq!(can_fit(&status, 1, None).free_mb, 23040 - 6000);
+    }
+
+    #[test]
+    fn a_running_service_counts_for_its_learned_peak() {
+        // Vidi holds 4096 MB now but was seen to take 9000: it may grow back to it.
+        let mut status = rtx4090(&[("vidi", Some(4096))]);
+        status.services.get_mut("vidi").unwrap().learned_peak_mb = Some(9000);
+        assert_eq!(can_fit(&status, 1, None).free_mb, 23040 - 9000);
+        assert!(!can_fit(&status, 14041, None).fits);
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! or a deleted file, is refused and the last good state stays in force.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::{Inventory, Phase, ServiceName};
+use crate::durable::{self, folder_of, WriteError};
 
 /// `phase` + `pinned` - `held`: the contract's desired state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,35 +195,22 @@ pub fn create_if_missing(path: &Path) -> Result<bool, DesiredError> {
     Ok(true)
 }
 
-/// Writes the file so that a reader sees the old or the new content, never half of it:
-/// a temp file in the same folder, fsync, rename, then fsync the folder. An error before
-/// the rename changed nothing ([`DesiredError::NotWritten`]); one after it left the new
-/// state in place ([`DesiredError::NotDurable`]).
+/// Writes the file so that a reader sees the old or the new content, never half of it
+/// (see [`durable::write_atomic`]). An error before the rename changed nothing
+/// ([`DesiredError::NotWritten`]); one after it left the new state in place
+/// ([`DesiredError::NotDurable`]).
 pub fn write_atomic(path: &Path, state: &DesiredState) -> Result<(), DesiredError> {
-    let not_written = |source| DesiredError::NotWritten {
-        path: path.to_owned(),
-        source,
-    };
-    let folder = folder_of(path);
-    std::fs::create_dir_all(folder).map_err(not_written)?;
-    let temp = temp_path(path);
-    let mut file = std::fs::File::create(&temp).map_err(not_written)?;
-    let written = file
-        .write_all(state.to_yaml().as_bytes())
-        .and_then(|()| file.sync_all());
-    drop(file);
-    if let Err(source) = written.and_then(|()| std::fs::rename(&temp, path)) {
-        // Best effort: the error below is what matters.
-        let _ = std::fs::remove_file(&temp);
-        return Err(not_written(source));
-    }
-    std::fs::File::open(folder)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|source| DesiredError::NotDurable {
+    durable::write_atomic(path, state.to_yaml().as_bytes()).map_err(|error| match error {
+        WriteError::NotWritten(source) => DesiredError::NotWritten {
             path: path.to_owned(),
-            folder: folder.to_owned(),
             source,
-        })
+        },
+        WriteError::NotDurable { folder, source } => DesiredError::NotDurable {
+            path: path.to_owned(),
+            folder,
+            source,
+        },
+    })
 }
 
 /// [`write_atomic`] on a blocking thread: it waits on fsync, which must not hold up an
@@ -239,23 +226,6 @@ pub async fn save(path: &Path, state: &DesiredState) -> Result<(), DesiredError>
             source: std::io::Error::other(error.to_string()),
         }),
     }
-}
-
-/// The folder holding `path`; a bare file name's folder is the working directory (its
-/// parent is the empty path, which cannot be opened).
-fn folder_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }
 
 /// Keeps the folder watch alive; dropping it stops watching.
@@ -410,12 +380,6 @@ services:
         std::fs::write(&path, "phase: 3\n").unwrap();
         assert!(!create_if_missing(&path).unwrap());
         assert_eq!(load(&path, &inventory()).unwrap().phase, Some(3));
-    }
-
-    #[test]
-    fn a_bare_file_name_lives_in_the_working_directory() {
-        assert_eq!(folder_of(Path::new("state.yaml")), Path::new("."));
-        assert_eq!(folder_of(Path::new("/x/state.yaml")), Path::new("/x"));
     }
 
     #[test]

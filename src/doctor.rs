@@ -15,6 +15,7 @@ use crate::act::native::recorded_pid;
 use crate::api::Auth;
 use crate::config::{Config, Runtime, ServiceSpec};
 use crate::daemon;
+use crate::footprints::Footprints;
 use crate::observe::process::ProcessTable;
 use crate::plan::Budget;
 use crate::reconcile::GpuSource;
@@ -575,8 +576,18 @@ async fn answers_healthz(addr: SocketAddr) -> bool {
     }
 }
 
-/// Every phase's services fit the budget together, by their declared sizes.
+/// Every phase's services fit the budget together, each at its declared size or, when
+/// the daemon learned it takes more, at its learned peak (src/footprints.rs).
 fn check_phases_fit(report: &mut Report, config: &Config, gpu_total: Option<u64>) {
+    let footprints =
+        Footprints::load(&config.state_dir, &config.inventory).unwrap_or_else(|error| {
+            report.warn(
+                "footprints",
+                error.to_string(),
+                "the phases below are checked at the declared sizes alone".into(),
+            );
+            Footprints::empty(&config.state_dir)
+        });
     let Some(total_mb) = gpu_total else {
         report.warn(
             "phases",
@@ -594,10 +605,18 @@ fn check_phases_fit(report: &mut Report, config: &Config, gpu_total: Option<u64>
     .usable_mb();
     for phase in config.inventory.phases() {
         let wanted: Vec<&ServiceSpec> = config.inventory.in_phase(phase).collect();
-        let need: u64 = wanted.iter().map(|s| s.vram_mb).sum();
+        let need: u64 = wanted.iter().map(|s| footprints.budget_mb(s)).sum();
         let names: Vec<String> = wanted
             .iter()
-            .map(|s| format!("{} {} MB", s.name, s.vram_mb))
+            .map(|s| match footprints.budget_mb(s) {
+                mb if mb > s.vram_mb => {
+                    format!(
+                        "{} {mb} MB (learned peak; declared {} MB)",
+                        s.name, s.vram_mb
+                    )
+                }
+                mb => format!("{} {mb} MB", s.name),
+            })
             .collect();
         let detail = format!(
             "phase {phase}: {} = {need} MB of a {budget} MB budget ({total_mb} MB - {} MB reserve)",
@@ -610,7 +629,7 @@ fn check_phases_fit(report: &mut Report, config: &Config, gpu_total: Option<u64>
             report.fail(
                 "phases",
                 detail,
-                format!("prepare_for_phase({phase}) would leave the lowest priorities preempted: lower their vram_mb, or move a service to another phase"),
+                format!("prepare_for_phase({phase}) would leave the lowest priorities preempted: lower their vram_mb (a learned peak is reset by `gpu-manager forget NAME`), or move a service to another phase"),
             );
         }
     }

@@ -12,6 +12,8 @@ pub mod dashboard;
 pub mod demo;
 pub mod desired;
 pub mod doctor;
+pub mod durable;
+pub mod footprints;
 pub mod history;
 pub mod lease;
 pub mod metrics;

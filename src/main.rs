@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use gpu_manager::client::{self, Client, Request};
 use gpu_manager::config::Config;
+use gpu_manager::footprints::Footprints;
 use gpu_manager::observe::gpu::Gpu;
 use gpu_manager::observe::nvml::NvmlGpu;
 use gpu_manager::reconcile::GpuSource;
@@ -128,6 +129,13 @@ enum Command {
     },
     /// Ask a running daemon to stop a service and hold it stopped.
     Stop {
+        name: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Reset what was learned of a service's VRAM footprint (its peak and residual):
+    /// through the daemon when it answers, else in the config's state_dir directly.
+    Forget {
         name: String,
         #[command(flatten)]
         daemon: DaemonArgs,
@@ -322,9 +330,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 state.held.clear();
                 state.check_against(&config.desired_state, &config.inventory)?;
             }
+            let footprints = Footprints::load_or_empty(&config.state_dir, &config.inventory);
+            let inventory = config.inventory.clone();
             let reconciler = daemon::build_read_only(Arc::new(config)).await?;
             let plan = reconciler.dry_run(&state).await;
             print!("{}", plan::render(&plan));
+            print!("{}", footprints.render(&inventory));
         }
         Command::ServiceLog { .. } => unreachable!("handled in main, before the runtime"),
         Command::Validate { config } => {
@@ -379,6 +390,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Start { name, daemon } => return Ok(daemon.run(Some(Request::Start(name))).await),
         Command::Stop { name, daemon } => return Ok(daemon.run(Some(Request::Stop(name))).await),
+        Command::Forget { name, daemon } => {
+            let client = daemon.client();
+            let config = daemon.config.as_deref();
+            return Ok(client::run_forget(client, config, &name, daemon.json).await);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -88,8 +88,11 @@ pub struct ServiceView {
     pub presence: Presence,
     /// VRAM the GPU attributes to the service's processes, when a GPU is observed.
     pub observed_mb: Option<u64>,
-    /// What a park left it holding, as observed last time; None: the configured
-    /// `park.residual_mb` is trusted.
+    /// The peak VRAM it was seen to take in earlier runs (src/footprints.rs): a start
+    /// is budgeted at it when it exceeds the declared size.
+    pub learned_mb: Option<u64>,
+    /// What a park left it holding, as observed before (src/footprints.rs); None: the
+    /// configured `park.residual_mb` is trusted.
     pub learned_residual_mb: Option<u64>,
     pub gate: StartGate,
     pub condition: Condition,
@@ -104,6 +107,7 @@ impl ServiceView {
         Self {
             presence,
             observed_mb: None,
+            learned_mb: None,
             learned_residual_mb: None,
             gate: StartGate::Open,
             condition: Condition::Healthy,
@@ -268,8 +272,8 @@ pub fn render(plan: &Plan) -> String {
     out
 }
 
-/// The VRAM a service needs when it runs: its declared need, or more if the GPU shows
-/// more while it runs.
+/// The VRAM a service needs when it runs: its declared need, or more if it was seen to
+/// take more (its learned peak), or if the GPU shows more while it runs.
 fn footprint(spec: &ServiceSpec, view: &ServiceView) -> u64 {
     footprint_mb(spec.vram_mb, view)
 }
@@ -277,10 +281,22 @@ fn footprint(spec: &ServiceSpec, view: &ServiceView) -> u64 {
 /// [`footprint`] from a declared size alone, for readers of the status snapshot
 /// (`GET /gpu/can-fit`) that have no [`ServiceSpec`].
 pub fn footprint_mb(declared_mb: u64, view: &ServiceView) -> u64 {
+    let known = declared_mb.max(view.learned_mb.unwrap_or(0));
     match view.presence {
         // What a parked service shows is its residual, not what it needs to run.
-        Presence::Parked | Presence::Stopped => declared_mb,
-        _ => declared_mb.max(view.observed_mb.unwrap_or(0)),
+        Presence::Parked | Presence::Stopped => known,
+        _ => known.max(view.observed_mb.unwrap_or(0)),
+    }
+}
+
+/// Why a service counts for more than it declares, for reasons people read.
+fn beyond_declared(spec: &ServiceSpec, view: &ServiceView, need: u64) -> String {
+    if need <= spec.vram_mb {
+        String::new()
+    } else if view.learned_mb == Some(need) {
+        format!(" (its learned peak; declared vram_mb {} MB)", spec.vram_mb)
+    } else {
+        format!(" (observed; declared vram_mb {} MB)", spec.vram_mb)
     }
 }
 
@@ -367,7 +383,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
                     kept.push((spec, need));
                     Verdict::Run
                 } else {
-                    shortfall_verdict(spec, need, remaining, &kept, &observed.budget)
+                    shortfall_verdict(spec, view, need, remaining, &kept, &observed.budget)
                 }
             }
         };
@@ -492,6 +508,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
 
 fn shortfall_verdict(
     spec: &ServiceSpec,
+    view: &ServiceView,
     need: u64,
     remaining: u64,
     kept: &[(&ServiceSpec, u64)],
@@ -499,6 +516,7 @@ fn shortfall_verdict(
 ) -> Verdict {
     let shortfall_mb = need - remaining;
     let usable = budget.usable_mb();
+    let why_need = beyond_declared(spec, view, need);
     let held_by_others = format!(
         "{} MB external, {} MB reserve",
         budget.external_mb, budget.reserve_mb
@@ -506,7 +524,7 @@ fn shortfall_verdict(
     if need > usable {
         return Verdict::Refused {
             reason: format!(
-                "{} needs {need} MB but the GPU can give at most {usable} MB ({} MB total - {held_by_others}): {shortfall_mb} MB missing even with every other service stopped",
+                "{} needs {need} MB{why_need} but the GPU can give at most {usable} MB ({} MB total - {held_by_others}): {shortfall_mb} MB missing even with every other service stopped",
                 spec.name, budget.total_mb
             ),
             shortfall_mb,
@@ -518,7 +536,7 @@ fn shortfall_verdict(
         .collect();
     Verdict::Preempted {
         reason: format!(
-            "{} (priority {}) needs {need} MB, {shortfall_mb} MB more than is left: held by higher-priority {}, plus {held_by_others}",
+            "{} (priority {}) needs {need} MB{why_need}, {shortfall_mb} MB more than is left: held by higher-priority {}, plus {held_by_others}",
             spec.name,
             spec.priority,
             holders.join(", ")
@@ -820,6 +838,65 @@ pub(crate) mod tests {
         assert!(p.is_empty());
     }
 
+    #[test]
+    fn a_learned_peak_above_declared_is_what_a_start_is_budgeted_at() {
+        // 16 GB GPU, nothing external: 15872 MB usable. Vidi declared 4096 fits beside
+        // 8000 MB; once it was seen to take 9000 it does not.
+        let inv = Inventory::new(vec![
+            spec("big", 8000, 100, vec![2]),
+            spec("vidi", 4096, 40, vec![2]),
+        ]);
+        let mut observed = Observation {
+            budget: Budget {
+                total_mb: 16384,
+                reserve_mb: 512,
+                external_mb: 0,
+            },
+            services: BTreeMap::new(),
+        };
+        let before = plan(&inv, &phase(2), &observed);
+        assert_eq!(steps(&before), ["start big", "start vidi"]);
+
+        observed.services.insert(
+            name("vidi"),
+            ServiceView {
+                learned_mb: Some(9000),
+                ..ServiceView::stopped()
+            },
+        );
+        let after = plan(&inv, &phase(2), &observed);
+        assert_eq!(steps(&after), ["start big"]);
+        let Some(Verdict::Preempted {
+            reason,
+            shortfall_mb,
+        }) = after.verdict(&name("vidi"))
+        else {
+            panic!("vidi should be preempted: {after:?}");
+        };
+        assert_eq!(*shortfall_mb, 9000 - (15872 - 8000));
+        assert!(
+            reason.contains("needs 9000 MB (its learned peak; declared vram_mb 4096 MB)"),
+            "{reason}"
+        );
+
+        // Alone, it is started, and budgeted at the learned figure.
+        let alone = plan(
+            &inv,
+            &DesiredState {
+                pinned: vec![name("vidi")],
+                ..Default::default()
+            },
+            &observed,
+        );
+        assert_eq!(alone.actions[0].vram_mb, 9000);
+        // A learned peak below the declared size changes nothing.
+        observed.services.get_mut(&name("vidi")).unwrap().learned_mb = Some(2000);
+        assert_eq!(
+            steps(&plan(&inv, &phase(2), &observed)),
+            ["start big", "start vidi"]
+        );
+    }
+
     // ---- properties ----
 
     fn arb_case() -> impl Strategy<Value = (Inventory, DesiredState, Observation)> {
@@ -868,6 +945,7 @@ pub(crate) mod tests {
                         ServiceView {
                             presence,
                             observed_mb,
+                            learned_mb: None,
                             learned_residual_mb: None,
                             gate: if open {
                                 StartGate::Open

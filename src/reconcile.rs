@@ -7,6 +7,7 @@
 
 mod backend;
 mod effects;
+mod learned;
 mod observe;
 mod records;
 mod requests;
@@ -29,6 +30,7 @@ use crate::act::ExitInfo;
 use crate::clock::now_ms;
 use crate::config::{Config, ServiceName, ServiceSpec};
 use crate::desired::{self, DesiredState};
+use crate::footprints::{Footprints, Forgotten};
 use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
 use crate::observe::gpu::SharedGpu;
 use crate::plan::{self, Action, Cause, Condition, Op, Plan, Verdict};
@@ -82,6 +84,11 @@ pub enum Command {
     Plan {
         change: Option<Change>,
         reply: oneshot::Sender<Result<Plan, TransitionError>>,
+    },
+    /// Reset what was learned of a service's footprint; answered once the file is saved.
+    Forget {
+        service: ServiceName,
+        reply: oneshot::Sender<Result<Forgotten, TransitionError>>,
     },
 }
 
@@ -160,6 +167,10 @@ pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     generation: u64,
     converged_generation: u64,
     records: Records<E::Instance>,
+    /// What each service was seen to take (src/footprints.rs), and the write of its
+    /// file under way, if any.
+    footprints: Footprints,
+    footprints_write: Option<learned::FootprintsWrite>,
     gpu_view: GpuView,
     history: Vec<ActionRecord>,
     transitions: TransitionStats,
@@ -195,6 +206,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let (commands_tx, commands_rx) = mpsc::channel(64);
         let (status_tx, _) = watch::channel(Status::default());
         let records = Records::new(&config.inventory);
+        let footprints = Footprints::load_or_empty(&config.state_dir, &config.inventory);
         let mut reconciler = Self {
             config,
             gpu,
@@ -206,6 +218,8 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             generation: 0,
             converged_generation: 0,
             records,
+            footprints,
+            footprints_write: None,
             gpu_view: GpuView::default(),
             history: Vec::new(),
             transitions: TransitionStats::default(),
@@ -540,6 +554,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         if let Some(at) = retries.min() {
             self.wake_at(at);
         }
+        self.save_footprints();
         self.publish();
     }
 
@@ -923,11 +938,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 residual_mb,
             } => {
                 record.parked = Some(ParkedAt { pids });
-                record.learned_residual_mb = Some(residual_mb);
                 record.parked_at_ms = Some(now_ms());
                 record.condition = Condition::Healthy;
                 record.forgive();
                 record.set_state(ServiceState::Parked);
+                self.footprints.observe_residual(&spec_name, residual_mb);
                 (
                     Ok(format!("{detail}; the GPU shows {residual_mb} MB left")),
                     None,
@@ -1235,6 +1250,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             record.stop_monitor();
         }
         self.waiters.fail_all(TransitionError::shutting_down());
+        if let Err(error) = self.flush_footprints().await {
+            tracing::warn!(%error, "learned footprints not saved at shutdown");
+        }
         self.lease.step_down().await;
         self.lease_held = false;
         self.publish();

@@ -80,6 +80,17 @@ pub struct ServiceStatus {
     pub phases: Vec<Phase>,
     pub declared_vram_mb: u64,
     pub observed_vram_mb: Option<u64>,
+    /// The most VRAM it was seen to take while ready, kept across restarts
+    /// (src/footprints.rs): starts are budgeted at it when it exceeds the declared size.
+    #[serde(default)]
+    pub learned_peak_mb: Option<u64>,
+    /// The most it was seen to hold while parked.
+    #[serde(default)]
+    pub learned_residual_mb: Option<u64>,
+    /// Set when what it was seen to take (now, or its learned peak) exceeds its declared
+    /// `vram_mb` by more than 10 %: what was seen, and what to do.
+    #[serde(default)]
+    pub footprint_warning: Option<String>,
     pub pids: Vec<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
@@ -255,6 +266,9 @@ impl ServiceStatus {
             phases,
             declared_vram_mb: declared_mb,
             observed_vram_mb: Some(observed_mb),
+            learned_peak_mb: None,
+            learned_residual_mb: None,
+            footprint_warning: None,
             pids: vec![1],
             container: None,
             wanted: true,

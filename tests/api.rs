@@ -286,6 +286,17 @@ fn posts_need_the_bearer_token_when_one_is_configured() {
     assert_eq!(api.get("/gpu/status").code, 200, "reads need no token");
     let report = ok(api.post_authorized("/gpu/prepare-phase/2", Some("Bearer s3cret-t0ken")));
     assert_eq!(ops(&report), ["start vidi"]);
+    let learned = |api: &Api| api.status()["services"]["vidi"]["learned_peak_mb"].clone();
+    h.wait_until("vidi's peak learned", |_| learned(&api) == 4096);
+    refused(api.post_authorized("/gpu/service/vidi/forget", None), 401);
+    assert_eq!(
+        learned(&api),
+        4096,
+        "an unauthorized forget changed nothing"
+    );
+    let forgotten =
+        ok(api.post_authorized("/gpu/service/vidi/forget", Some("Bearer s3cret-t0ken")));
+    assert_eq!(forgotten["forgotten"]["peak_mb"], 4096, "{forgotten}");
     assert!(
         !h.daemon_log().contains("s3cret-t0ken"),
         "the token is never logged"

@@ -90,6 +90,7 @@ fn the_document_is_served_and_covers_every_route() {
             "/gpu/history",
             "/gpu/plan",
             "/gpu/prepare-phase/{n}",
+            "/gpu/service/{name}/forget",
             "/gpu/service/{name}/start",
             "/gpu/service/{name}/stop",
             "/gpu/status",
@@ -175,6 +176,17 @@ fn real_answers_errors_and_events_match_the_document() {
     }
     api.wait_state("cosyvoice", "ready");
     conforms(&doc, "post", stop, &api.post("/gpu/service/cosyvoice/stop"));
+    let forget = "/gpu/service/{name}/forget";
+    let forgotten = conforms(&doc, "post", forget, &api.post("/gpu/service/vidi/forget"));
+    assert_eq!(
+        forgotten["forgotten"]["peak_mb"], 4096,
+        "vidi ran: {forgotten}"
+    );
+    let forgotten = conforms(&doc, "post", forget, &api.post("/gpu/service/vidi/forget"));
+    assert_eq!(forgotten["forgotten"], Value::Null, "{forgotten}");
+    let unknown = api.post("/gpu/service/nosuch/forget");
+    assert_eq!(unknown.code, 404, "{}", unknown.body);
+    conforms(&doc, "post", forget, &unknown);
 
     for (path, template, code) in [
         ("/gpu/plan?phase=4", "/gpu/plan", 200),

@@ -1,4 +1,5 @@
-//! The client commands (`status`, `can-fit MB`, `phase N`, `start NAME`, `stop NAME`): they talk to a
+//! The client commands (`status`, `can-fit MB`, `phase N`, `start NAME`, `stop NAME`,
+//! `forget NAME`): they talk to a
 //! running daemon over its HTTP API. Transitions follow `GET /gpu/events` while the POST
 //! is pending, so people see each action and state change as it happens.
 //!
@@ -16,7 +17,8 @@ use reqwest::{StatusCode, Url};
 use tokio::sync::mpsc;
 
 use crate::can_fit::CanFit;
-use crate::config::{Config, Phase};
+use crate::config::{Config, Phase, ServiceName};
+use crate::footprints::{Footprints, Forgotten};
 use crate::status::{DaemonEvent, Status};
 use crate::transition::TransitionReport;
 
@@ -185,6 +187,27 @@ impl Client {
             render::can_fit(&answer)
         };
         Ok((answer.fits, text))
+    }
+
+    /// `gpu-manager forget NAME`: asks the daemon to reset what it learned of NAME.
+    pub async fn forget(&self, name: &str, json: bool) -> Result<String, ClientError> {
+        let segments = ["gpu", "service", name, "forget"].map(String::from);
+        let url = self.url(&segments);
+        let mut post = self.http.post(url.clone()).timeout(READ_TIMEOUT);
+        if let Some(token) = &self.token {
+            post = post.bearer_auth(token);
+        }
+        let response = post.send().await.map_err(|e| self.unreachable(&e))?;
+        let body = answer(&url, response).await?;
+        if json {
+            return Ok(format!("{body}\n"));
+        }
+        let forgotten: Forgotten =
+            serde_json::from_str(&body).map_err(|e| ClientError::Protocol {
+                url: url.to_string(),
+                detail: format!("not a forget answer: {e}"),
+            })?;
+        Ok(render::forgotten(&forgotten, "the daemon forgot"))
     }
 
     /// `gpu-manager status`: the table, or the daemon's JSON with `json`.
@@ -408,6 +431,69 @@ pub async fn run_can_fit(
         Err(error) => Err(error),
     };
     finish(result, json)
+}
+
+/// `gpu-manager forget NAME`: through the daemon when it answers; when it cannot be
+/// reached and `config` is given, in `state_dir/footprints.json` directly, saying so.
+pub async fn run_forget(
+    client: Result<Client, ClientError>,
+    config: Option<&Path>,
+    name: &str,
+    json: bool,
+) -> ExitCode {
+    let result = match client {
+        Ok(client) => match (client.forget(name, json).await, config) {
+            (Err(ClientError::Unreachable { url, .. }), Some(config)) => {
+                forget_in_file(config, name, json).map(|text| {
+                    let note = format!("gpu-manager does not answer at {url}: edited the file directly; a daemon running elsewhere with this state_dir keeps what it learned in memory");
+                    if json {
+                        eprintln!("{note}");
+                        text
+                    } else {
+                        format!("{note}\n{text}")
+                    }
+                })
+            }
+            (result, _) => result,
+        },
+        Err(error) => Err(error),
+    };
+    finish(result.map(|text| (true, text)), json)
+}
+
+/// Resets what was learned of `name` in the file of the config's `state_dir`.
+fn forget_in_file(config: &Path, name: &str, json: bool) -> Result<String, ClientError> {
+    let config = Config::load(config).map_err(|e| ClientError::Setup(e.to_string()))?;
+    let service = ServiceName::parse(name)
+        .ok()
+        .filter(|n| config.inventory.get(n).is_some())
+        .ok_or_else(|| {
+            let known: Vec<String> = config
+                .inventory
+                .names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            ClientError::Setup(format!(
+                "unknown service {name:?}: known services are {}",
+                known.join(", ")
+            ))
+        })?;
+    let mut footprints = Footprints::load(&config.state_dir, &config.inventory)
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+    let forgotten = Forgotten {
+        service: service.to_string(),
+        forgotten: footprints.forget(&service),
+    };
+    footprints
+        .save()
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
+    if json {
+        let body = serde_json::to_string(&forgotten).expect("a forget answer serializes");
+        return Ok(format!("{body}\n"));
+    }
+    let whence = format!("forgot in {}", footprints.path().display());
+    Ok(render::forgotten(&forgotten, &whence))
 }
 
 /// Prints a command's answer (stdout) or error (stderr; with `--json` the daemon's error

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::can_fit::CanFit;
+use crate::footprints::Forgotten;
 use crate::status::{ActionRecord, DaemonEvent, Status};
 use crate::transition::TransitionReport;
 
@@ -71,14 +72,15 @@ pub fn status_table(status: &Status) -> String {
     let _ = writeln!(out, "LEASE {lease} ({})\n", status.lock.backend);
     let _ = writeln!(
         out,
-        "{:<12} {:<10} {:>9} {:>9} {:>5}  WHY",
-        "SERVICE", "STATE", "DECLARED", "OBSERVED", "PRIO"
+        "{:<12} {:<10} {:>9} {:>9} {:>9} {:>5}  WHY",
+        "SERVICE", "STATE", "DECLARED", "OBSERVED", "LEARNED", "PRIO"
     );
+    let mut warnings = Vec::new();
     for (name, service) in &status.services {
-        let observed = service
-            .observed_vram_mb
-            .map(|mb| format!("{mb} MB"))
-            .unwrap_or_else(|| "-".to_owned());
+        let figure = |mb: Option<u64>| mb.map_or_else(|| "-".to_owned(), |mb| format!("{mb} MB"));
+        let observed = figure(service.observed_vram_mb);
+        let learned = figure(service.learned_peak_mb);
+        warnings.extend(service.footprint_warning.clone());
         let why = match (&service.last_error, &service.reason) {
             (Some(error), Some(reason)) => format!("{reason}; last error: {}", first_line(error)),
             (Some(error), None) => format!("last error: {}", first_line(error)),
@@ -86,12 +88,15 @@ pub fn status_table(status: &Status) -> String {
             (None, None) => String::new(),
         };
         let line = format!(
-            "{name:<12} {:<10} {:>6} MB {observed:>9} {:>5}  {why}",
+            "{name:<12} {:<10} {:>6} MB {observed:>9} {learned:>9} {:>5}  {why}",
             service.state.to_string(),
             service.declared_vram_mb,
             service.priority,
         );
         let _ = writeln!(out, "{}", line.trim_end());
+    }
+    for warning in warnings {
+        let _ = writeln!(out, "warning: {warning}");
     }
     out
 }
@@ -124,6 +129,22 @@ pub fn can_fit(answer: &CanFit) -> String {
         let _ = writeln!(out, "would preempt: {}", answer.would_preempt.join(", "));
     }
     out
+}
+
+/// `gpu-manager forget NAME`: what was reset.
+pub fn forgotten(answer: &Forgotten, whence: &str) -> String {
+    let service = &answer.service;
+    match &answer.forgotten {
+        None => format!("{service}: nothing was learned of its footprint ({whence})\n"),
+        Some(footprint) => {
+            let figure = |mb: Option<u64>| mb.map_or("-".to_owned(), |mb| format!("{mb} MB"));
+            format!(
+                "{service}: {whence} its learned peak {} and residual {}; it is budgeted at its declared vram_mb until it runs again\n",
+                figure(footprint.peak_mb),
+                figure(footprint.residual_mb)
+            )
+        }
+    }
 }
 
 pub fn event_line(event: &DaemonEvent) -> String {
@@ -232,6 +253,9 @@ mod tests {
                 phases: vec![2],
                 declared_vram_mb: 4096,
                 observed_vram_mb: None,
+                learned_peak_mb: Some(9000),
+                learned_residual_mb: None,
+                footprint_warning: Some("vidi was seen using 9000 MB".into()),
                 pids: Vec::new(),
                 container: None,
                 wanted: true,
@@ -249,8 +273,12 @@ mod tests {
         assert!(table.contains("5120/24576 MB used"), "{table}");
         let line = table.lines().find(|l| l.starts_with("vidi")).unwrap();
         assert!(
-            line.contains("failed") && line.contains("4096 MB"),
-            "{line}"
+            line.contains("failed") && line.contains("4096 MB         -   9000 MB"),
+            "declared, observed, learned: {line}"
+        );
+        assert!(
+            table.ends_with("warning: vidi was seen using 9000 MB\n"),
+            "{table}"
         );
         assert!(
             line.ends_with("restarting in 2s; last error: vidi exited"),

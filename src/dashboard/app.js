@@ -370,14 +370,14 @@ function renderLease(lock) {
   byId("lease").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { "data-fact": name, text: value })]));
 }
 
-const SERVICE_CELLS = ["name", "state", "declared", "observed", "priority", "phases", "wanted", "reason",
+const SERVICE_CELLS = ["name", "state", "declared", "observed", "learned", "priority", "phases", "wanted", "reason",
   "restarts", "where", "error"];
 
 // One row per service, built once with its buttons, then updated cell by cell.
 function serviceRow(name) {
   const cells = SERVICE_CELLS.map((cell) => el("td", { "data-cell": cell }));
   cells[0].textContent = name;
-  for (const cell of ["declared", "observed", "priority", "restarts"]) cells[SERVICE_CELLS.indexOf(cell)].className = "num";
+  for (const cell of ["declared", "observed", "learned", "priority", "restarts"]) cells[SERVICE_CELLS.indexOf(cell)].className = "num";
   cells[SERVICE_CELLS.indexOf("reason")].className = "reason";
   cells[SERVICE_CELLS.indexOf("error")].className = "error";
   cells[SERVICE_CELLS.indexOf("state")].append(el("span", { class: "state" }));
@@ -404,6 +404,7 @@ function renderServices(status) {
     const text = {
       declared: mb(s.declared_vram_mb),
       observed: mb(s.observed_vram_mb),
+      learned: mb(s.learned_peak_mb),
       priority: String(s.priority),
       phases: s.phases.join(", ") || "-",
       wanted,
@@ -413,6 +414,7 @@ function renderServices(status) {
       error: s.last_error || "",
     };
     for (const [cell, value] of Object.entries(text)) row.querySelector(`[data-cell="${cell}"]`).textContent = value;
+    row.querySelector('[data-cell="learned"]').title = s.footprint_warning || "";
     const badge = row.querySelector(".state");
     badge.className = `state state-${s.state}`;
     badge.textContent = s.state;

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use tokio::time::Instant;
 
 use crate::config::ServiceName;
+use crate::footprints::Footprint;
 use crate::lease::LeaseBackend;
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::owners::Owners;
@@ -69,11 +70,15 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         for record in self.records.iter_mut() {
             record.observed_mb = observed.get(record.name()).copied();
         }
+        self.learn_peaks();
         let now = Instant::now();
         let services = self
             .records
             .iter()
-            .map(|record| (record.name().clone(), view_of(record, now)))
+            .map(|record| {
+                let learned = self.footprints.get(record.name());
+                (record.name().clone(), view_of(record, now, learned))
+            })
             .collect();
         Observation {
             budget: self.budget(),
@@ -102,12 +107,17 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         }
     }
 
-    /// What the starts under way have yet to allocate, as far as the GPU shows.
+    /// What the starts under way have yet to allocate, as far as the GPU shows: each is
+    /// budgeted at its declared size or its learned peak.
     fn promised_mb(&self) -> u64 {
         self.records
             .iter()
             .filter(|r| r.starting())
-            .map(|r| r.spec.vram_mb.saturating_sub(r.observed_mb.unwrap_or(0)))
+            .map(|r| {
+                self.footprints
+                    .budget_mb(&r.spec)
+                    .saturating_sub(r.observed_mb.unwrap_or(0))
+            })
             .sum()
     }
 
@@ -125,7 +135,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 }
 
 /// The planner's view of one service: where it stands, and whether it may be acted on.
-fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
+fn view_of<I>(record: &Record<I>, now: Instant, learned: Option<&Footprint>) -> ServiceView {
     let presence = match (&record.in_flight, &record.instance) {
         (Some(flight), _) if flight.superseded => Presence::Stopping,
         (Some(flight), _) => match flight.op {
@@ -151,7 +161,8 @@ fn view_of<I>(record: &Record<I>, now: Instant) -> ServiceView {
     ServiceView {
         presence,
         observed_mb: record.observed_mb,
-        learned_residual_mb: record.learned_residual_mb,
+        learned_mb: learned.and_then(|f| f.peak_mb),
+        learned_residual_mb: learned.and_then(|f| f.residual_mb),
         gate,
         condition: record.condition.clone(),
     }

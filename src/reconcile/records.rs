@@ -65,8 +65,6 @@ pub(super) struct Record<I> {
     pub room_wait: Option<RoomWait>,
     /// Alive but parked: its instance holds only its residual.
     pub parked: Option<ParkedAt>,
-    /// What its last park left it holding, as the GPU showed it.
-    pub learned_residual_mb: Option<u64>,
     pub parked_at_ms: Option<u64>,
     pub resumed_at_ms: Option<u64>,
     /// Its last stop or park found it busy: the gate is closed until `retry_at`.
@@ -91,7 +89,6 @@ impl<I> Record<I> {
             in_flight: None,
             room_wait: None,
             parked: None,
-            learned_residual_mb: None,
             parked_at_ms: None,
             resumed_at_ms: None,
             busy: false,

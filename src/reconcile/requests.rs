@@ -48,6 +48,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             Command::Plan { change, reply } => {
                 let _ = reply.send(self.plan_for(change.as_ref()).await.map(|(_, plan)| plan));
             }
+            Command::Forget { service, reply } => {
+                let _ = reply.send(self.forget_footprint(&service).await);
+            }
         }
     }
 

@@ -68,6 +68,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             .iter()
             .map(|record| {
                 let spec = &record.spec;
+                let learned = self.footprints.get(&spec.name);
                 let container = match &spec.runtime {
                     Runtime::Docker(docker) => Some(docker.container.clone()),
                     Runtime::Native(_) => None,
@@ -79,6 +80,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     phases: spec.phases.clone(),
                     declared_vram_mb: spec.vram_mb,
                     observed_vram_mb: record.observed_mb,
+                    learned_peak_mb: learned.and_then(|f| f.peak_mb),
+                    learned_residual_mb: learned.and_then(|f| f.residual_mb),
+                    footprint_warning: self
+                        .footprints
+                        .warning(spec, record.observed_mb)
+                        .map(|w| w.to_string()),
                     pids: record
                         .instance
                         .as_ref()
@@ -95,7 +102,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     residual_mb: spec
                         .park
                         .as_ref()
-                        .map(|p| record.learned_residual_mb.unwrap_or(p.residual_mb)),
+                        .map(|p| learned.and_then(|f| f.residual_mb).unwrap_or(p.residual_mb)),
                     parked_at_ms: record.parked_at_ms,
                     resumed_at_ms: record.resumed_at_ms,
                 };

@@ -63,7 +63,10 @@ pub enum Runtime {
 #[derive(Clone, Debug)]
 pub struct Standin {
     pub name: &'static str,
+    /// What the stand-in allocates at start.
     pub vram_mb: u64,
+    /// The config's `vram_mb` when it is not what the stand-in takes (a wrong guess).
+    pub declared_vram_mb: Option<u64>,
     pub priority: i64,
     pub phases: &'static str,
     pub start_delay_ms: u64,
@@ -89,6 +92,7 @@ impl Standin {
         Self {
             name,
             vram_mb,
+            declared_vram_mb: None,
             priority,
             phases,
             start_delay_ms: 300,
@@ -255,7 +259,7 @@ impl Harness {
             };
             text.push_str(&format!(
                 "  {}:\n{runtime}    vram_mb: {}\n    priority: {}\n    phases: {}\n    health: {{ url: \"http://127.0.0.1:{}/health\", timeout_ms: 1000 }}\n    start_timeout_ms: {}\n    stop_timeout_ms: {}\n",
-                s.name, s.vram_mb, s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
+                s.name, s.declared_vram_mb.unwrap_or(s.vram_mb), s.priority, s.phases, s.port, s.start_timeout_ms, s.stop_timeout_ms
             ));
         }
         std::fs::write(self.config_path(), text).expect("write config");
