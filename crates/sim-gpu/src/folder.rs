@@ -24,11 +24,11 @@ pub struct SimGpuDir {
 }
 
 /// The lock, held for one operation, and what was read under it.
-struct Locked {
+pub(crate) struct Locked {
     _lock: FolderLock,
-    device: DeviceSpec,
+    pub(crate) device: DeviceSpec,
     /// The pids whose `alloc/<pid>` file survived reclaiming.
-    pids: BTreeSet<u32>,
+    pub(crate) pids: BTreeSet<u32>,
 }
 
 /// The pids named by the files in `alloc/`.
@@ -146,7 +146,7 @@ impl SimGpuDir {
     }
 
     /// The start of every operation: take the lock, then apply the reclaim rule.
-    fn lock_and_reclaim(&self) -> io::Result<Locked> {
+    pub(crate) fn lock_and_reclaim(&self) -> io::Result<Locked> {
         let lock = self.acquire()?;
         let device = self.read_device()?;
         let pids = self.reclaim(device.reclaim_ms)?;
@@ -233,7 +233,7 @@ impl SimGpuDir {
 
     /// Sums what the surviving allocations hold; an unparsable one (half-written by a
     /// tool that ignores the lock) counts as nothing rather than failing the reading.
-    fn tally(&self, device: DeviceSpec, pids: &BTreeSet<u32>) -> io::Result<Snapshot> {
+    pub(crate) fn tally(&self, device: DeviceSpec, pids: &BTreeSet<u32>) -> io::Result<Snapshot> {
         let mut processes = Vec::with_capacity(pids.len());
         for &pid in pids {
             if let Some(mb) = read_number(&self.alloc_path(pid))? {
@@ -254,7 +254,7 @@ impl SimGpuDir {
         })
     }
 
-    fn log_oom(&self, pid: u32, requested_mb: u64, free_mb: u64) -> io::Result<()> {
+    pub(crate) fn log_oom(&self, pid: u32, requested_mb: u64, free_mb: u64) -> io::Result<()> {
         let line = format!(
             "{} pid={pid} requested_mb={requested_mb} free_mb={free_mb}: CUDA out of memory\n",
             epoch_ms()
@@ -276,11 +276,11 @@ impl SimGpuDir {
         self.path.join(ALLOC_DIR)
     }
 
-    fn alloc_path(&self, pid: u32) -> PathBuf {
+    pub(crate) fn alloc_path(&self, pid: u32) -> PathBuf {
         self.alloc_dir().join(pid.to_string())
     }
 
-    fn stamp_path(&self, pid: u32) -> PathBuf {
+    pub(crate) fn stamp_path(&self, pid: u32) -> PathBuf {
         self.alloc_dir().join(format!("{pid}{EXITED_SUFFIX}"))
     }
 }

@@ -10,14 +10,18 @@
 //! - `alloc/<pid>`: decimal MB that process `<pid>` holds;
 //! - `alloc/<pid>.exited`: epoch ms when `<pid>` was first seen dead;
 //! - `oom.log`: one line per refused allocation;
+//! - `host/<pid>`: decimal MB that a CUDA checkpoint moved off the device for `<pid>`;
+//! - `host/<pid>.locked`: `<pid>`'s CUDA calls are locked by the checkpoint API;
 //! - `.lock`: `flock`ed by every reader and writer.
 
 mod files;
 mod folder;
+mod host;
 mod liveness;
 mod lock;
 
 pub use folder::SimGpuDir;
+pub use host::CheckpointView;
 
 use serde::{Deserialize, Serialize};
 
