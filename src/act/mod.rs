@@ -4,6 +4,7 @@
 
 pub mod common;
 pub mod container;
+pub mod cuda_checkpoint;
 pub mod docker;
 pub mod evict;
 pub mod instance;

@@ -26,7 +26,7 @@ pub struct SimGpuDir {
 /// The lock, held for one operation, and what was read under it.
 pub(crate) struct Locked {
     _lock: FolderLock,
-    pub(crate) device: DeviceSpec,
+    device: DeviceSpec,
     /// The pids whose `alloc/<pid>` file survived reclaiming.
     pub(crate) pids: BTreeSet<u32>,
 }
@@ -100,7 +100,18 @@ impl SimGpuDir {
     /// `oom.log`, when it exceeds what is free. Allocations of one pid add up.
     pub fn allocate(&self, pid: u32, mb: u64) -> Result<(), AllocError> {
         let locked = self.lock_and_reclaim()?;
-        let snapshot = self.tally(locked.device, &locked.pids)?;
+        self.allocate_locked(&locked, pid, mb)
+    }
+
+    /// [`allocate`](Self::allocate) under a lock already taken, for operations that read
+    /// the folder before they allocate and change it after, all under one lock.
+    pub(crate) fn allocate_locked(
+        &self,
+        locked: &Locked,
+        pid: u32,
+        mb: u64,
+    ) -> Result<(), AllocError> {
+        let snapshot = self.tally(locked.device.clone(), &locked.pids)?;
         if mb > snapshot.free_mb {
             self.log_oom(pid, mb, snapshot.free_mb)?;
             return Err(AllocError::OutOfMemory {
@@ -233,7 +244,7 @@ impl SimGpuDir {
 
     /// Sums what the surviving allocations hold; an unparsable one (half-written by a
     /// tool that ignores the lock) counts as nothing rather than failing the reading.
-    pub(crate) fn tally(&self, device: DeviceSpec, pids: &BTreeSet<u32>) -> io::Result<Snapshot> {
+    fn tally(&self, device: DeviceSpec, pids: &BTreeSet<u32>) -> io::Result<Snapshot> {
         let mut processes = Vec::with_capacity(pids.len());
         for &pid in pids {
             if let Some(mb) = read_number(&self.alloc_path(pid))? {
@@ -254,7 +265,7 @@ impl SimGpuDir {
         })
     }
 
-    pub(crate) fn log_oom(&self, pid: u32, requested_mb: u64, free_mb: u64) -> io::Result<()> {
+    fn log_oom(&self, pid: u32, requested_mb: u64, free_mb: u64) -> io::Result<()> {
         let line = format!(
             "{} pid={pid} requested_mb={requested_mb} free_mb={free_mb}: CUDA out of memory\n",
             epoch_ms()
@@ -280,7 +291,7 @@ impl SimGpuDir {
         self.alloc_dir().join(pid.to_string())
     }
 
-    pub(crate) fn stamp_path(&self, pid: u32) -> PathBuf {
+    fn stamp_path(&self, pid: u32) -> PathBuf {
         self.alloc_dir().join(format!("{pid}{EXITED_SUFFIX}"))
     }
 }

@@ -106,20 +106,7 @@ impl SimGpuDir {
                 format!("pid {pid} has no checkpointed memory to restore"),
             )
         })?;
-        let snapshot = self.tally(locked.device, &locked.pids)?;
-        if mb > snapshot.free_mb {
-            self.log_oom(pid, mb, snapshot.free_mb)?;
-            return Err(AllocError::OutOfMemory {
-                requested_mb: mb,
-                free_mb: snapshot.free_mb,
-            });
-        }
-        let held = snapshot
-            .processes
-            .iter()
-            .find(|allocation| allocation.pid == pid)
-            .map_or(0, |allocation| allocation.mb);
-        write_atomic(&self.alloc_path(pid), (held + mb).to_string().as_bytes())?;
+        self.allocate_locked(&locked, pid, mb)?;
         remove_if_present(&self.host_path(pid))?;
         Ok(mb)
     }
