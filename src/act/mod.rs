@@ -1,6 +1,7 @@
 //! Effects: starting, stopping and adopting services. The drivers (`native.rs`,
 //! `docker.rs` with `container.rs`, `evict.rs`) import none of each other; what they
-//! share is in `common.rs`, and `instance.rs` dispatches to them.
+//! share is in `common.rs`, and `instance.rs` dispatches to them. `cuda_checkpoint.rs`
+//! parks any CUDA process through the driver's checkpoint API.
 
 pub mod common;
 pub mod container;
