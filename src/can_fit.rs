@@ -204,6 +204,7 @@ mod tests {
             restarts: 0,
             park: None,
             residual_mb: None,
+            park_error: None,
             parked_at_ms: None,
             resumed_at_ms: None,
         }

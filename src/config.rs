@@ -98,6 +98,9 @@ pub struct GpuConfig {
     pub reserve_mb: u64,
     /// Another libnvidia-ml to load (the fake one in tests).
     pub nvml_library: Option<PathBuf>,
+    /// The CUDA driver library for `park: {kind: cuda-checkpoint}` (the fake one in
+    /// tests): a bare name is looked up as dlopen does.
+    pub cuda_library: PathBuf,
     /// A simulated GPU folder (the `sim-gpu` crate) instead of NVML: the demo uses it.
     pub simulated: Option<PathBuf>,
     /// The GPU's size for budgeting when it cannot be observed (no NVML).
@@ -261,6 +264,7 @@ pub struct HealthCheck {
 }
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+const DEFAULT_CUDA_LIBRARY: &str = "libcuda.so.1";
 const DEFAULT_RESERVE_MB: u64 = 512;
 const DEFAULT_LEASE_KEY: &str = "gpu_lock";
 const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
@@ -329,6 +333,7 @@ struct RawGpu {
     index: u32,
     reserve_mb: Option<u64>,
     nvml_library: Option<PathBuf>,
+    cuda_library: Option<PathBuf>,
     simulated: Option<PathBuf>,
     total_mb: Option<u64>,
     reclaim_timeout_ms: Option<u64>,
@@ -485,6 +490,12 @@ impl Config {
                 index: raw.gpu.index,
                 reserve_mb: raw.gpu.reserve_mb.unwrap_or(DEFAULT_RESERVE_MB),
                 nvml_library: raw.gpu.nvml_library.map(|p| base.join(p)),
+                cuda_library: match raw.gpu.cuda_library {
+                    // A bare name is for the dynamic linker's search path, as dlopen takes it.
+                    Some(path) if path.components().count() > 1 => base.join(path),
+                    Some(name) => name,
+                    None => PathBuf::from(DEFAULT_CUDA_LIBRARY),
+                },
                 simulated: raw.gpu.simulated.map(|p| base.join(p)),
                 total_mb: raw.gpu.total_mb,
                 reclaim_timeout: Duration::from_millis(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::act::docker::DockerDriver;
-use crate::act::instance::Effects;
+use crate::act::instance::{CudaParking, Effects};
 use crate::act::native::NativeDriver;
 use crate::config::{Config, ConfigError};
 use crate::desired;
@@ -71,7 +71,8 @@ pub async fn build_with(
         engine = docker.host(),
         "docker services go through this engine"
     );
-    let effects = Effects::new(native, docker, prober()?);
+    let cuda = CudaParking::load_for(&config.inventory, &config.gpu.cuda_library).await;
+    let effects = Effects::new(native, docker, prober()?, cuda);
     Ok(Reconciler::new(
         config.clone(),
         gpu,
@@ -85,7 +86,8 @@ pub async fn build_with(
 pub async fn build_read_only(config: Arc<Config>) -> anyhow::Result<DaemonReconciler> {
     let gpu = open_checked_gpu(&config).await?;
     let native = NativeDriver::read_only(&config.state_dir);
-    let effects = Effects::new(native, DockerDriver::from_env(), prober()?);
+    let cuda = CudaParking::load_for(&config.inventory, &config.gpu.cuda_library).await;
+    let effects = Effects::new(native, DockerDriver::from_env(), prober()?, cuda);
     Ok(Reconciler::new(
         config.clone(),
         gpu,

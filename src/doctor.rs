@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::act::cuda_checkpoint::{cuda_release, CudaCheckpoint};
 use crate::act::docker::DockerDriver;
 use crate::act::native::recorded_pid;
 use crate::api::Auth;
@@ -51,12 +52,16 @@ pub struct Report {
 
 impl Report {
     fn add(&mut self, check: &str, status: Outcome, detail: String, fix: Option<String>) {
-        self.checks.push(Finding {
+        self.push(Finding {
             check: check.to_owned(),
             status,
             detail,
             fix,
         });
+    }
+
+    fn push(&mut self, finding: Finding) {
+        self.checks.push(finding);
         self.ok = !self.checks.iter().any(|f| f.status == Outcome::Fail);
     }
 
@@ -212,6 +217,39 @@ async fn check_gpu(report: &mut Report, config: &Config) -> Option<u64> {
         );
     }
     total
+}
+
+/// The CUDA checkpoint API that `park: {kind: cuda-checkpoint}` needs, in `library`
+/// (`gpu.cuda_library`). Without it such services are stopped instead of parked, so its
+/// absence is a warning, not a failure. Blocks (it loads the driver and calls `cuInit`).
+pub fn check_cuda_checkpoint(library: &Path) -> Finding {
+    let (status, detail, fix) = match CudaCheckpoint::load(library) {
+        Ok(api) => (
+            Outcome::Pass,
+            format!(
+                "{}: checkpoint API present, the driver supports CUDA {}",
+                library.display(),
+                api.driver_version()
+                    .map_or_else(|| "(version unknown)".to_owned(), cuda_release)
+            ),
+            None,
+        ),
+        Err(error) => (
+            Outcome::Warn,
+            error.to_string(),
+            Some(
+                "install NVIDIA driver 570 or newer, or point gpu.cuda_library at its libcuda.so.1; \
+                 until then services with park: {kind: cuda-checkpoint} are stopped instead of parked"
+                    .into(),
+            ),
+        ),
+    };
+    Finding {
+        check: "cuda".into(),
+        status,
+        detail,
+        fix,
+    }
 }
 
 /// The Docker engine, and each docker service's container with its image and state.

@@ -106,6 +106,10 @@ pub struct ServiceStatus {
     /// What it holds (or would hold) parked: observed at its last park, else configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residual_mb: Option<u64>,
+    /// Why it cannot park as configured (e.g. a driver without the CUDA checkpoint
+    /// API): it is stopped instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub park_error: Option<String>,
     /// When it was last parked and resumed, milliseconds since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parked_at_ms: Option<u64>,
@@ -278,6 +282,7 @@ impl ServiceStatus {
             restarts: 0,
             park: None,
             residual_mb: None,
+            park_error: None,
             parked_at_ms: None,
             resumed_at_ms: None,
         }

@@ -2,17 +2,20 @@
 //! stop and adopt it. The reconciler speaks only to this module, so a runtime's details
 //! (process groups, containers) stay out of the decision code.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::act::common::{StopReport, LOG_LINES_IN_ERRORS};
 use crate::act::container::ContainerHandle;
 use crate::act::docker::{DockerDriver, DockerError};
+use crate::act::cuda_checkpoint::{CheckpointError, CudaCheckpoint};
 use crate::act::drain::{self, DrainProbe};
 use crate::act::native::{NativeDriver, NativeError, ProcessHandle};
 use crate::act::ollama::{unload_ollama_models, OllamaError};
 use crate::act::park::{self, ParkRequestError};
 use crate::config::{
-    DrainSpec, NativeSpec, ParkMethod, ParkSpec, Runtime, ServiceName, ServiceSpec,
+    DrainSpec, Inventory, NativeSpec, ParkMethod, ParkSpec, Runtime, ServiceName, ServiceSpec,
 };
 use crate::observe::health::{wait_ready, HealthProber, ReadyError};
 use crate::process_exit::ExitInfo;
@@ -111,15 +114,95 @@ pub struct Effects {
     native: NativeDriver,
     docker: DockerDriver,
     prober: HealthProber,
+    cuda: CudaParking,
+}
+
+/// The CUDA driver's checkpoint API, for services that park through it: loaded once at
+/// start, or why it cannot be (then they are stopped instead of parked).
+#[derive(Clone)]
+pub enum CudaParking {
+    NotUsed,
+    Loaded(Arc<CudaCheckpoint>),
+    Unavailable(String),
+}
+
+impl CudaParking {
+    /// Loads `library` if a service of the inventory parks with `kind: cuda-checkpoint`.
+    pub async fn load_for(inventory: &Inventory, library: &Path) -> Self {
+        let used = inventory
+            .iter()
+            .any(|s| s.park.as_ref().map(|p| &p.method) == Some(&ParkMethod::CudaCheckpoint));
+        if !used {
+            return CudaParking::NotUsed;
+        }
+        let library = library.to_owned();
+        match blocking(move || CudaCheckpoint::load(&library)).await {
+            Ok(api) => {
+                tracing::info!(driver = ?api.driver_version(), "cuda-checkpoint parking is available");
+                CudaParking::Loaded(Arc::new(api))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cuda-checkpoint parking is unavailable: those services are stopped instead");
+                CudaParking::Unavailable(error.to_string())
+            }
+        }
+    }
 }
 
 impl Effects {
-    pub fn new(native: NativeDriver, docker: DockerDriver, prober: HealthProber) -> Self {
+    pub fn new(
+        native: NativeDriver,
+        docker: DockerDriver,
+        prober: HealthProber,
+        cuda: CudaParking,
+    ) -> Self {
         Self {
             native,
             docker,
             prober,
+            cuda,
         }
+    }
+
+    /// Why the service cannot park as configured, if it cannot.
+    pub fn park_unavailable(&self, spec: &ServiceSpec) -> Option<String> {
+        let cuda = spec.park.as_ref()?.method == ParkMethod::CudaCheckpoint;
+        match (&self.cuda, cuda) {
+            (CudaParking::Unavailable(reason), true) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// Runs `call` on each pid through the checkpoint API, on the blocking pool.
+    async fn each_pid(
+        &self,
+        pids: &[u32],
+        call: impl Fn(&CudaCheckpoint, u32) -> Result<(), CheckpointError> + Send + Sync + 'static,
+    ) -> Result<String, ActError> {
+        let api = match &self.cuda {
+            CudaParking::Loaded(api) => api.clone(),
+            CudaParking::Unavailable(reason) => {
+                return Err(ActError::Checkpoint(format!(
+                    "cuda-checkpoint is unavailable: {reason}"
+                )))
+            }
+            CudaParking::NotUsed => {
+                return Err(ActError::Checkpoint(
+                    "cuda-checkpoint was not loaded".to_owned(),
+                ))
+            }
+        };
+        if pids.is_empty() {
+            return Err(ActError::Checkpoint(
+                "no process of the service holds GPU memory: nothing to checkpoint".to_owned(),
+            ));
+        }
+        let pids = pids.to_vec();
+        let listed = format!("{pids:?}");
+        blocking(move || pids.iter().try_for_each(|pid| call(&api, *pid)))
+            .await
+            .map_err(|error| ActError::Checkpoint(error.to_string()))?;
+        Ok(listed)
     }
 
     pub fn prober(&self) -> &HealthProber {
@@ -266,10 +349,11 @@ impl Effects {
                 })
             }
             ParkMethod::CudaCheckpoint => {
-                let _ = gpu_pids;
-                Err(ActError::Checkpoint(
-                    "cuda-checkpoint is not available".into(),
-                ))
+                let timeout = park.timeout;
+                let pids = self
+                    .each_pid(gpu_pids, move |api, pid| api.checkpoint(pid, timeout))
+                    .await?;
+                Ok(format!("checkpointed pids {pids} to host memory"))
             }
         }
     }
@@ -298,10 +382,13 @@ impl Effects {
             }
             ParkMethod::Ollama { .. } => Ok("Ollama loads its models on first use".to_owned()),
             ParkMethod::CudaCheckpoint => {
-                let _ = (spec, parked_pids);
-                Err(ActError::Checkpoint(
-                    "cuda-checkpoint is not available".into(),
-                ))
+                let pids = self
+                    .each_pid(parked_pids, |api, pid| api.restore(pid))
+                    .await
+                    .map_err(|error| {
+                        ActError::Checkpoint(format!("{}: {error}", spec.name))
+                    })?;
+                Ok(format!("restored pids {pids} from host memory"))
             }
         }
     }

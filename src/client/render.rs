@@ -265,6 +265,7 @@ mod tests {
                 restarts: 1,
                 park: None,
                 residual_mb: None,
+                park_error: None,
                 parked_at_ms: None,
                 resumed_at_ms: None,
             },

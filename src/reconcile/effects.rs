@@ -118,6 +118,10 @@ pub trait ServiceEffects: Send + Sync + 'static {
         parked_pids: &[u32],
     ) -> impl Future<Output = Result<String, EffectError>> + Send;
 
+    /// Why the service cannot park as configured (the driver lacks the checkpoint API),
+    /// if it cannot: it is stopped instead, and status says why.
+    fn park_unavailable(&self, spec: &ServiceSpec) -> Option<String>;
+
     /// One probe of whether the service has work in flight.
     fn drain_probe(&self, drain: &DrainSpec) -> impl Future<Output = DrainProbe> + Send;
 
@@ -189,6 +193,10 @@ impl ServiceEffects for Effects {
         parked_pids: &[u32],
     ) -> Result<String, EffectError> {
         Ok(Effects::resume(self, spec, park, parked_pids).await?)
+    }
+
+    fn park_unavailable(&self, spec: &ServiceSpec) -> Option<String> {
+        Effects::park_unavailable(self, spec)
     }
 
     async fn drain_probe(&self, drain: &DrainSpec) -> DrainProbe {

@@ -103,6 +103,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                         .park
                         .as_ref()
                         .map(|p| learned.and_then(|f| f.residual_mb).unwrap_or(p.residual_mb)),
+                    park_error: self.effects.park_unavailable(spec),
                     parked_at_ms: record.parked_at_ms,
                     resumed_at_ms: record.resumed_at_ms,
                 };

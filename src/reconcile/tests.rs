@@ -196,6 +196,10 @@ impl ServiceEffects for FakeEffects {
         }
     }
 
+    fn park_unavailable(&self, _spec: &ServiceSpec) -> Option<String> {
+        None
+    }
+
     async fn drain_probe(&self, drain: &DrainSpec) -> DrainProbe {
         let world = self.world();
         let busy = world.busy_until.iter().any(|(service, until)| {

@@ -30,8 +30,10 @@ pub fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-pub fn standin_binary() -> PathBuf {
-    let path = target_dir().join("gpu-standin");
+/// A file that the workspace build leaves beside the daemon's binary: cargo test builds
+/// only the crate under test, not the other members' binaries and cdylibs.
+pub fn built(file: &str) -> PathBuf {
+    let path = target_dir().join(file);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace` first",
@@ -40,14 +42,12 @@ pub fn standin_binary() -> PathBuf {
     path
 }
 
+pub fn standin_binary() -> PathBuf {
+    built("gpu-standin")
+}
+
 pub fn fake_nvml_library() -> PathBuf {
-    let path = target_dir().join("libnvidia_ml.so");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace` first",
-        path.display()
-    );
-    path
+    built("libnvidia_ml.so")
 }
 
 /// Where a stand-in runs.

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A stand-in GPU service that allocates REAL VRAM with PyTorch (for tests/gpu/check.py).
 
-It allocates its memory on the GPU, answers its health URL after a start delay, and on
-SIGTERM waits a stop delay, frees and exits. It writes its own timeline (process start,
+It allocates its memory on the GPU and fills it with a known pattern, answers its health
+URL after a start delay (and `GET /verify` with how many MB of the pattern changed), and
+on SIGTERM waits a stop delay, frees and exits. It writes its own timeline (process start,
 ready, SIGTERM, exit) so the check can tell the manager's overhead from its own time.
 
 The card is scaled down: with PRETEND_TOTAL_MB set, an allocation that would take the
@@ -31,6 +32,29 @@ def process_start_epoch():
     with open("/proc/uptime") as f:
         boot = time.time() - float(f.read().split()[0])
     return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+MB = 1 << 20
+# Rows of the pattern made at once: 64 MB of tensor, 256 MB of int32 scratch.
+CHUNK_ROWS = 64
+
+
+def pattern(start, count):
+    """Rows start..start+count of the known contents: byte j of the MB-long row i is
+    (7 i + j) mod 251, so a row moved, zeroed or swapped reads wrong."""
+    i = torch.arange(start, start + count, dtype=torch.int32, device="cuda")[:, None]
+    j = torch.arange(MB, dtype=torch.int32, device="cuda")[None, :]
+    return ((7 * i + j) % 251).to(torch.uint8)
+
+
+def verify(buffer):
+    """GET /verify: how many MB rows of the tensor no longer hold the pattern (after a
+    checkpoint and restore, none should)."""
+    mismatched = 0
+    for start in range(0, len(buffer), CHUNK_ROWS):
+        rows = buffer[start:start + CHUNK_ROWS]
+        mismatched += int((rows != pattern(start, len(rows))).any(dim=1).sum().item())
+    return {"rows": len(buffer), "mismatched_rows": mismatched}
 
 
 def main():
@@ -62,8 +86,10 @@ def main():
             timeline["oom"] = True
             save()
             sys.exit(2)
-    buffer = torch.empty(args.mb << 20, dtype=torch.uint8, device="cuda")
-    buffer.fill_(1)
+    buffer = torch.empty(args.mb << 20, dtype=torch.uint8, device="cuda").view(args.mb, MB)
+    for start in range(0, args.mb, CHUNK_ROWS):
+        rows = buffer[start:start + CHUNK_ROWS]
+        rows.copy_(pattern(start, len(rows)))
     torch.cuda.synchronize()
     timeline["allocated"] = time.time()
     print(f"{args.name}: allocated {args.mb} MB", file=sys.stderr, flush=True)
@@ -72,8 +98,11 @@ def main():
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            code = 200 if ready.is_set() else 503
-            body = json.dumps({"name": args.name, "ready": ready.is_set()}).encode()
+            if self.path == "/verify":
+                code, body = 200, json.dumps(verify(buffer)).encode()
+            else:
+                code = 200 if ready.is_set() else 503
+                body = json.dumps({"name": args.name, "ready": ready.is_set()}).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -25,11 +25,11 @@ pub struct SimGpuDir {
 }
 
 /// The lock, held for one operation, and what was read under it.
-struct Locked {
+pub(crate) struct Locked {
     _lock: FolderLock,
     device: DeviceSpec,
     /// The pids whose `alloc/<pid>` file survived reclaiming.
-    pids: BTreeSet<u32>,
+    pub(crate) pids: BTreeSet<u32>,
 }
 
 /// The pids named by the files in `alloc/`.
@@ -102,7 +102,18 @@ impl SimGpuDir {
     /// `oom.log`, when it exceeds what is free. Allocations of one pid add up.
     pub fn allocate(&self, pid: u32, mb: u64) -> Result<(), AllocError> {
         let locked = self.lock_and_reclaim()?;
-        let snapshot = self.tally(locked.device, &locked.pids)?;
+        self.allocate_locked(&locked, pid, mb)
+    }
+
+    /// [`allocate`](Self::allocate) under a lock already taken, for operations that read
+    /// the folder before they allocate and change it after, all under one lock.
+    pub(crate) fn allocate_locked(
+        &self,
+        locked: &Locked,
+        pid: u32,
+        mb: u64,
+    ) -> Result<(), AllocError> {
+        let snapshot = self.tally(locked.device.clone(), &locked.pids)?;
         self.refuse_beyond_free(pid, mb, &snapshot)?;
         // Merging memory a dead earlier holder of this pid left into the new holder's can
         // only over-report use, never under-report it.
@@ -197,7 +208,7 @@ impl SimGpuDir {
     }
 
     /// The start of every operation: take the lock, then apply the reclaim rule.
-    fn lock_and_reclaim(&self) -> io::Result<Locked> {
+    pub(crate) fn lock_and_reclaim(&self) -> io::Result<Locked> {
         let lock = self.acquire()?;
         let device = self.read_device()?;
         let pids = self.reclaim(device.reclaim_ms)?;
@@ -323,7 +334,7 @@ impl SimGpuDir {
         self.path.join(ALLOC_DIR)
     }
 
-    fn alloc_path(&self, pid: u32) -> PathBuf {
+    pub(crate) fn alloc_path(&self, pid: u32) -> PathBuf {
         self.alloc_dir().join(pid.to_string())
     }
 

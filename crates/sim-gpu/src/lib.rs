@@ -12,14 +12,18 @@
 //! - `alloc/<pid>.exited`: epoch ms when `<pid>` was first seen dead;
 //! - `oom.log`: one line per refused allocation;
 //! - `lost.log`: one line per stop that cut work short ([`SimGpuDir::record_lost`]);
+//! - `host/<pid>`: decimal MB that a CUDA checkpoint moved off the device for `<pid>`;
+//! - `host/<pid>.locked`: `<pid>`'s CUDA calls are locked by the checkpoint API;
 //! - `.lock`: `flock`ed by every reader and writer.
 
 mod files;
 mod folder;
+mod host;
 mod liveness;
 mod lock;
 
 pub use folder::SimGpuDir;
+pub use host::CheckpointView;
 
 use serde::{Deserialize, Serialize};
 
