@@ -227,3 +227,65 @@ fn a_stop_waits_for_the_job_a_drain_timeout_is_409_busy_and_force_stops() {
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(lost[0].contains("cosyvoice"), "{lost:?}");
 }
+
+/// Vidi parks with `kind: cuda-checkpoint` through the fake CUDA driver `library`.
+fn checkpointing(library: &str) -> Harness {
+    let mut services = pipeline(20480, RESIDUAL_MB);
+    services[2].config_extra = "    park: { kind: cuda-checkpoint, residual_mb: 0 }\n".into();
+    let mut h = Harness::new(services);
+    let library = common::built(library);
+    h.gpu_config = h.gpu_config.replace(
+        "reserve_mb: 512",
+        &format!("reserve_mb: 512, cuda_library: {library:?}"),
+    );
+    h
+}
+
+#[test]
+fn cuda_checkpoint_moves_the_memory_to_host_and_back_for_the_same_process() {
+    let mut h = checkpointing("libcuda.so");
+    let api = h.serve("");
+    phase(&api, 2);
+    let vidi = pid(&api, "vidi").expect("vidi runs") as u32;
+    let report = phase(&api, 3);
+    assert!(ops(&report).contains(&"park vidi".to_owned()), "{report}");
+    assert_eq!(api.state("vidi"), "parked");
+    assert!(
+        !h.allocations().contains_key(&vidi),
+        "no VRAM while checkpointed"
+    );
+    assert_eq!(h.gpu.host_mb(vidi).unwrap(), Some(4096));
+
+    let report = phase(&api, 2);
+    assert!(ops(&report).contains(&"resume vidi".to_owned()), "{report}");
+    assert_eq!(pid(&api, "vidi"), Some(vidi as u64));
+    assert_eq!(h.allocations()[&vidi], 4096);
+    assert_eq!(h.gpu.host_mb(vidi).unwrap(), None);
+    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+}
+
+#[test]
+fn without_the_checkpoint_api_the_service_is_stopped_and_status_says_why() {
+    let mut h = checkpointing("libcuda_r550.so");
+    let api = h.serve("");
+    phase(&api, 2);
+    let park_error = api.status()["services"]["vidi"]["park_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(park_error.contains("570"), "{park_error}");
+    let report = phase(&api, 3);
+    let park = report["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["service"] == "vidi")
+        .unwrap()
+        .clone();
+    let detail = park["outcome"]["Ok"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("unavailable") && detail.contains("stopped"),
+        "{park}"
+    );
+    assert_eq!(api.state("vidi"), "stopped");
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::act::common::{StopReport, LOG_LINES_IN_ERRORS};
 use crate::act::container::ContainerHandle;
-use crate::act::docker::{DockerDriver, DockerError};
 use crate::act::cuda_checkpoint::{CheckpointError, CudaCheckpoint};
+use crate::act::docker::{DockerDriver, DockerError};
 use crate::act::drain::{self, DrainProbe};
 use crate::act::native::{NativeDriver, NativeError, ProcessHandle};
 use crate::act::ollama::{unload_ollama_models, OllamaError};
@@ -385,9 +385,7 @@ impl Effects {
                 let pids = self
                     .each_pid(parked_pids, |api, pid| api.restore(pid))
                     .await
-                    .map_err(|error| {
-                        ActError::Checkpoint(format!("{}: {error}", spec.name))
-                    })?;
+                    .map_err(|error| ActError::Checkpoint(format!("{}: {error}", spec.name)))?;
                 Ok(format!("restored pids {pids} from host memory"))
             }
         }
