@@ -9,6 +9,7 @@ mod backend;
 mod effects;
 mod learned;
 mod observe;
+mod parked;
 mod records;
 mod requests;
 mod snapshot;
@@ -460,6 +461,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         record.instance = None;
         record.stop_monitor();
         if record.parked.take().is_some() {
+            parked::forget(&self.config.state_dir, service);
             // Parked, it was not serving: nothing to restart unless it is wanted.
             tracing::warn!(%service, pid, %exit, "service exited while parked");
             record.last_error = Some(format!("{service} {exit} while parked"));
@@ -937,6 +939,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 pids,
                 residual_mb,
             } => {
+                let marker = parked::ParkedMarker {
+                    root_pid: record.instance.as_ref().and_then(E::root_pid),
+                    pids: pids.clone(),
+                };
+                parked::remember(&self.config.state_dir, &spec_name, &marker);
                 record.parked = Some(ParkedAt { pids });
                 record.parked_at_ms = Some(now_ms());
                 record.condition = Condition::Healthy;
@@ -1051,6 +1058,13 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 Some(FailureKind::Cancelled),
             ),
         };
+        if self
+            .records
+            .get(&spec_name)
+            .is_some_and(|r| r.parked.is_none())
+        {
+            parked::forget(&self.config.state_dir, &spec_name);
+        }
         let elapsed = flight.started.elapsed();
         match &outcome {
             Ok(detail) => {
@@ -1187,8 +1201,18 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             let Some(instance) = self.find_running(&spec).await else {
                 continue;
             };
-            tracing::info!(service = %name, pid = ?E::root_pid(&instance), "adopted a running instance");
+            let root_pid = E::root_pid(&instance);
+            tracing::info!(service = %name, pid = ?root_pid, "adopted a running instance");
             self.attach(name, instance.clone());
+            if let Some(marker) = parked::recall(&self.config.state_dir, name, root_pid) {
+                // Parked by an earlier daemon: it is resumed when wanted, not trusted.
+                if let Some(record) = self.records.get_mut(name) {
+                    tracing::info!(service = %name, "it was parked: adopted as parked");
+                    record.parked = Some(ParkedAt { pids: marker.pids });
+                    record.set_state(ServiceState::Parked);
+                }
+                continue;
+            }
             let context = self.task_context(spec);
             let (supersede, abandon) = (context.supersede.clone(), context.abandon.clone());
             if let Some(record) = self.records.get_mut(name) {

@@ -289,3 +289,25 @@ fn without_the_checkpoint_api_the_service_is_stopped_and_status_says_why() {
     );
     assert_eq!(api.state("vidi"), "stopped");
 }
+
+#[test]
+fn a_restarted_daemon_adopts_a_parked_service_as_parked_and_resumes_it() {
+    let mut h = checkpointing("libcuda.so");
+    let api = h.serve("");
+    phase(&api, 2);
+    let vidi = pid(&api, "vidi").expect("vidi runs") as u32;
+    phase(&api, 3);
+    assert_eq!(api.state("vidi"), "parked");
+
+    // Checkpointed, it answers its health check like a running one: only the record
+    // in state_dir tells the next daemon that it must be restored.
+    h.kill_daemon();
+    let api = h.serve("");
+    api.wait_state("vidi", "parked");
+    assert_eq!(pid(&api, "vidi"), Some(vidi as u64));
+    assert!(!h.allocations().contains_key(&vidi));
+    let report = phase(&api, 2);
+    assert!(ops(&report).contains(&"resume vidi".to_owned()), "{report}");
+    assert_eq!(pid(&api, "vidi"), Some(vidi as u64));
+    assert_eq!(h.allocations()[&vidi], 4096);
+}
