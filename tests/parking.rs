@@ -68,6 +68,17 @@ fn ops(report: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The action a transition report lists for `service`.
+fn action_of(report: &Value, service: &str) -> Value {
+    report["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["service"] == service)
+        .unwrap_or_else(|| panic!("no action for {service}: {report}"))
+        .clone()
+}
+
 /// The stand-in's own view: its allocation, jobs, whether it is parked.
 fn standin_state(h: &Harness, service: &str) -> Value {
     let (code, body) = common::http_get(h.service(service).port, "/state").expect("stand-in");
@@ -161,13 +172,7 @@ fn a_park_that_frees_nothing_falls_back_to_a_stop() {
     let api = h.serve("");
     phase(&api, 2);
     let report = phase(&api, 3);
-    let park = report["actions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["service"] == "vidi")
-        .unwrap()
-        .clone();
+    let park = action_of(&report, "vidi");
     assert_eq!(park["op"], "park", "{report}");
     let detail = park["outcome"]["Ok"].as_str().unwrap_or_default();
     assert!(
@@ -275,13 +280,7 @@ fn without_the_checkpoint_api_the_service_is_stopped_and_status_says_why() {
         .to_owned();
     assert!(park_error.contains("570"), "{park_error}");
     let report = phase(&api, 3);
-    let park = report["actions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["service"] == "vidi")
-        .unwrap()
-        .clone();
+    let park = action_of(&report, "vidi");
     let detail = park["outcome"]["Ok"].as_str().unwrap_or_default();
     assert!(
         detail.contains("unavailable") && detail.contains("stopped"),

@@ -365,12 +365,13 @@ fn annotate(error: io::Error, path: &Path) -> io::Error {
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command};
+    use std::process::Command;
     use std::sync::Arc;
     use std::thread;
     use std::time::Duration;
 
     use super::*;
+    use crate::test_support::Sleeper;
 
     fn device(reclaim_ms: u64) -> DeviceSpec {
         DeviceSpec {
@@ -387,35 +388,6 @@ mod tests {
         let temp = tempfile::tempdir().unwrap();
         let dir = SimGpuDir::create(temp.path().join("gpu"), device).unwrap();
         (temp, dir)
-    }
-
-    /// A live process that is killed and reaped when dropped.
-    struct Sleeper(Child);
-
-    impl Sleeper {
-        fn spawn() -> Self {
-            Self(Command::new("sleep").arg("60").spawn().unwrap())
-        }
-
-        fn pid(&self) -> u32 {
-            self.0.id()
-        }
-
-        /// Kills it without reaping: it stays a zombie until dropped.
-        fn make_zombie(&mut self) {
-            self.0.kill().unwrap();
-            let stat = format!("/proc/{}/stat", self.pid());
-            while !fs::read_to_string(&stat).unwrap().contains(") Z") {
-                thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
-
-    impl Drop for Sleeper {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 
     /// The pid of a process that has exited and been reaped.

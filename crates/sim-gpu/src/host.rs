@@ -140,9 +140,9 @@ fn not_running(pid: u32) -> io::Error {
 
 #[cfg(test)]
 mod tests {
-    use std::process::{Child, Command};
 
     use super::*;
+    use crate::test_support::Sleeper;
     use crate::{Allocation, DeviceSpec};
 
     fn folder(total_mb: u64) -> (tempfile::TempDir, SimGpuDir) {
@@ -157,26 +157,6 @@ mod tests {
         };
         let dir = SimGpuDir::create(temp.path(), &device).unwrap();
         (temp, dir)
-    }
-
-    /// A live process, killed and reaped when dropped.
-    struct Sleeper(Child);
-
-    impl Sleeper {
-        fn spawn() -> Self {
-            Self(Command::new("sleep").arg("60").spawn().unwrap())
-        }
-
-        fn pid(&self) -> u32 {
-            self.0.id()
-        }
-    }
-
-    impl Drop for Sleeper {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
     }
 
     #[test]
@@ -267,8 +247,7 @@ mod tests {
         dir.allocate(pid, 300).unwrap();
         dir.set_locked(pid, true).unwrap();
         dir.checkpoint_to_host(pid).unwrap();
-        process.0.kill().unwrap();
-        process.0.wait().unwrap();
+        process.end();
         let view = dir.checkpoint_view(pid).unwrap();
         assert_eq!(
             view,

@@ -21,6 +21,8 @@ mod folder;
 mod host;
 mod liveness;
 mod lock;
+#[cfg(test)]
+mod test_support;
 
 pub use folder::SimGpuDir;
 pub use host::CheckpointView;
