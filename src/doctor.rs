@@ -14,7 +14,7 @@ use crate::act::cuda_checkpoint::{cuda_release, CudaCheckpoint};
 use crate::act::docker::DockerDriver;
 use crate::act::native::recorded_pid;
 use crate::api::Auth;
-use crate::config::{Config, Runtime, ServiceSpec};
+use crate::config::{Config, DrainSpec, ParkMethod, Runtime, ServiceSpec};
 use crate::daemon;
 use crate::footprints::Footprints;
 use crate::observe::process::ProcessTable;
@@ -143,6 +143,7 @@ pub async fn run(path: &Path) -> Report {
     let running_containers = check_docker(&mut report, &config).await;
     check_native(&mut report, &config);
     check_health_ports(&mut report, &config, &running_containers);
+    check_parking(&mut report, &config).await;
     check_redis(&mut report, &config).await;
     check_api(&mut report, &config).await;
     check_phases_fit(&mut report, &config, gpu_total);
@@ -217,6 +218,128 @@ async fn check_gpu(report: &mut Report, config: &Config) -> Option<u64> {
         );
     }
     total
+}
+
+/// What parking and draining need (docs/ARCHITECTURE.md, "Parking and draining"): the
+/// CUDA checkpoint API when a service parks with it, and each service's drain probe and
+/// park requests reachable. A service that is not running cannot answer, so those are
+/// warnings: the daemon reaches them once it runs.
+async fn check_parking(report: &mut Report, config: &Config) {
+    let checkpoints = config.inventory.iter().any(|spec| {
+        matches!(
+            spec.park.as_ref().map(|p| &p.method),
+            Some(ParkMethod::CudaCheckpoint)
+        )
+    });
+    if checkpoints {
+        let library = config.gpu.cuda_library.clone();
+        match tokio::task::spawn_blocking(move || check_cuda_checkpoint(&library)).await {
+            Ok(finding) => report.push(finding),
+            Err(error) => report.warn(
+                "cuda",
+                format!("the check of {} did not finish: {error}", config.gpu.cuda_library.display()),
+                "run doctor again; until the checkpoint API is confirmed, services with park: {kind: cuda-checkpoint} may be stopped instead of parked".into(),
+            ),
+        }
+    }
+    let Ok(client) = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PROBE_TIMEOUT)
+        .build()
+    else {
+        return;
+    };
+    for spec in config.inventory.iter() {
+        if let Some(drain) = &spec.drain {
+            check_drain(report, &client, spec, drain).await;
+        }
+        let urls: Vec<(&str, &str)> = match spec.park.as_ref().map(|p| &p.method) {
+            Some(ParkMethod::Http { park, resume }) => {
+                std::iter::once(("park.url", park.url.as_str()))
+                    .chain(resume.as_ref().map(|r| ("park.resume_url", r.url.as_str())))
+                    .collect()
+            }
+            Some(ParkMethod::Ollama { url }) => vec![("park.url", url.as_str())],
+            Some(ParkMethod::CudaCheckpoint) | None => Vec::new(),
+        };
+        for (key, url) in urls {
+            check_park_url(report, spec, key, url).await;
+        }
+    }
+}
+
+/// GETs the drain probe, as the daemon does before a stop or a park, and checks that the
+/// answer has each `busy_if` pointer: one it lacks never counts as work in flight.
+async fn check_drain(
+    report: &mut Report,
+    client: &reqwest::Client,
+    spec: &ServiceSpec,
+    drain: &DrainSpec,
+) {
+    let name = &spec.name;
+    let answer = match client.get(&drain.url).send().await {
+        Ok(response) if response.status().is_success() => response
+            .json::<serde_json::Value>()
+            .await
+            .map_err(|e| format!("answered, but not JSON: {e}")),
+        Ok(response) => Err(format!("answered {}", response.status())),
+        Err(error) => Err(format!("no answer: {error}")),
+    };
+    match answer {
+        Ok(answer) => {
+            let missing: Vec<&str> = drain
+                .busy_if
+                .iter()
+                .filter(|pointer| answer.pointer(pointer).is_none())
+                .map(String::as_str)
+                .collect();
+            if missing.is_empty() {
+                report.pass("drain", format!("{name}: {} answers with every busy_if pointer", drain.url));
+            } else {
+                report.warn(
+                    "drain",
+                    format!("{name}: {} answers without {}: its work there never counts as in flight", drain.url, missing.join(", ")),
+                    format!("fix services.{name}.drain.busy_if to point into its answer: {answer}"),
+                );
+            }
+        }
+        Err(error) => report.warn(
+            "drain",
+            format!("{name}: drain.url {} {error}", drain.url),
+            format!("fine while {name} is not running (a service that cannot answer has no work to lose); otherwise fix services.{name}.drain.url"),
+        ),
+    }
+}
+
+/// Whether a park or resume request's host and port take connections. Only connects:
+/// sending the request would park the service.
+async fn check_park_url(report: &mut Report, spec: &ServiceSpec, key: &str, url: &str) {
+    let name = &spec.name;
+    let target = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+    let Some(target) = target else {
+        report.warn(
+            "park",
+            format!("{name}: {key} {url} names no host and port"),
+            format!("fix services.{name}.{key}"),
+        );
+        return;
+    };
+    let problem =
+        match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(&target)).await {
+            Ok(Ok(_)) => {
+                report.pass("park", format!("{name}: {key} {url} takes connections"));
+                return;
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no connection within {PROBE_TIMEOUT:?}"),
+        };
+    report.warn(
+        "park",
+        format!("{name}: {key} {url}: {problem}"),
+        format!("fine while {name} is not running; otherwise fix services.{name}.{key}, or it is stopped instead of parked"),
+    );
 }
 
 /// The CUDA checkpoint API that `park: {kind: cuda-checkpoint}` needs, in `library`

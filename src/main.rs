@@ -118,18 +118,30 @@ enum Command {
     /// Ask a running daemon to prepare a phase; waits until it has converged.
     Phase {
         phase: u32,
+        /// Skip draining: stop or park services at once, without waiting for their work
+        /// in flight to end. That work is lost.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
     /// Ask a running daemon to start (pin) a service, preempting lower priorities.
     Start {
         name: String,
+        /// Skip draining: stop or park services at once, without waiting for their work
+        /// in flight to end. That work is lost.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
     /// Ask a running daemon to stop a service and hold it stopped.
     Stop {
         name: String,
+        /// Skip draining: stop or park services at once, without waiting for their work
+        /// in flight to end. That work is lost.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
@@ -169,9 +181,9 @@ impl DaemonArgs {
         )
     }
 
-    /// Runs a client command against the daemon: its exit code.
-    async fn run(self, request: Option<Request>) -> ExitCode {
-        client::run(self.client(), request, self.json).await
+    /// Runs a transition against the daemon: its exit code.
+    async fn transition(self, request: Request, force: bool) -> ExitCode {
+        client::run_transition(self.client(), request, force, self.json).await
     }
 }
 
@@ -379,17 +391,29 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             gpu_manager::act::reaper::start()?;
             demo::run(dir).await?
         }
-        Command::Status { daemon } => return Ok(daemon.run(None).await),
+        Command::Status { daemon } => {
+            return Ok(client::run_status(daemon.client(), daemon.json).await)
+        }
         Command::CanFit {
             mb,
             priority,
             daemon,
         } => return Ok(client::run_can_fit(daemon.client(), mb, priority, daemon.json).await),
-        Command::Phase { phase, daemon } => {
-            return Ok(daemon.run(Some(Request::Phase(phase))).await)
-        }
-        Command::Start { name, daemon } => return Ok(daemon.run(Some(Request::Start(name))).await),
-        Command::Stop { name, daemon } => return Ok(daemon.run(Some(Request::Stop(name))).await),
+        Command::Phase {
+            phase,
+            force,
+            daemon,
+        } => return Ok(daemon.transition(Request::Phase(phase), force).await),
+        Command::Start {
+            name,
+            force,
+            daemon,
+        } => return Ok(daemon.transition(Request::Start(name), force).await),
+        Command::Stop {
+            name,
+            force,
+            daemon,
+        } => return Ok(daemon.transition(Request::Stop(name), force).await),
         Command::Forget { name, daemon } => {
             let client = daemon.client();
             let config = daemon.config.as_deref();

@@ -585,6 +585,54 @@ fn client_commands_show_progress_status_and_exit_codes() {
     assert_no_oom(&h);
 }
 
+/// `stop NAME` without `--force` waits out the drain timeout and exits 1 naming the busy
+/// service and its probe's answer; with `--force` (`?force=true`) it stops at once.
+#[test]
+fn the_cli_names_a_busy_service_and_force_skips_draining() {
+    let mut vidi = Standin::new("vidi", 4096, 40, "[2]");
+    vidi.config_extra = format!(
+        "    drain: {{ url: \"http://127.0.0.1:{}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: 2000 }}\n",
+        vidi.port
+    );
+    let (h, api) = serve(vec![vidi]);
+    let url = api.url();
+    ok(api.post("/gpu/prepare-phase/2"));
+    let standin = Api {
+        port: h.service("vidi").port,
+        token: None,
+    };
+    let job = standin.post("/job?ms=60000");
+    assert!(job.code < 300, "{}", job.body);
+    let pid = api.status()["services"]["vidi"]["pids"][0].clone();
+
+    let (code, out, err) = text(&cli(&["stop", "vidi", "--url", &url]));
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("HTTP 409") && err.contains("vidi is busy"),
+        "{err}"
+    );
+    assert!(
+        err.contains("its drain probe answered") && err.contains("/queue_running"),
+        "{err}"
+    );
+    assert!(
+        err.contains("retry later") && err.contains("--force"),
+        "{err}"
+    );
+    // Untouched: the same process, ready or draining again as the daemon retries.
+    let state = api.state("vidi");
+    assert!(state == "ready" || state == "draining", "{state}");
+    assert_eq!(api.status()["services"]["vidi"]["pids"][0], pid);
+    assert!(h.gpu.lost_log().unwrap().is_empty());
+
+    // The job runs for a minute: only a stop that skips draining ends before it.
+    let (code, out, err) = text(&cli(&["stop", "vidi", "--force", "--url", &url]));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(h.is_down("vidi"));
+    let lost = h.gpu.lost_log().unwrap();
+    assert!(lost.len() == 1 && lost[0].contains("vidi"), "{lost:?}");
+}
+
 #[test]
 fn a_transition_while_python_holds_the_gpu_lock_is_423_naming_the_holder() {
     let Some(redis) = common::lease::redis_with_python() else {

@@ -44,7 +44,7 @@ fn artifacts(name: &str) -> PathBuf {
 
 /// Runs the browser script against `api`, restarting the daemon when it asks (to see the
 /// page reconnect); fails with its output and the daemon's log.
-fn run_browser(h: &mut Harness, api: &Api, artifacts_name: &str) {
+fn run_browser(h: &mut Harness, api: &Api, artifacts_name: &str, extra: &[String]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.py");
     let mut command = Command::new("python3");
     command
@@ -59,6 +59,7 @@ fn run_browser(h: &mut Harness, api: &Api, artifacts_name: &str) {
     if let Some(token) = &api.token {
         command.arg("--token").arg(token);
     }
+    command.args(extra);
     let mut browser = command.spawn().expect("run python3");
     let mut answer = browser.stdin.take().unwrap();
     let mut said = String::new();
@@ -93,7 +94,7 @@ fn the_dashboard_shows_changes_live_and_drives_the_daemon() {
     }
     let mut h = Harness::new(mcn_inventory());
     let api = h.serve("");
-    run_browser(&mut h, &api, "dashboard");
+    run_browser(&mut h, &api, "dashboard", &[]);
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
 }
 
@@ -107,5 +108,29 @@ fn the_dashboard_asks_for_the_token_when_one_is_configured() {
     std::fs::write(&token_file, "dashboard-s3cret\n").unwrap();
     let mut api = h.serve(&format!(", token_file: {token_file:?}"));
     api.token = Some("dashboard-s3cret".into());
-    run_browser(&mut h, &api, "dashboard-token");
+    run_browser(&mut h, &api, "dashboard-token", &[]);
+}
+
+#[test]
+fn the_dashboard_shows_parked_and_draining_services_and_their_residual() {
+    if !browser_or_skip() {
+        return;
+    }
+    let services = mcn_inventory()
+        .into_iter()
+        .map(|s| match s.name {
+            "cosyvoice" | "vidi" => s.parking(512, 10_000),
+            _ => s,
+        })
+        .collect();
+    let mut h = Harness::new(services);
+    let api = h.serve("");
+    let cosyvoice = format!("http://127.0.0.1:{}", h.service("cosyvoice").port);
+    run_browser(
+        &mut h,
+        &api,
+        "dashboard-parking",
+        &["--parking".into(), cosyvoice],
+    );
+    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
 }

@@ -480,3 +480,87 @@ fn doctor_names_who_holds_the_lease_key() {
     );
     lock.release();
 }
+
+/// With services that park and drain: the CUDA checkpoint API is checked (through the
+/// fake libcuda), a running service's drain probe and park requests answer (PASS, and a
+/// `busy_if` pointer its answer lacks is a WARN), and a stopped service's are a WARN, never
+/// a FAIL.
+#[test]
+fn doctor_checks_the_cuda_checkpoint_api_drain_probes_and_park_urls() {
+    let drain = |port: u16, pointers: &str| {
+        format!("    drain: {{ url: \"http://127.0.0.1:{port}/queue\", busy_if: [{pointers}] }}\n")
+    };
+    let mut cosyvoice = Standin::new("cosyvoice", 4096, 50, "[3]");
+    let base = format!("http://127.0.0.1:{}", cosyvoice.port);
+    cosyvoice.config_extra = format!(
+        "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\" }}\n{}",
+        drain(cosyvoice.port, "\"/queue_running\", \"/no_such_queue\"")
+    );
+    let mut vidi = Standin::new("vidi", 4096, 40, "[2]");
+    vidi.config_extra = format!(
+        "    park: {{ kind: cuda-checkpoint }}\n{}",
+        drain(vidi.port, "\"/queue_running\"")
+    );
+    let mut h = Harness::new(vec![cosyvoice, vidi]);
+    h.gpu_config = h.gpu_config.replace(
+        "reserve_mb: 512",
+        &format!(
+            "reserve_mb: 512, cuda_library: {:?}",
+            common::built("libcuda.so")
+        ),
+    );
+    h.write_config("");
+    let port = h.service("cosyvoice").port;
+    let mut running = Command::new(standin_binary())
+        .args(h.service("cosyvoice").args())
+        .env("FAKE_NVML_DIR", h.gpu.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the cosyvoice stand-in");
+    eventually(
+        "the cosyvoice stand-in answers",
+        || http_get(port, "/health").is_some_and(|(code, _)| code == 200),
+        || "no answer".into(),
+    );
+
+    let (_, checks) = doctor(
+        &h.config_path(),
+        &[("FAKE_NVML_DIR", h.gpu.path().to_str().unwrap())],
+    );
+    kill_standin(port);
+    let _ = running.wait();
+
+    let cuda = findings(&checks, "cuda");
+    assert_eq!(cuda.len(), 1, "{checks:#?}");
+    assert_eq!(cuda[0].0, "PASS", "{cuda:?}");
+    assert!(cuda[0].1.contains("checkpoint API present"), "{cuda:?}");
+
+    let drains = findings(&checks, "drain");
+    let of = |list: &[(String, String)], service: &str| -> Vec<(String, String)> {
+        list.iter()
+            .filter(|(_, detail)| detail.starts_with(&format!("{service}:")))
+            .cloned()
+            .collect()
+    };
+    let cosyvoice_drain = of(&drains, "cosyvoice");
+    assert_eq!(cosyvoice_drain.len(), 1, "{drains:?}");
+    assert_eq!(cosyvoice_drain[0].0, "WARN", "{drains:?}");
+    assert!(
+        cosyvoice_drain[0].1.contains("/no_such_queue")
+            && !cosyvoice_drain[0].1.contains("/queue_running"),
+        "{drains:?}"
+    );
+    let vidi_drain = of(&drains, "vidi");
+    assert_eq!(vidi_drain.len(), 1, "{drains:?}");
+    assert_eq!(vidi_drain[0].0, "WARN", "not running: {drains:?}");
+
+    let parks = findings(&checks, "park");
+    assert_eq!(parks.len(), 2, "park.url and park.resume_url: {parks:?}");
+    assert!(
+        parks.iter().all(|(status, detail)| status == "PASS"
+            && detail.starts_with("cosyvoice:")
+            && detail.contains("takes connections")),
+        "{parks:?}"
+    );
+}

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use common::api::{Api, Reply};
 use common::lease::require;
-use common::{mcn_inventory, Harness};
+use common::{mcn_inventory, Harness, Standin};
 
 fn document() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json");
@@ -211,6 +211,71 @@ fn real_answers_errors_and_events_match_the_document() {
         let event = events.next_event();
         validate(&doc, event_schema, &event, "an event of GET /gpu/events");
         types.insert(event["type"].as_str().unwrap().to_owned());
+    }
+}
+
+/// Parking and draining answers: a parked service's status fields, park and resume
+/// actions, a 409 `busy` with the probe's answer, the busy action in `recent_actions`,
+/// and a forced stop.
+#[test]
+fn parking_and_busy_answers_match_the_document() {
+    let doc = document();
+    let mut h = Harness::new(vec![
+        Standin::new("cosyvoice", 4096, 50, "[3]").parking(512, 2000),
+        Standin::new("vidi", 4096, 40, "[2]").parking(512, 2000),
+    ]);
+    let api = h.serve("");
+    let mut events = api.events();
+    let phase = "/gpu/prepare-phase/{n}";
+    let stop = "/gpu/service/{name}/stop";
+
+    conforms(&doc, "post", phase, &api.post("/gpu/prepare-phase/3"));
+    let report = conforms(&doc, "post", phase, &api.post("/gpu/prepare-phase/2"));
+    assert_eq!(report["services"]["cosyvoice"], "parked", "{report}");
+    let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+    let cosyvoice = &status["services"]["cosyvoice"];
+    assert_eq!(cosyvoice["park"], "http", "{cosyvoice}");
+    assert_eq!(cosyvoice["residual_mb"], 512, "{cosyvoice}");
+    assert!(cosyvoice["parked_at_ms"].as_u64().is_some(), "{cosyvoice}");
+    let report = conforms(&doc, "post", phase, &api.post("/gpu/prepare-phase/3"));
+    let ops: Vec<&str> = report["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["op"].as_str().unwrap())
+        .collect();
+    assert!(ops.contains(&"resume") && ops.contains(&"park"), "{report}");
+
+    let standin = Api {
+        port: h.service("cosyvoice").port,
+        token: None,
+    };
+    assert_eq!(standin.post("/job?ms=60000").code, 202);
+    let busy = conforms(&doc, "post", stop, &api.post("/gpu/service/cosyvoice/stop"));
+    assert_eq!(busy["kind"], "busy", "{busy}");
+    assert!(busy["answer"]["/queue_running"].is_array(), "{busy}");
+    let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+    let recorded = status["recent_actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["failure"] == "busy" && a["busy"].is_object());
+    assert!(recorded, "{status}");
+    conforms(
+        &doc,
+        "post",
+        stop,
+        &api.post("/gpu/service/cosyvoice/stop?force=true"),
+    );
+
+    let event_schema = &doc["components"]["schemas"]["DaemonEvent"];
+    let mut ops = std::collections::BTreeSet::new();
+    while ops.len() < 4 {
+        let event = events.next_event();
+        validate(&doc, event_schema, &event, "an event of GET /gpu/events");
+        if event["type"] == "action_started" {
+            ops.insert(event["op"].as_str().unwrap().to_owned());
+        }
     }
 }
 

@@ -12,33 +12,13 @@ use serde_json::Value;
 /// What a parked stand-in keeps.
 const RESIDUAL_MB: u64 = 512;
 
-/// A stand-in that parks over HTTP (`/park`, `/resume`, 300 ms wake) keeping
-/// `residual_mb`, and drains on its ComfyUI-shaped `/queue` for at most `drain_ms`.
-fn parking(mut standin: Standin, residual_mb: u64, drain_ms: u64) -> Standin {
-    let base = format!("http://127.0.0.1:{}", standin.port);
-    standin.extra_args.extend([
-        "--residual-mb".into(),
-        residual_mb.to_string(),
-        "--wake-ms".into(),
-        "300".into(),
-    ]);
-    standin.config_extra = format!(
-        "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\", residual_mb: {residual_mb}, timeout_ms: 3000 }}\n    drain: {{ url: \"{base}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: {drain_ms} }}\n"
-    );
-    standin
-}
-
 /// ComfyUI (20 GB, phase 4), and CosyVoice (phase 3) and Vidi (phase 2), 4 GB each,
 /// which park.
 fn pipeline(comfyui_mb: u64, residual_mb: u64) -> Vec<Standin> {
     vec![
         Standin::new("comfyui", comfyui_mb, 100, "[4]"),
-        parking(
-            Standin::new("cosyvoice", 4096, 50, "[3]"),
-            residual_mb,
-            3000,
-        ),
-        parking(Standin::new("vidi", 4096, 40, "[2]"), residual_mb, 3000),
+        Standin::new("cosyvoice", 4096, 50, "[3]").parking(residual_mb, 3000),
+        Standin::new("vidi", 4096, 40, "[2]").parking(residual_mb, 3000),
     ]
 }
 

@@ -225,9 +225,11 @@ impl Client {
 
     /// `gpu-manager phase|start|stop`: POSTs the change and waits for its answer,
     /// calling `progress` with a line per event meanwhile. Returns what to print.
+    /// `force` skips draining (`?force=true`): work in flight is lost.
     pub async fn transition(
         &self,
         request: &Request,
+        force: bool,
         json: bool,
         mut progress: impl FnMut(&str),
     ) -> Result<String, ClientError> {
@@ -238,7 +240,10 @@ impl Client {
         } else {
             Some(tokio::spawn(self.follow_events(events_tx).await?))
         };
-        let url = self.url(&request.path());
+        let mut url = self.url(&request.path());
+        if force {
+            url.query_pairs_mut().append_pair("force", "true");
+        }
         let mut post = self.http.post(url.clone());
         if let Some(token) = &self.token {
             post = post.bearer_auth(token);
@@ -357,19 +362,35 @@ async fn answer(url: &Url, response: reqwest::Response) -> Result<String, Client
         .unwrap_or_else(|| body.clone());
     Err(ClientError::Refused {
         code: code.as_u16(),
-        message: hint(code, message),
+        message: hint(code, &error, message),
         body,
     })
 }
 
-/// Adds what to do next where the daemon's message does not say it.
-fn hint(code: StatusCode, message: String) -> String {
+/// Adds what to do next where the daemon's message does not say it (or says it for
+/// the API rather than the command line).
+fn hint(code: StatusCode, error: &serde_json::Value, message: String) -> String {
     match code {
         StatusCode::UNAUTHORIZED => format!(
             "{message}\n(the client sends the token from --token-file, or from api.token_file with --config)"
         ),
+        StatusCode::CONFLICT if error["kind"] == "busy" => busy(error),
         _ => message,
     }
+}
+
+/// A 409 `busy`: which service still had work in flight, what its drain probe answered,
+/// and the two ways on. The daemon's own message speaks of `?force=true`; on the
+/// command line that is `--force`.
+fn busy(error: &serde_json::Value) -> String {
+    let service = error["service"].as_str().unwrap_or("a service");
+    let answer = match &error["answer"] {
+        serde_json::Value::Null => "nothing".to_owned(),
+        answer => answer.to_string(),
+    };
+    format!(
+        "{service} is busy: its work in flight did not end within its drain timeout, so it was left as it was (the daemon tries again later)\n  its drain probe answered: {answer}\n  retry later, or add --force to skip draining (its work in flight is lost)"
+    )
 }
 
 /// The URL of a daemon listening on `addr`: a wildcard address is reached on loopback.
@@ -399,21 +420,30 @@ fn read_token(path: &Path) -> Result<String, ClientError> {
     Ok(token.trim().to_owned())
 }
 
-/// Runs a client command to its exit code, printing the answer (stdout) or the error
-/// (stderr).
-pub async fn run(
+/// `gpu-manager status`: prints the status (stdout) or the error (stderr); its exit code.
+pub async fn run_status(client: Result<Client, ClientError>, json: bool) -> ExitCode {
+    let result = match client {
+        Ok(client) => client.status(json).await,
+        Err(error) => Err(error),
+    };
+    finish(result.map(|text| (true, text)), json)
+}
+
+/// `gpu-manager phase|start|stop`: runs the transition to its exit code, printing its
+/// progress and report (stdout) or the error (stderr).
+pub async fn run_transition(
     client: Result<Client, ClientError>,
-    request: Option<Request>,
+    request: Request,
+    force: bool,
     json: bool,
 ) -> ExitCode {
-    let result = match (client, request) {
-        (Err(error), _) => Err(error),
-        (Ok(client), None) => client.status(json).await,
-        (Ok(client), Some(request)) => {
+    let result = match client {
+        Ok(client) => {
             client
-                .transition(&request, json, |line| println!("{line}"))
+                .transition(&request, force, json, |line| println!("{line}"))
                 .await
         }
+        Err(error) => Err(error),
     };
     finish(result.map(|text| (true, text)), json)
 }

@@ -133,10 +133,10 @@ pub(super) fn parse_park(service: &str, raw: RawPark) -> Result<ParkSpec, Invali
                     format!("{} is missing: give the request that releases its VRAM, e.g. \"http://127.0.0.1:8188/free\"", at("url")),
                 )
             })?;
-            let park = http_request(&at("url"), url, raw.method, raw.body)?;
+            let park = http_request([&at("url"), &at("method")], url, raw.method, raw.body)?;
             let resume = match raw.resume_url {
                 Some(url) => Some(http_request(
-                    &at("resume_url"),
+                    [&at("resume_url"), &at("resume_method")],
                     url,
                     raw.resume_method,
                     raw.resume_body,
@@ -190,19 +190,20 @@ pub(super) fn parse_park(service: &str, raw: RawPark) -> Result<ParkSpec, Invali
     })
 }
 
+/// `keys`: the full names of the URL's key and of its method's, for the errors.
 fn http_request(
-    key: &str,
+    [url_key, method_key]: [&str; 2],
     url: String,
     method: Option<String>,
     body: Option<String>,
 ) -> Result<HttpRequest, Invalid> {
-    check_http_url(key, &url)?;
+    check_http_url(url_key, &url)?;
     let method = method.unwrap_or_else(|| "POST".to_owned());
     if !HTTP_METHODS.contains(&method.as_str()) {
         return Err(invalid(
             "park",
             format!(
-                "{key}'s method {method:?} is not one of {}",
+                "{method_key} {method:?} is not one of {}",
                 HTTP_METHODS.join(", ")
             ),
         ));
@@ -269,4 +270,246 @@ pub(super) fn evict_migration(service: &str, evict_url: Option<&str>) -> String 
     format!(
         "services.{service}.evict and evict_url were replaced by park: write\n    park: {{kind: ollama, url: \"{url}\"}}\ninstead (README, \"Migrating from evict\")"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{Config, ConfigError};
+
+    /// A config with one native service `vidi` whose last lines are `extra` (indented
+    /// under the service).
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            "services:\n  vidi:\n    kind: native\n    command: [\"vidi\"]\n    vram_mb: 4096\n    priority: 40\n    phases: [2]\n{extra}"
+        );
+        Config::parse(Path::new("/etc/gpu/config.yaml"), &text)
+    }
+
+    fn park_of(extra: &str) -> ParkSpec {
+        let config = parse(extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        config
+            .inventory
+            .find("vidi")
+            .unwrap()
+            .park
+            .clone()
+            .expect("park")
+    }
+
+    fn drain_of(extra: &str) -> DrainSpec {
+        let config = parse(extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        config
+            .inventory
+            .find("vidi")
+            .unwrap()
+            .drain
+            .clone()
+            .expect("drain")
+    }
+
+    /// The line of the error and its message.
+    fn refusal(extra: &str) -> (usize, String) {
+        match parse(extra) {
+            Err(ConfigError::Invalid { line, message, .. }) => (line, message),
+            other => panic!("{extra} should be refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn http_parks_default_to_post_a_1024_mb_residual_and_30_s() {
+        let spec = park_of("    park: { kind: http, url: \"http://127.0.0.1:8188/free\" }\n");
+        assert_eq!(spec.residual_mb, 1024);
+        assert_eq!(spec.timeout, Duration::from_millis(30_000));
+        assert_eq!(
+            spec.method,
+            ParkMethod::Http {
+                park: HttpRequest {
+                    method: "POST".into(),
+                    url: "http://127.0.0.1:8188/free".into(),
+                    body: None,
+                },
+                resume: None,
+            }
+        );
+        assert_eq!(spec.method.kind(), "http");
+
+        let spec = park_of(
+            "    park:\n      kind: http\n      url: \"http://127.0.0.1:8000/sleep?level=1\"\n      body: '{}'\n      resume_url: \"http://127.0.0.1:8000/wake_up\"\n      residual_mb: 300\n      timeout_ms: 5000\n",
+        );
+        assert_eq!(spec.residual_mb, 300);
+        assert_eq!(spec.timeout, Duration::from_millis(5000));
+        let ParkMethod::Http { park, resume } = spec.method else {
+            panic!("an http park");
+        };
+        assert_eq!(park.body.as_deref(), Some("{}"));
+        let resume = resume.expect("a resume request");
+        assert_eq!(
+            (resume.method.as_str(), resume.url.as_str(), resume.body),
+            ("POST", "http://127.0.0.1:8000/wake_up", None)
+        );
+    }
+
+    #[test]
+    fn ollama_and_cuda_checkpoint_parks_default_to_no_residual() {
+        let spec = park_of("    park: { kind: ollama, url: \"http://localhost:11434\" }\n");
+        assert_eq!(
+            spec.method,
+            ParkMethod::Ollama {
+                url: "http://localhost:11434".into()
+            }
+        );
+        assert_eq!((spec.residual_mb, spec.method.kind()), (0, "ollama"));
+        let spec = park_of("    park: { kind: cuda-checkpoint }\n");
+        assert_eq!(spec.method, ParkMethod::CudaCheckpoint);
+        assert_eq!(spec.residual_mb, 0);
+        assert_eq!(spec.timeout, Duration::from_millis(30_000));
+    }
+
+    #[test]
+    fn bad_park_kinds_urls_and_methods_are_refused_naming_the_key() {
+        let (line, message) = refusal("    park: { kind: sleep, url: \"http://x/free\" }\n");
+        assert_eq!(line, 8, "{message}");
+        assert!(
+            message.contains("services.vidi.park.kind") && message.contains("cuda-checkpoint"),
+            "{message}"
+        );
+        let (line, message) = refusal("    park: { kind: http, url: \"localhost:8188/free\" }\n");
+        assert_eq!(line, 8, "{message}");
+        assert!(
+            message
+                .contains("services.vidi.park.url \"localhost:8188/free\" is not an http(s) URL"),
+            "{message}"
+        );
+        let (_, message) = refusal("    park: { kind: http }\n");
+        assert!(
+            message.contains("services.vidi.park.url is missing"),
+            "{message}"
+        );
+        let (_, message) = refusal("    park: { kind: ollama }\n");
+        assert!(
+            message.contains("services.vidi.park.url is missing"),
+            "{message}"
+        );
+        let (_, message) =
+            refusal("    park: { kind: http, url: \"http://x/free\", method: FETCH }\n");
+        assert!(
+            message.contains("services.vidi.park.method \"FETCH\" is not one of GET, POST"),
+            "{message}"
+        );
+        let (_, message) = refusal(
+            "    park: { kind: http, url: \"http://x/sleep\", resume_url: \"http://x/wake\", resume_method: get }\n",
+        );
+        assert!(
+            message.contains("services.vidi.park.resume_method \"get\""),
+            "{message}"
+        );
+        let (_, message) =
+            refusal("    park: { kind: http, url: \"http://x/free\", resume_body: \"{}\" }\n");
+        assert!(
+            message.contains("services.vidi.park.resume_body does not apply")
+                && message.contains("without resume_url"),
+            "{message}"
+        );
+        let (_, message) =
+            refusal("    park: { kind: http, url: \"http://x/free\", timeout_ms: 0 }\n");
+        assert!(
+            message.contains("services.vidi.park.timeout_ms is 0"),
+            "{message}"
+        );
+        let (_, message) =
+            refusal("    park: { kind: http, url: \"http://x/free\", residual: 10 }\n");
+        assert!(message.contains("residual"), "an unknown key: {message}");
+    }
+
+    #[test]
+    fn cuda_checkpoint_and_ollama_refuse_the_http_keys() {
+        for key in [
+            "url: \"http://x/free\"",
+            "resume_url: \"http://x/wake\"",
+            "method: POST",
+            "body: x",
+        ] {
+            let (line, message) =
+                refusal(&format!("    park: {{ kind: cuda-checkpoint, {key} }}\n"));
+            let name = key.split(':').next().unwrap();
+            assert_eq!(line, 8, "{message}");
+            assert!(
+                message.contains(&format!(
+                    "services.vidi.park.{name} does not apply to kind: cuda-checkpoint"
+                )),
+                "{key}: {message}"
+            );
+        }
+        let (_, message) = refusal(
+            "    park: { kind: ollama, url: \"http://localhost:11434\", resume_url: \"http://x/wake\" }\n",
+        );
+        assert!(
+            message.contains("services.vidi.park.resume_url does not apply to kind: ollama"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn drains_default_to_ten_minutes_and_refuse_bad_urls_and_pointers() {
+        let spec = drain_of(
+            "    drain: { url: \"http://127.0.0.1:8188/queue\", busy_if: [\"/queue_running\", \"\"] }\n",
+        );
+        assert_eq!(spec.timeout, Duration::from_millis(600_000));
+        assert_eq!(
+            spec.busy_if,
+            ["/queue_running", ""],
+            "\"\" is the whole answer"
+        );
+        let (line, message) =
+            refusal("    drain: { url: \"http://x/queue\", busy_if: [\"queue_running\"] }\n");
+        assert_eq!(line, 8, "{message}");
+        assert!(
+            message.contains("services.vidi.drain.busy_if \"queue_running\" is not a JSON pointer")
+                && message.contains("\"/queue_running\""),
+            "{message}"
+        );
+        let (_, message) = refusal("    drain: { url: \"http://x/queue\", busy_if: [] }\n");
+        assert!(
+            message.contains("services.vidi.drain.busy_if is empty"),
+            "{message}"
+        );
+        let (_, message) = refusal("    drain: { url: \"x/queue\", busy_if: [\"/a\"] }\n");
+        assert!(
+            message.contains("services.vidi.drain.url \"x/queue\" is not an http(s) URL"),
+            "{message}"
+        );
+        let (_, message) =
+            refusal("    drain: { url: \"http://x/queue\", busy_if: [\"/a\"], timeout_ms: 0 }\n");
+        assert!(
+            message.contains("services.vidi.drain.timeout_ms is 0")
+                && message.contains("force=true"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn evict_keys_are_refused_showing_the_park_form() {
+        let (line, message) =
+            refusal("    evict: ollama\n    evict_url: \"http://gpu-box:11434\"\n");
+        assert_eq!(line, 8, "points at evict: {message}");
+        assert!(
+            message.contains("park: {kind: ollama, url: \"http://gpu-box:11434\"}"),
+            "the old URL in the new form: {message}"
+        );
+        let (line, message) = refusal("    evict_url: \"http://10.0.0.2:11434\"\n");
+        assert_eq!(line, 8, "{message}");
+        assert!(
+            message.contains("park: {kind: ollama, url: \"http://10.0.0.2:11434\"}"),
+            "{message}"
+        );
+        let (_, message) = refusal("    evict: ollama\n");
+        assert!(
+            message.contains("park: {kind: ollama, url: \"http://localhost:11434\"}"),
+            "{message}"
+        );
+    }
 }

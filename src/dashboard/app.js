@@ -291,8 +291,15 @@ function renderGpu(status) {
   const total = v.total_mb || 1;
   const segments = [];
   for (const name of Object.keys(status.services).sort()) {
-    const held = status.services[name].observed_vram_mb || 0;
-    if (held > 0) segments.push({ label: name, mb: held, colour: colours[name] });
+    const s = status.services[name];
+    // A parked service holds its residual: observed, else (GPU not observed) as configured.
+    const parked = s.state === "parked";
+    const held = s.observed_vram_mb ?? (parked ? s.residual_mb : 0) ?? 0;
+    if (held > 0) {
+      segments.push(parked
+        ? { label: `${name} (parked)`, mb: held, colour: colours[name], cls: "parked-segment" }
+        : { label: name, mb: held, colour: colours[name] });
+    }
   }
   segments.push({ label: "external", mb: v.external_mb, cls: "hatch-external" });
   segments.push({ label: "reclaiming", mb: v.reclaiming_mb, cls: "hatch-reclaiming" });
@@ -307,10 +314,11 @@ function renderGpu(status) {
   for (const s of segments) {
     const piece = el("div", { class: s.cls, title: `${s.label}: ${s.mb} MB`, "data-segment": s.label });
     piece.style.width = `${(100 * s.mb) / total}%`;
-    if (s.colour) piece.style.background = s.colour;
+    // The colour only: a class's stripes (a parked residual) stay on top of it.
+    if (s.colour) piece.style.backgroundColor = s.colour;
     bar.append(piece);
     const swatch = el("span", { class: `swatch ${s.cls || ""}` });
-    if (s.colour) swatch.style.background = s.colour;
+    if (s.colour) swatch.style.backgroundColor = s.colour;
     legend.append(el("li", { "data-segment": s.label }, swatch, `${s.label} ${s.mb} MB`));
   }
   bar.setAttribute("aria-label", segments.map((s) => `${s.label} ${s.mb} MB`).join(", ") + ` of ${v.total_mb} MB`);
@@ -370,14 +378,14 @@ function renderLease(lock) {
   byId("lease").replaceChildren(...facts.flatMap(([name, value]) => [el("dt", { text: name }), el("dd", { "data-fact": name, text: value })]));
 }
 
-const SERVICE_CELLS = ["name", "state", "declared", "observed", "learned", "priority", "phases", "wanted", "reason",
-  "restarts", "where", "error"];
+const SERVICE_CELLS = ["name", "state", "declared", "observed", "learned", "park", "residual", "priority", "phases",
+  "wanted", "reason", "restarts", "where", "error"];
 
 // One row per service, built once with its buttons, then updated cell by cell.
 function serviceRow(name) {
   const cells = SERVICE_CELLS.map((cell) => el("td", { "data-cell": cell }));
   cells[0].textContent = name;
-  for (const cell of ["declared", "observed", "learned", "priority", "restarts"]) cells[SERVICE_CELLS.indexOf(cell)].className = "num";
+  for (const cell of ["declared", "observed", "learned", "residual", "priority", "restarts"]) cells[SERVICE_CELLS.indexOf(cell)].className = "num";
   cells[SERVICE_CELLS.indexOf("reason")].className = "reason";
   cells[SERVICE_CELLS.indexOf("error")].className = "error";
   cells[SERVICE_CELLS.indexOf("state")].append(el("span", { class: "state" }));
@@ -405,6 +413,8 @@ function renderServices(status) {
       declared: mb(s.declared_vram_mb),
       observed: mb(s.observed_vram_mb),
       learned: mb(s.learned_peak_mb),
+      park: s.park ? (s.park_error ? `${s.park} (cannot park: stopped instead)` : s.park) : "-",
+      residual: mb(s.residual_mb),
       priority: String(s.priority),
       phases: s.phases.join(", ") || "-",
       wanted,
@@ -415,6 +425,8 @@ function renderServices(status) {
     };
     for (const [cell, value] of Object.entries(text)) row.querySelector(`[data-cell="${cell}"]`).textContent = value;
     row.querySelector('[data-cell="learned"]').title = s.footprint_warning || "";
+    const parkTimes = [s.parked_at_ms && `parked at ${clock(s.parked_at_ms)}`, s.resumed_at_ms && `resumed at ${clock(s.resumed_at_ms)}`];
+    row.querySelector('[data-cell="park"]').title = s.park_error || parkTimes.filter(Boolean).join(", ");
     const badge = row.querySelector(".state");
     badge.className = `state state-${s.state}`;
     badge.textContent = s.state;
@@ -426,10 +438,11 @@ function renderActions(actions) {
     const ok = a.outcome.Ok !== undefined;
     return el("tr", {},
       el("td", { text: clock(a.finished_at_ms) }),
-      el("td", { text: a.op }),
+      el("td", { class: `op-${a.op}`, "data-op": a.op, text: a.op }),
       el("td", { text: a.service }),
       el("td", { class: "num", text: seconds(a.duration_ms) }),
-      el("td", { class: ok ? "outcome-ok" : "outcome-err", text: ok ? a.outcome.Ok : a.outcome.Err }),
+      el("td", { class: ok ? "outcome-ok" : "outcome-err", text: ok ? a.outcome.Ok : a.outcome.Err,
+        title: a.busy ? `its drain probe answered ${JSON.stringify(a.busy)}` : undefined }),
       el("td", { class: "reason", text: a.reason }));
   });
   byId("actions").tBodies[0].replaceChildren(...rows);

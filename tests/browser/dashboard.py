@@ -7,8 +7,10 @@ starts it and runs this script).
 
 Without --token it walks the page's whole life (services listed, a change through the
 API shown live, a phase change by click, a refusal, the timeline, a narrow window);
-with --token the daemon has api.token_file and the page must ask for it. Screenshots
-go to DIR. Exits non-zero on the first failed check, saying what was expected.
+with --token the daemon has api.token_file and the page must ask for it; with
+--parking URL (cosyvoice's stand-in) vidi and cosyvoice park and drain, and the page
+must show them parked and draining. Screenshots go to DIR. Exits non-zero on the first
+failed check, saying what was expected.
 """
 
 import argparse
@@ -268,6 +270,62 @@ class Run:
         self.ok("with the token the page's POST works; the token is in sessionStorage only")
         self.shot("12-token-used")
 
+    def parking(self, cosyvoice):
+        """vidi parks for phase 3 and is resumed for phase 2; cosyvoice drains a job first."""
+        d = self.driver
+        self.open_page()
+        for phase in (2, 3):
+            code, body = post(self.url, f"/gpu/prepare-phase/{phase}")
+            if code != 200:
+                raise Check(f"phase {phase} answers 200, got {code}: {body}")
+        wait_for("vidi parked on the page", lambda: state_is(d, "vidi", "parked"), 5)
+        row = d.find_element(By.CSS_SELECTOR, '#services tr[data-service="vidi"]')
+        cells = {cell: row.find_element(By.CSS_SELECTOR, f'[data-cell="{cell}"]').text
+                 for cell in ("park", "residual")}
+        if cells != {"park": "http", "residual": "512 MB"}:
+            raise Check(f"vidi's park kind and residual in the table, got {cells}")
+        badge = row.find_element(By.CSS_SELECTOR, ".state")
+        if "state-parked" not in badge.get_attribute("class"):
+            raise Check(f"the parked badge has its own style, got {badge.get_attribute('class')}")
+        ready = d.find_element(By.CSS_SELECTOR, '#services tr[data-service="cosyvoice"] .state')
+        looks = lambda e: (e.value_of_css_property("background-image"), e.value_of_css_property("border-top-style"))
+        if looks(badge) == looks(ready):
+            raise Check(f"parked looks other than ready by more than colour, both {looks(badge)}")
+        wait_for("vidi's residual in the VRAM bar",
+                 lambda: "vidi (parked) 512 MB" in d.find_element(By.ID, "vram-legend").text, 5)
+        segment = d.find_element(By.CSS_SELECTOR, '#vram-bar [data-segment="vidi (parked)"]')
+        if "parked-segment" not in segment.get_attribute("class"):
+            raise Check("the parked residual is striped in the bar")
+        wait_for("a park in the action log",
+                 lambda: any(r.text.split()[1:3] == ["park", "vidi"]
+                             for r in d.find_elements(By.CSS_SELECTOR, "#actions tbody tr")), 5)
+        self.ok(f"vidi parked: its badge, park kind {cells['park']}, residual {cells['residual']}, "
+                "striped in the VRAM bar, and its park in the action log")
+        self.shot("21-parked")
+
+        # A job in flight: cosyvoice drains before it parks for phase 2, and vidi resumes.
+        request = urllib.request.Request(cosyvoice + "/job?ms=1500", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            if response.status != 202:
+                raise Check(f"the stand-in queued the job, got {response.status}")
+        click(d, 'button[data-phase="2"]')
+        wait_for("cosyvoice draining on the page", lambda: state_is(d, "cosyvoice", "draining"), 5)
+        badge = d.find_element(By.CSS_SELECTOR, '#services tr[data-service="cosyvoice"] .state')
+        if badge.value_of_css_property("border-top-style") != "dashed":
+            raise Check("the draining badge is dashed")
+        self.ok("cosyvoice shows draining (dashed) while its job runs")
+        self.shot("22-draining")
+        wait_for("cosyvoice parked and vidi resumed",
+                 lambda: state_is(d, "cosyvoice", "parked") and state_is(d, "vidi", "ready"), CONVERGE_S)
+        wait_for("the resume in the action log",
+                 lambda: any(r.text.split()[1:3] == ["resume", "vidi"]
+                             for r in d.find_elements(By.CSS_SELECTOR, "#actions tbody tr")), 5)
+        self.ok("after the drain cosyvoice parked and vidi's resume is in the action log")
+        self.shot("23-resumed")
+        violations = self.csp_violations()
+        if violations:
+            raise Check(f"no Content-Security-Policy violations, got {violations}")
+
     def close(self):
         self.driver.quit()
 
@@ -277,12 +335,15 @@ def main():
     parser.add_argument("--url", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--token")
+    parser.add_argument("--parking", metavar="COSYVOICE_URL")
     args = parser.parse_args()
     os.makedirs(args.artifacts, exist_ok=True)
     run = Run(args.url, args.artifacts, args.token)
     try:
         if args.token:
             run.tokened()
+        elif args.parking:
+            run.parking(args.parking)
         else:
             run.untokened()
     except Check as failure:

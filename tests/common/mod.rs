@@ -109,6 +109,22 @@ impl Standin {
         }
     }
 
+    /// Parks over HTTP (`/park`, `/resume`, 300 ms wake) keeping `residual_mb`, and
+    /// drains on its ComfyUI-shaped `/queue` for at most `drain_ms`.
+    pub fn parking(mut self, residual_mb: u64, drain_ms: u64) -> Self {
+        let base = format!("http://127.0.0.1:{}", self.port);
+        self.extra_args.extend([
+            "--residual-mb".into(),
+            residual_mb.to_string(),
+            "--wake-ms".into(),
+            "300".into(),
+        ]);
+        self.config_extra = format!(
+            "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\", residual_mb: {residual_mb}, timeout_ms: 3000 }}\n    drain: {{ url: \"{base}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: {drain_ms} }}\n"
+        );
+        self
+    }
+
     /// The stand-in's arguments after the program; the simulated GPU folder is given
     /// apart (an environment variable for native services, an argument in containers).
     pub fn args(&self) -> Vec<String> {

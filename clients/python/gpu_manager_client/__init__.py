@@ -6,6 +6,7 @@ and stopped so that what is wanted fits in VRAM.
     gm = GpuManager()                 # GPU_MANAGER_URL / GPU_MANAGER_TOKEN, else 127.0.0.1:8000
     if gm.can_fit(4096): ...
     gm.prepare_for_phase(3)           # the transition report; raises on refusal
+    gm.stop("comfyui", force=True)    # skip draining: its work in flight is lost
     with gpu_lock("redis://127.0.0.1:6379"):   # the v1 redis-py Lock, unchanged
         run_my_gpu_job()
 
@@ -49,7 +50,8 @@ class GpuManagerError(Exception):
     """The daemon refused or failed a request, or could not be reached.
 
     ``status`` is the HTTP status (None when there was no answer), ``kind`` the error
-    kind the daemon named (``cannot_fit``, ``lease_held``...; None when it named none),
+    kind the daemon named (``cannot_fit``, ``busy``, ``lease_held``...; None when it
+    named none),
     ``body`` the JSON error body as a dict (empty when there was none).
     """
 
@@ -89,7 +91,10 @@ class CannotFit(GpuManagerError):
 
 
 class Busy(GpuManagerError):
-    """409 ``busy``: a service's work did not drain in time; nothing was touched."""
+    """409 ``busy``: a stop or park found a service with work in flight that did not end
+    within its drain timeout; nothing was touched. ``body["service"]`` names it and
+    ``body["answer"]`` is what its drain probe answered. Retry later, or pass
+    ``force=True`` to skip draining (its work in flight is lost)."""
 
 
 class Superseded(GpuManagerError):
@@ -204,10 +209,11 @@ class GpuManager:
         result: Dict[str, Any] = self._request(method, path, params=given).json()
         return result
 
-    @staticmethod
-    def _wait(wait: bool) -> Optional[str]:
-        # The daemon waits by default; only "false" needs saying.
-        return None if wait else "false"
+    def _transition(self, path: str, wait: bool, force: bool) -> Dict[str, Any]:
+        # The daemon waits and drains by default: only "false" and "true" need saying.
+        return self._json(
+            "POST", path, wait=None if wait else "false", force="true" if force else None
+        )
 
     def status(self) -> Dict[str, Any]:
         """``GET /gpu/status``: ``vram``, ``services.NAME.state``, ``lock.holder``..."""
@@ -222,18 +228,27 @@ class GpuManager:
         """Whether ``mb`` MB fit on the GPU now, without stopping anything."""
         return bool(self.can_fit_detail(mb, priority)["fits"])
 
-    def prepare_for_phase(self, phase: int, wait: bool = True) -> Dict[str, Any]:
+    def prepare_for_phase(
+        self, phase: int, wait: bool = True, force: bool = False
+    ) -> Dict[str, Any]:
         """Sets the pipeline phase; returns the transition report once the services have
-        converged (with ``wait=False`` at once: poll ``status()``)."""
-        return self._json("POST", f"/gpu/prepare-phase/{int(phase)}", wait=self._wait(wait))
+        converged (with ``wait=False`` at once: poll ``status()``).
 
-    def start(self, name: str, wait: bool = True) -> Dict[str, Any]:
-        """Pins a service (preempting lower priorities); the transition report."""
-        return self._json("POST", f"/gpu/service/{name}/start", wait=self._wait(wait))
+        Services with work in flight are drained first; one still busy after its drain
+        timeout raises :class:`Busy` and is left untouched. ``force=True`` skips
+        draining: their work in flight is lost."""
+        return self._transition(f"/gpu/prepare-phase/{int(phase)}", wait, force)
 
-    def stop(self, name: str, wait: bool = True) -> Dict[str, Any]:
-        """Unpins a service and holds it stopped; the transition report."""
-        return self._json("POST", f"/gpu/service/{name}/stop", wait=self._wait(wait))
+    def start(self, name: str, wait: bool = True, force: bool = False) -> Dict[str, Any]:
+        """Pins a service (preempting lower priorities); the transition report.
+        ``force=True``: the services it preempts are not drained (work in flight is lost)."""
+        return self._transition(f"/gpu/service/{name}/start", wait, force)
+
+    def stop(self, name: str, wait: bool = True, force: bool = False) -> Dict[str, Any]:
+        """Unpins a service and holds it stopped; the transition report. Raises
+        :class:`Busy` when its work does not drain in time (nothing was touched);
+        ``force=True`` stops it at once and its work in flight is lost."""
+        return self._transition(f"/gpu/service/{name}/stop", wait, force)
 
     def plan(
         self,

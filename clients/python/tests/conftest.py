@@ -29,6 +29,9 @@ SERVICES = [
     ("vidi", 4096, 40, "[2]"),
     ("ollama", 18432, 10, "[]"),
 ]
+# Drained before a stop or park: the stand-in's ComfyUI-shaped queue, busy while a job
+# runs, for at most this many ms.
+DRAIN_MS = {"cosyvoice": 2000}
 
 
 def _require(available: bool, what: str) -> None:
@@ -93,8 +96,9 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 
 class Daemon:
     def __init__(self, folder: Path, url: str, process: subprocess.Popen, gpu: Path,
-                 redis_url: str, lease_key: str):
+                 redis_url: str, lease_key: str, service_ports: Dict[str, int]):
         self.folder = folder
+        self.service_ports = service_ports
         self.url = url
         self.redis_url = redis_url
         self.lease_key = lease_key
@@ -113,6 +117,15 @@ class Daemon:
 
     def oom_log(self) -> str:
         return (self.gpu / "oom.log").read_text()
+
+    def lost_log(self) -> str:
+        """The jobs stand-ins were stopped in the middle of, one line each."""
+        lost = self.gpu / "lost.log"
+        return lost.read_text() if lost.exists() else ""
+
+    def standin(self, name: str) -> str:
+        """The URL of a service's stand-in (its /job, /state, /queue)."""
+        return f"http://127.0.0.1:{self.service_ports[name]}"
 
 
 @pytest.fixture
@@ -137,10 +150,10 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
         "resync_ms: 500",
         "services:",
     ]
-    ports = []
+    ports: Dict[str, int] = {}
     for name, mb, priority, phases in SERVICES:
         service_port = free_port()
-        ports.append(service_port)
+        ports[name] = service_port
         command = [str(binaries["standin"]), "--sim-dir", str(gpu), "--name", name,
                    "--vram-mb", str(mb), "--port", str(service_port),
                    "--start-delay-ms", "200"]
@@ -155,6 +168,11 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
             "    start_timeout_ms: 15000",
             "    stop_timeout_ms: 5000",
         ]
+        if name in DRAIN_MS:
+            lines.append(
+                f'    drain: {{ url: "http://127.0.0.1:{service_port}/queue", '
+                f'busy_if: ["/queue_running", "/queue_pending"], timeout_ms: {DRAIN_MS[name]} }}'
+            )
     config = tmp_path / "gpu-manager.yaml"
     config.write_text("\n".join(lines) + "\n")
     log = open(tmp_path / "daemon.log", "w")
@@ -163,7 +181,7 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    the_daemon = Daemon(tmp_path, url, process, gpu, redis_url, key)
+    the_daemon = Daemon(tmp_path, url, process, gpu, redis_url, key, ports)
     # Ready as systemd is told: the first observation and adoption are done.
     wait_until("the daemon's first round",
                lambda: requests.get(url + "/gpu/status", timeout=1).json()["first_round_done"],
@@ -173,6 +191,6 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
     process.wait()
     log.close()
     # The services the daemon started outlive it (by design): stop them.
-    for service_port in ports:
+    for service_port in ports.values():
         subprocess.run(["pkill", "-KILL", "-f", f"gpu-standin.*--port {service_port}"],
                        check=False)

@@ -7,9 +7,11 @@ import threading
 import time
 
 import pytest
+import requests
 
 from gpu_manager_client import (
     BadRequest,
+    Busy,
     CannotFit,
     GpuManager,
     GpuManagerError,
@@ -86,6 +88,29 @@ def test_start_preempts_and_refusals_raise_by_meaning(daemon):
     assert "vidi" in unknown.value.body["known"]
     report = gm.stop("comfyui")
     assert ops(report)[0] == "stop comfyui"
+
+
+def test_a_busy_stop_is_refused_untouched_then_forced(daemon):
+    gm = GpuManager(daemon.url)
+    gm.prepare_for_phase(3)
+    job = requests.post(daemon.standin("cosyvoice") + "/job", params={"ms": 60000}, timeout=5)
+    assert job.status_code == 202, job.text
+
+    with pytest.raises(Busy) as refused:
+        gm.stop("cosyvoice")
+    error = refused.value
+    assert isinstance(error, GpuManagerError)
+    assert error.status == 409 and error.kind == "busy"
+    assert error.body["service"] == "cosyvoice"
+    assert error.body["answer"]["/queue_running"], error.body
+    assert gm.status()["services"]["cosyvoice"]["state"] == "ready"
+    assert daemon.lost_log() == ""
+
+    # The job runs for a minute: only a stop that skips draining ends before it.
+    report = gm.stop("cosyvoice", force=True)
+    assert ops(report) == ["stop cosyvoice"], json.dumps(report)
+    assert report["services"]["cosyvoice"] == "stopped"
+    assert "cosyvoice" in daemon.lost_log()
 
 
 def test_wait_false_answers_at_once(daemon):
