@@ -14,17 +14,12 @@ const RESIDUAL_MB: u64 = 512;
 
 /// A stand-in that parks over HTTP (`/park`, `/resume`, 300 ms wake) keeping
 /// `residual_mb`, and drains on its ComfyUI-shaped `/queue` for at most `drain_ms`.
-fn parking(mut standin: Standin, residual_mb: u64, drain_ms: u64) -> Standin {
+fn parking(standin: Standin, residual_mb: u64, drain_ms: u64) -> Standin {
+    let mut standin = standin.parking_over_http(residual_mb, 300);
     let base = format!("http://127.0.0.1:{}", standin.port);
-    standin.extra_args.extend([
-        "--residual-mb".into(),
-        residual_mb.to_string(),
-        "--wake-ms".into(),
-        "300".into(),
-    ]);
-    standin.config_extra = format!(
-        "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\", residual_mb: {residual_mb}, timeout_ms: 3000 }}\n    drain: {{ url: \"{base}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: {drain_ms} }}\n"
-    );
+    standin.config_extra.push_str(&format!(
+        "    drain: {{ url: \"{base}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: {drain_ms} }}\n"
+    ));
     standin
 }
 

@@ -109,6 +109,22 @@ impl Standin {
         }
     }
 
+    /// Parks over HTTP (`park: {kind: http}`): the stand-in's `/park` and `/resume`,
+    /// keeping `residual_mb`, a resume taking `wake_ms`.
+    pub fn parking_over_http(mut self, residual_mb: u64, wake_ms: u64) -> Self {
+        let base = format!("http://127.0.0.1:{}", self.port);
+        self.extra_args.extend([
+            "--residual-mb".into(),
+            residual_mb.to_string(),
+            "--wake-ms".into(),
+            wake_ms.to_string(),
+        ]);
+        self.config_extra.push_str(&format!(
+            "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\", residual_mb: {residual_mb}, timeout_ms: 3000 }}\n"
+        ));
+        self
+    }
+
     /// The stand-in's arguments after the program; the simulated GPU folder is given
     /// apart (an environment variable for native services, an argument in containers).
     pub fn args(&self) -> Vec<String> {
