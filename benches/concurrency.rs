@@ -13,10 +13,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-
-use std::time::Instant;
+mod support;
 
 use common::{Harness, Standin};
+use support::{prepare_phase, Sorted};
 
 const ROUNDS: usize = 6;
 const START_MS: u64 = 2000;
@@ -47,26 +47,22 @@ fn scenario(name: &str, vram_mb: u64, critical_ms: u64) {
         standin("d", vram_mb, 10, "[2]"),
     ]);
     let api = harness.serve("");
-    let first = api.post("/gpu/prepare-phase/1");
-    assert_eq!(first.code, 200, "{}", first.body);
+    prepare_phase(&api, 1);
     let mut walls = Vec::new();
     for round in 0..ROUNDS {
         let phase = if round % 2 == 0 { 2 } else { 1 };
-        let asked = Instant::now();
-        let reply = api.post(&format!("/gpu/prepare-phase/{phase}"));
-        let wall = asked.elapsed().as_millis() as u64;
-        assert_eq!(reply.code, 200, "{}", reply.body);
-        let actions = reply.json()["actions"].as_array().map_or(0, Vec::len);
-        assert_eq!(actions, 4, "two stops and two starts: {}", reply.body);
+        let (report, wall) = prepare_phase(&api, phase);
+        let actions = report["actions"].as_array().map_or(0, Vec::len);
+        assert_eq!(actions, 4, "two stops and two starts: {report}");
         walls.push(wall);
     }
     assert!(harness.oom_log().is_empty(), "OOM: {:?}", harness.oom_log());
-    walls.sort_unstable();
-    let median = walls[walls.len() / 2];
+    let walls = Sorted::new(walls);
+    let median = walls.median();
     let sequential = 2 * (STOP_MS + RECLAIM_MS) + 2 * START_MS;
     println!(
         "| {name} ({vram_mb} MB each) | 4 | {critical_ms} ms | {sequential} ms | {median} ms ({} ms) | {:.3} |",
-        walls[walls.len() - 1],
+        walls.max(),
         median as f64 / critical_ms as f64
     );
 }

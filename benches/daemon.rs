@@ -12,10 +12,12 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
 use common::{mcn_inventory, Harness};
+use support::{prepare_phase, Sorted};
 
 /// Phase 2 -> 3 -> 4 -> 2 ... : every step stops one stand-in and starts another.
 const TRANSITIONS: usize = 24;
@@ -34,7 +36,7 @@ fn main() {
 
     let mut overheads = Vec::new();
     for phase in [2, 3, 4].iter().cycle().take(TRANSITIONS) {
-        let report = api.post(&format!("/gpu/prepare-phase/{phase}")).json();
+        let (report, _) = prepare_phase(&api, *phase);
         for action in report["actions"].as_array().expect("actions") {
             let service = action["service"].as_str().unwrap_or_default();
             let (start_delay, stop_delay) = delays(service);
@@ -63,8 +65,7 @@ fn main() {
         api.wait_state(if phase == 2 { "vidi" } else { "cosyvoice" }, "ready");
     }
 
-    let report = api.post("/gpu/prepare-phase/4");
-    assert_eq!(report.code, 200, "{}", report.body);
+    prepare_phase(&api, 4);
     std::thread::sleep(Duration::from_secs(2));
     let pid = harness.daemon.as_ref().expect("daemon").id();
     let (cpu_before, _) = cpu_and_rss(pid);
@@ -76,10 +77,10 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     row(
         "transition overhead per action (ms)",
-        &mut overheads,
+        overheads,
         "median < 50",
     );
-    row("hand edit to first action (ms)", &mut latencies, "< 200");
+    row("hand edit to first action (ms)", latencies, "< 200");
     println!(
         "| idle daemon, 4 services (comfyui running), {} s | 1 | RSS {:.1} MB, CPU {cpu_pct:.2} % of a core | | | < 20 MB, < 1 % |",
         IDLE.as_secs(),
@@ -109,14 +110,13 @@ fn cpu_and_rss(pid: u32) -> (f64, u64) {
     (ticks / hz, rss_kb)
 }
 
-fn row(name: &str, samples: &mut [f64], target: &str) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+fn row(name: &str, samples: Vec<f64>, target: &str) {
+    let samples = Sorted::new(samples);
     println!(
         "| {name} | {} | {:.1} | {:.1} | {:.1} | {target} |",
         samples.len(),
-        at(0.5),
-        at(0.9),
-        at(1.0)
+        samples.median(),
+        samples.at(0.9),
+        samples.max()
     );
 }

@@ -1,5 +1,8 @@
 //! gpu-manager: keeps the GPU services of one host started and stopped so that what the
 //! pipeline wants now fits in VRAM. See docs/ARCHITECTURE.md for the shape: observe, plan, act.
+// The API's warp filter tree, nested inside hyper's connection futures, is deeper than
+// the default limit (128) lets an optimised build check for `Unpin` (E0275 in release only).
+#![recursion_limit = "256"]
 
 pub mod act;
 pub mod api;

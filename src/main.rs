@@ -1,4 +1,6 @@
 //! The command line: parse, load the config, call into the library.
+// As in lib.rs: serving the API's filter tree needs a deeper `Unpin` check in release.
+#![recursion_limit = "256"]
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -109,20 +109,31 @@ impl Standin {
         }
     }
 
-    /// Parks over HTTP (`/park`, `/resume`, 300 ms wake) keeping `residual_mb`, and
-    /// drains on its ComfyUI-shaped `/queue` for at most `drain_ms`.
-    pub fn parking(mut self, residual_mb: u64, drain_ms: u64) -> Self {
+    /// Parks over HTTP (`park: {kind: http}`): the stand-in's `/park` and `/resume`,
+    /// keeping `residual_mb`, a resume taking `wake_ms`.
+    pub fn parking_over_http(mut self, residual_mb: u64, wake_ms: u64) -> Self {
         let base = format!("http://127.0.0.1:{}", self.port);
         self.extra_args.extend([
             "--residual-mb".into(),
             residual_mb.to_string(),
             "--wake-ms".into(),
-            "300".into(),
+            wake_ms.to_string(),
         ]);
-        self.config_extra = format!(
-            "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\", residual_mb: {residual_mb}, timeout_ms: 3000 }}\n    drain: {{ url: \"{base}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: {drain_ms} }}\n"
-        );
+        self.config_extra.push_str(&format!(
+            "    park: {{ kind: http, url: \"{base}/park\", resume_url: \"{base}/resume\", residual_mb: {residual_mb}, timeout_ms: 3000 }}\n"
+        ));
         self
+    }
+
+    /// Parks over HTTP (300 ms wake) keeping `residual_mb`, and drains on its
+    /// ComfyUI-shaped `/queue` for at most `drain_ms`.
+    pub fn parking(self, residual_mb: u64, drain_ms: u64) -> Self {
+        let mut standin = self.parking_over_http(residual_mb, 300);
+        let base = format!("http://127.0.0.1:{}", standin.port);
+        standin.config_extra.push_str(&format!(
+            "    drain: {{ url: \"{base}/queue\", busy_if: [\"/queue_running\", \"/queue_pending\"], timeout_ms: {drain_ms} }}\n"
+        ));
+        standin
     }
 
     /// The stand-in's arguments after the program; the simulated GPU folder is given
