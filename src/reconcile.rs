@@ -1240,6 +1240,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         for record in self.records.iter_mut() {
             record.stop_monitor();
             record.instance = None;
+            record.parked = None;
             record.set_state(ServiceState::Stopped);
             record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
         }
