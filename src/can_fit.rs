@@ -187,26 +187,11 @@ mod tests {
     ) -> ServiceStatus {
         ServiceStatus {
             state,
-            kind: "native".into(),
             priority,
-            phases: Vec::new(),
-            declared_vram_mb: declared,
             observed_vram_mb: observed,
-            learned_peak_mb: None,
-            learned_residual_mb: None,
-            footprint_warning: None,
             pids: Vec::new(),
-            container: None,
             wanted: false,
-            reason: None,
-            last_error: None,
-            since_ms: 0,
-            restarts: 0,
-            park: None,
-            residual_mb: None,
-            park_error: None,
-            parked_at_ms: None,
-            resumed_at_ms: None,
+            ..ServiceStatus::ready_for_test(declared, 0, Vec::new())
         }
     }
 

@@ -248,26 +248,14 @@ mod tests {
             "vidi".into(),
             ServiceStatus {
                 state: ServiceState::Failed,
-                kind: "native".into(),
-                priority: 40,
-                phases: vec![2],
-                declared_vram_mb: 4096,
                 observed_vram_mb: None,
                 learned_peak_mb: Some(9000),
-                learned_residual_mb: None,
                 footprint_warning: Some("vidi was seen using 9000 MB".into()),
                 pids: Vec::new(),
-                container: None,
-                wanted: true,
                 reason: Some("restarting in 2s".into()),
                 last_error: Some("vidi exited\nlog line".into()),
-                since_ms: 0,
                 restarts: 1,
-                park: None,
-                residual_mb: None,
-                park_error: None,
-                parked_at_ms: None,
-                resumed_at_ms: None,
+                ..ServiceStatus::ready_for_test(4096, 0, vec![2])
             },
         );
         let table = status_table(&status);
