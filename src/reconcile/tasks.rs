@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ParkSpec, ServiceName, ServiceSpec};
-use crate::observe::gpu::SharedGpu;
+use crate::observe::gpu::{GpuProcess, SharedGpu};
 use crate::status::FailureKind;
 
 use super::effects::{DrainProbe, EffectError, ServiceEffects, StopHow};
@@ -394,28 +394,51 @@ async fn wait_down_to<E: ServiceEffects>(
         return Ok(park.residual_mb);
     };
     let ceiling = park.residual_mb + PARK_TOLERANCE_MB.max(park.residual_mb / 10);
-    let deadline = Instant::now() + park.timeout;
+    let held = |listed: &[GpuProcess]| listed.iter().map(|p| p.used_mb).sum::<u64>();
+    match poll_gpu(gpu, pids, park.timeout, |listed| held(listed) <= ceiling).await? {
+        Polled::Done(listed) => Ok(held(&listed)),
+        Polled::TimedOut(listed) => Err(EffectError::new(
+            FailureKind::Timeout,
+            format!(
+                "the GPU still shows {} MB for {} after {:?}, above its {} MB residual",
+                held(&listed),
+                ctx.spec.name,
+                park.timeout,
+                park.residual_mb
+            ),
+        )),
+    }
+}
+
+/// How a [`poll_gpu`] ended: with what the GPU listed of the pids then.
+enum Polled {
+    Done(Vec<GpuProcess>),
+    TimedOut(Vec<GpuProcess>),
+}
+
+/// Re-reads the GPU every `RECLAIM_POLL` until `done` holds for what it lists of `pids`,
+/// for at most `timeout`.
+async fn poll_gpu(
+    gpu: &SharedGpu,
+    pids: &[u32],
+    timeout: Duration,
+    done: impl Fn(&[GpuProcess]) -> bool,
+) -> Result<Polled, EffectError> {
+    let deadline = Instant::now() + timeout;
     loop {
         let sample = sample_gpu(gpu.clone())
             .await
             .map_err(|e| EffectError::new(FailureKind::Other, e))?;
-        let held: u64 = sample
+        let listed: Vec<GpuProcess> = sample
             .processes
-            .iter()
+            .into_iter()
             .filter(|p| pids.contains(&p.pid))
-            .map(|p| p.used_mb)
-            .sum();
-        if held <= ceiling {
-            return Ok(held);
+            .collect();
+        if done(&listed) {
+            return Ok(Polled::Done(listed));
         }
         if Instant::now() >= deadline {
-            return Err(EffectError::new(
-                FailureKind::Timeout,
-                format!(
-                    "the GPU still shows {held} MB for {} after {:?}, above its {} MB residual",
-                    ctx.spec.name, park.timeout, park.residual_mb
-                ),
-            ));
+            return Ok(Polled::TimedOut(listed));
         }
         tokio::time::sleep(RECLAIM_POLL).await;
     }
@@ -478,34 +501,22 @@ async fn wait_pids_gone<E: ServiceEffects>(
     if pids.is_empty() {
         return Ok(());
     }
-    let deadline = Instant::now() + ctx.reclaim_timeout;
-    loop {
-        let sample = sample_gpu(gpu.clone())
-            .await
-            .map_err(|e| EffectError::new(FailureKind::Other, e))?;
-        let left: Vec<_> = sample
-            .processes
-            .iter()
-            .filter(|p| pids.contains(&p.pid))
-            .collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let holders: Vec<String> = left
-                .iter()
-                .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
-                .collect();
-            return Err(EffectError::new(
-                FailureKind::Timeout,
-                format!(
-                    "the GPU still lists the memory of {} {:?} after it was asked to free it: {}",
-                    ctx.spec.name,
-                    ctx.reclaim_timeout,
-                    holders.join(", ")
-                ),
-            ));
-        }
-        tokio::time::sleep(RECLAIM_POLL).await;
-    }
+    let Polled::TimedOut(left) =
+        poll_gpu(gpu, pids, ctx.reclaim_timeout, <[GpuProcess]>::is_empty).await?
+    else {
+        return Ok(());
+    };
+    let holders: Vec<String> = left
+        .iter()
+        .map(|p| format!("pid {} ({}) {} MB", p.pid, process_name(p.pid), p.used_mb))
+        .collect();
+    Err(EffectError::new(
+        FailureKind::Timeout,
+        format!(
+            "the GPU still lists the memory of {} {:?} after it was asked to free it: {}",
+            ctx.spec.name,
+            ctx.reclaim_timeout,
+            holders.join(", ")
+        ),
+    ))
 }
