@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::api::{Api, Reply};
+use common::api::{op_service, Api, Reply};
 use common::{free_port, mcn_inventory, Harness, Standin, CONVERGE};
 
 const STATES: [&str; 8] = [
@@ -59,11 +59,7 @@ fn ops(report: &Value) -> Vec<String> {
                 "action failed: {action}"
             );
             assert!(action["duration_ms"].is_u64(), "a duration: {action}");
-            format!(
-                "{} {}",
-                action["op"].as_str().unwrap(),
-                action["service"].as_str().unwrap()
-            )
+            op_service(action)
         })
         .collect()
 }
@@ -482,13 +478,7 @@ fn plan_lists_the_actions_and_changes_nothing() {
         .as_array()
         .expect("plan.actions")
         .iter()
-        .map(|a| {
-            format!(
-                "{} {}",
-                a["op"].as_str().unwrap(),
-                a["service"].as_str().unwrap()
-            )
-        })
+        .map(op_service)
         .collect();
     assert_eq!(planned, ["stop cosyvoice", "start comfyui"]);
     let text = body["text"].as_str().expect("a readable plan");

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::api::Api;
+use common::api::{op_service, Api};
 use common::{Harness, Standin};
 use serde_json::Value;
 
@@ -38,13 +38,7 @@ fn ops(report: &Value) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| {
-            format!(
-                "{} {}",
-                a["op"].as_str().unwrap(),
-                a["service"].as_str().unwrap()
-            )
-        })
+        .map(op_service)
         .collect()
 }
 

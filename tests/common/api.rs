@@ -12,6 +12,15 @@ use super::{free_port, Harness, CONVERGE};
 /// A request is given this long to answer: transitions wait for services to converge.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// An action of a report or a plan as "op service".
+pub fn op_service(action: &Value) -> String {
+    format!(
+        "{} {}",
+        action["op"].as_str().expect("op"),
+        action["service"].as_str().expect("service")
+    )
+}
+
 /// An HTTP answer: status code and body.
 #[derive(Debug)]
 pub struct Reply {
