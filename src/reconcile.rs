@@ -48,6 +48,16 @@ use observe::GpuView;
 use records::{InFlight, ParkedAt, Records, RoomWait};
 use tasks::{Finished, Outcome, TaskContext};
 
+/// The state of a service whose stop or park begins: `draining` until its drain says it
+/// has no work in flight, when it drains.
+fn giving_back_state(spec: &ServiceSpec, skip_drain: &CancellationToken) -> ServiceState {
+    if spec.drain.is_some() && !skip_drain.is_cancelled() {
+        ServiceState::Draining
+    } else {
+        ServiceState::Stopping
+    }
+}
+
 /// A service a drain left as it was: ready, or still parked.
 fn untouched_state(parked: bool) -> ServiceState {
     if parked {
@@ -113,11 +123,10 @@ pub(crate) enum Wake<I> {
         service: ServiceName,
         instance: I,
     },
-    /// A stop or park began waiting for the service's work in flight to end (true), or
-    /// that wait is over (false).
-    Draining {
+    /// A stop or park that began `draining` found no work in flight (any more): it
+    /// goes on.
+    Drained {
         service: ServiceName,
-        draining: bool,
     },
 }
 
@@ -416,15 +425,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     self.publish();
                 }
             }
-            Wake::Draining { service, draining } => {
+            Wake::Drained { service } => {
                 let Some(record) = self.records.get_mut(&service) else {
                     return;
                 };
                 if record.in_flight.as_ref().is_some_and(|f| f.op.frees()) {
-                    record.set_state(match draining {
-                        true => ServiceState::Draining,
-                        false => ServiceState::Stopping,
-                    });
+                    record.set_state(ServiceState::Stopping);
                     self.publish();
                 }
             }
@@ -779,12 +785,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         match (action.op, record.instance.clone(), record.spec.park.clone()) {
             (Op::Stop, Some(instance), _) => {
                 record.stop_monitor();
-                record.set_state(ServiceState::Stopping);
+                record.set_state(giving_back_state(&record.spec, &self.skip_drain));
                 self.spawn_task(&action.service, tasks::stop(context, instance));
             }
             (Op::Park, Some(instance), Some(park)) => {
                 record.stop_monitor();
-                record.set_state(ServiceState::Stopping);
+                record.set_state(giving_back_state(&record.spec, &self.skip_drain));
                 self.spawn_task(&action.service, tasks::park(context, instance, park));
             }
             (Op::Resume, Some(instance), Some(park)) => {

@@ -333,7 +333,7 @@ async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E:
         return Ok(());
     };
     let deadline = Instant::now() + drain.timeout;
-    let mut told_loop = false;
+    let mut logged = false;
     let result = loop {
         let probe = tokio::select! {
             biased;
@@ -356,10 +356,9 @@ async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E:
                 waited: drain.timeout,
             });
         }
-        if !told_loop {
-            told_loop = true;
+        if !logged {
+            logged = true;
             tracing::info!(service = %ctx.spec.name, %answer, "draining: waiting for its work in flight to end");
-            tell_draining(ctx, true).await;
         }
         tokio::select! {
             biased;
@@ -369,18 +368,14 @@ async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E:
             () = tokio::time::sleep(DRAIN_POLL.min(deadline - Instant::now())) => {}
         }
     };
-    if told_loop && result.is_ok() {
-        tell_draining(ctx, false).await;
+    if result.is_ok() {
+        // The service was `draining` from the action's start: it is stopping now.
+        let drained = Wake::Drained {
+            service: ctx.spec.name.clone(),
+        };
+        let _ = ctx.wake.send(drained).await;
     }
     result
-}
-
-async fn tell_draining<E: ServiceEffects>(ctx: &TaskContext<E>, draining: bool) {
-    let wake = Wake::Draining {
-        service: ctx.spec.name.clone(),
-        draining,
-    };
-    let _ = ctx.wake.send(wake).await;
 }
 
 /// Waits until the GPU shows `pids` down to the residual (within the tolerance), for at
