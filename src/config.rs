@@ -19,29 +19,47 @@ pub use park::{DrainSpec, HttpRequest, ParkMethod, ParkSpec};
 pub type Phase = u32;
 
 /// A service name: `[a-z0-9_-]+`, the key under `services:`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+///
+/// Every way in checks the rule: `parse`, and deserialization (the desired-state file,
+/// footprints, parked markers, JSON bodies) through `TryFrom<String>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct ServiceName(String);
 
 impl ServiceName {
     /// Checks the `[a-z0-9_-]+` rule; the API relies on it to reject odd paths untouched.
     pub fn parse(raw: &str) -> Result<Self, String> {
+        Self::try_from(raw.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = String;
+
+    fn try_from(raw: String) -> Result<Self, String> {
         let valid = !raw.is_empty()
             && raw.len() <= 64
             && raw
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if valid {
-            Ok(Self(raw.to_owned()))
+            Ok(Self(raw))
         } else {
             Err(format!(
                 "service name {raw:?} is invalid: use 1-64 characters from [a-z0-9_-]"
             ))
         }
     }
+}
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+/// Written as the bare string, as it is read.
+impl Serialize for ServiceName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -978,6 +996,26 @@ services:
         let (line, message) = error_of(&GOOD.replace("  cosyvoice:", "  CosyVoice:"));
         assert_eq!(line, 12);
         assert!(message.contains("[a-z0-9_-]"), "{message}");
+    }
+
+    #[test]
+    fn a_name_deserialized_from_json_is_checked() {
+        let good: ServiceName = serde_json::from_str("\"cosy-voice_2\"").unwrap();
+        assert_eq!(good.as_str(), "cosy-voice_2");
+        assert_eq!(serde_json::to_string(&good).unwrap(), "\"cosy-voice_2\"");
+        for bad in [
+            "\"Cosy\"",
+            "\"a/b\"",
+            "\"\"",
+            &format!("\"{}\"", "a".repeat(65)),
+        ] {
+            let error = serde_json::from_str::<ServiceName>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("[a-z0-9_-]"), "{bad}: {error}");
+        }
+        let map: Result<BTreeMap<ServiceName, u64>, _> = serde_json::from_str(r#"{"a b": 1}"#);
+        assert!(map.unwrap_err().to_string().contains("\"a b\" is invalid"));
     }
 
     #[test]

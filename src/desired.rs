@@ -336,6 +336,19 @@ services:
     }
 
     #[test]
+    fn a_bad_name_in_the_file_is_refused_as_malformed() {
+        let path = Path::new("state.yaml");
+        let error = DesiredState::parse(path, "pinned: [ok, \"../Etc\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("\"../Etc\"") && error.contains("[a-z0-9_-]"),
+            "{error}"
+        );
+        assert!(DesiredState::parse(path, "held: [\"\"]").is_err());
+    }
+
+    #[test]
     fn atomic_write_round_trips_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.yaml");
