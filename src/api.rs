@@ -401,7 +401,8 @@ async fn can_fit(query: CanFitQuery, handle: ReconcilerHandle) -> Result<Respons
     Ok(warp::reply::json(&answer).into_response())
 }
 
-/// Every error as JSON `{"error": ...}` with the status the contract names.
+/// Every error as JSON `{"error": ..., "kind": ...}` with the status the contract names:
+/// clients branch on `kind`, routing and authorization errors included.
 async fn recover(
     rejection: Rejection,
     counters: Arc<crate::metrics::Counters>,
@@ -414,27 +415,27 @@ async fn recover(
     } else if rejection.find::<Unauthorized>().is_some() {
         (
             StatusCode::UNAUTHORIZED,
-            serde_json::json!({"error": "this request needs the API token: send Authorization: Bearer <token from api.token_file>"}),
+            serde_json::json!({"error": "this request needs the API token: send Authorization: Bearer <token from api.token_file>", "kind": "unauthorized"}),
         )
     } else if rejection.is_not_found() {
         (
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|forget, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics"}),
+            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|forget, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics", "kind": "no_such_endpoint"}),
         )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (
             StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({"error": "method not allowed: changes are POSTs, reads are GETs"}),
+            serde_json::json!({"error": "method not allowed: changes are POSTs, reads are GETs", "kind": "method_not_allowed"}),
         )
     } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
         (
             StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": "malformed query: use ?wait=true|false, or ?phase=N / ?start=NAME / ?stop=NAME for /gpu/plan"}),
+            serde_json::json!({"error": "malformed query: use ?wait=true|false, or ?phase=N / ?start=NAME / ?stop=NAME for /gpu/plan", "kind": "bad_request"}),
         )
     } else {
         (
             StatusCode::BAD_REQUEST,
-            serde_json::json!({"error": format!("bad request: {rejection:?}")}),
+            serde_json::json!({"error": format!("bad request: {rejection:?}"), "kind": "bad_request"}),
         )
     };
     counters.record_refusal(code.as_u16(), &body);
@@ -505,6 +506,37 @@ mod tests {
         assert!(body["snapshot_age_ms"].as_u64().unwrap() < 60_000);
         let parsed: Status = serde_json::from_value(body).unwrap();
         assert_eq!(parsed, next, "every field of the new snapshot");
+    }
+
+    #[tokio::test]
+    async fn routing_and_authorization_errors_carry_a_kind() {
+        let (commands, _received) = tokio::sync::mpsc::channel(1);
+        let handle = ReconcilerHandle {
+            commands,
+            status: watch::channel(Status::default()).1,
+            feed: tokio::sync::broadcast::channel(1).0,
+        };
+        let token = Some(Arc::new(b"s3cret".to_vec()));
+        let routes = routes(handle, Auth { token });
+        for (method, path, code, kind) in [
+            ("POST", "/gpu/prepare-phase/1", 401, "unauthorized"),
+            ("GET", "/gpu/nope", 404, "no_such_endpoint"),
+            ("DELETE", "/gpu/status", 405, "method_not_allowed"),
+            ("GET", "/gpu/prepare-phase/1", 405, "method_not_allowed"),
+        ] {
+            let reply = warp::test::request()
+                .method(method)
+                .path(path)
+                .reply(&routes)
+                .await;
+            assert_eq!(reply.status(), code, "{method} {path}");
+            let body: serde_json::Value = serde_json::from_slice(reply.body()).unwrap();
+            assert_eq!(body["kind"], kind, "{method} {path}: {body}");
+            assert!(
+                body["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{body}"
+            );
+        }
     }
 
     #[test]

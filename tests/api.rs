@@ -44,6 +44,10 @@ fn refused(reply: Reply, code: u16) -> Value {
         body["error"].as_str().is_some_and(|e| !e.is_empty()),
         "an error message: {body}"
     );
+    assert!(
+        body["kind"].as_str().is_some_and(|k| !k.is_empty()),
+        "a kind to branch on: {body}"
+    );
     body
 }
 
@@ -274,6 +278,7 @@ fn posts_need_the_bearer_token_when_one_is_configured() {
     ] {
         let body = refused(api.post_authorized("/gpu/prepare-phase/2", header), 401);
         assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+        assert_eq!(body["kind"], "unauthorized", "{body}");
     }
     assert!(
         h.is_down("vidi"),
