@@ -38,7 +38,7 @@ use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
-use crate::observe::process::ProcessTable;
+use crate::observe::process::{self, ProcessTable};
 
 /// Pids of the children the daemon spawned and whose owners wait for them.
 static OWNED: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
@@ -184,12 +184,12 @@ fn reap_unowned_zombies(owned: &BTreeSet<u32>) -> usize {
 /// Reaps one exited orphan; false when it was not there to reap.
 fn reap(pid: u32) -> bool {
     // Read before reaping: a zombie keeps its name until then.
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let comm = process::command_name(pid).unwrap_or_default();
     let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
     match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
         Ok(status @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => {
             REAPED.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(pid, command = comm.trim_end(), status = ?status, "reaped an orphan");
+            tracing::debug!(pid, command = comm, status = ?status, "reaped an orphan");
             true
         }
         Ok(_) | Err(_) => false,

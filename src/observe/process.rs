@@ -27,11 +27,16 @@ pub struct ProcInfo {
 impl ProcInfo {
     fn read(pid: u32) -> io::Result<Self> {
         let dir = Path::new(PROC).join(pid.to_string());
-        let stat = fs::read_to_string(dir.join("stat"))?;
+        // Bytes, not a string: the command name is whatever the process chose (an
+        // executable's file name, prctl(PR_SET_NAME)), UTF-8 or not.
+        let stat = fs::read(dir.join("stat"))?;
         let fields = StatFields::parse(&stat).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("unexpected /proc/{pid}/stat: {stat:?}"),
+                format!(
+                    "unexpected /proc/{pid}/stat: {:?}",
+                    String::from_utf8_lossy(&stat)
+                ),
             )
         })?;
         let cmdline = fs::read(dir.join("cmdline"))?;
@@ -65,9 +70,11 @@ struct StatFields {
 
 impl StatFields {
     /// Parses `pid (comm) state ppid pgrp ... starttime ...`. The command name may hold
-    /// spaces and ')' itself, so the fixed fields start after the LAST ')'.
-    fn parse(stat: &str) -> Option<Self> {
-        let after_comm = &stat[stat.rfind(')')? + 1..];
+    /// spaces, ')' and bytes that are not UTF-8, so the fixed fields start after the
+    /// LAST ')', and only they are read as text.
+    fn parse(stat: &[u8]) -> Option<Self> {
+        let close = stat.iter().rposition(|&b| b == b')')?;
+        let after_comm = std::str::from_utf8(&stat[close + 1..]).ok()?;
         let fields: Vec<&str> = after_comm.split_whitespace().collect();
         // Field numbers from proc(5), counted from 1 at the pid; after the command name,
         // field n sits at index n - 3.
@@ -215,6 +222,12 @@ impl ProcessIdentity {
     }
 }
 
+/// The command name of `pid` (its `comm`, not UTF-8 at times), for logs and messages.
+pub fn command_name(pid: u32) -> Option<String> {
+    let comm = fs::read(Path::new(PROC).join(pid.to_string()).join("comm")).ok()?;
+    Some(String::from_utf8_lossy(comm.trim_ascii_end()).into_owned())
+}
+
 /// The identity of the process now holding `pid` (zombie or not), if any.
 pub fn process_identity(pid: u32) -> Option<ProcessIdentity> {
     ProcInfo::read(pid).ok().map(|info| info.identity())
@@ -264,7 +277,7 @@ mod tests {
     fn stat_parsing_splits_at_the_last_parenthesis() {
         let stat = "4242 (we ird) (x)) S 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
         assert_eq!(
-            StatFields::parse(stat),
+            StatFields::parse(stat.as_bytes()),
             Some(StatFields {
                 zombie: false,
                 ppid: 17,
@@ -273,8 +286,48 @@ mod tests {
             })
         );
         let zombie = stat.replace(")) S ", ")) Z ");
-        assert!(StatFields::parse(&zombie).unwrap().zombie);
-        assert_eq!(StatFields::parse("4242 (truncated) S 1"), None);
+        assert!(StatFields::parse(zombie.as_bytes()).unwrap().zombie);
+        assert_eq!(StatFields::parse(b"4242 (truncated) S 1"), None);
+    }
+
+    #[test]
+    fn stat_parsing_takes_a_command_name_that_is_not_utf8() {
+        let stat = b"77 (gpu\xff\xfe) job) R 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5555 0 0";
+        assert_eq!(
+            StatFields::parse(stat),
+            Some(StatFields {
+                zombie: false,
+                ppid: 1,
+                pgid: 77,
+                start_ticks: 5555
+            })
+        );
+    }
+
+    #[test]
+    fn a_process_whose_command_name_is_not_utf8_is_in_the_table() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The kernel names a process after the file it executed: a link whose name is
+        // not UTF-8 gives the sleep such a command name.
+        let link = dir.path().join(std::ffi::OsStr::from_bytes(b"gpu\xffjob"));
+        std::os::unix::fs::symlink("/bin/sleep", &link).unwrap();
+        let child = Reaped(Command::new(&link).arg("30.03125").spawn().unwrap());
+        let pid = child.0.id();
+        let comm = eventually("the new command name", || {
+            let comm = fs::read(format!("/proc/{pid}/comm")).ok()?;
+            comm.starts_with(b"gpu\xff").then_some(comm)
+        });
+        assert_eq!(comm, b"gpu\xffjob\n");
+        assert_eq!(command_name(pid).as_deref(), Some("gpu\u{fffd}job"));
+
+        let table = ProcessTable::read().unwrap();
+        let info = table.get(pid).expect("the process is in the table");
+        assert_eq!(info.ppid, std::process::id());
+        assert!(!info.zombie);
+        assert!(info.cmdline.ends_with("30.03125"), "{}", info.cmdline);
+        let identity = process_identity(pid).expect("its identity");
+        assert!(identity.is_alive());
     }
 
     #[test]

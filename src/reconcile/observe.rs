@@ -11,7 +11,7 @@ use crate::footprints::Footprint;
 use crate::lease::LeaseBackend;
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::owners::Owners;
-use crate::observe::process::ProcessTable;
+use crate::observe::process::{self, ProcessTable};
 use crate::plan::{Budget, Observation, Op, Presence, ServiceView, StartGate};
 use crate::status::ServiceState;
 
@@ -220,7 +220,5 @@ async fn observe_gpu<T: Clone + Send + 'static>(gpu: SharedGpu, owners: Owners<T
 }
 
 pub(super) fn process_name(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim().to_owned())
-        .unwrap_or_else(|_| "exited".to_owned())
+    process::command_name(pid).unwrap_or_else(|| "exited".to_owned())
 }
