@@ -609,6 +609,16 @@ fn parse_service(
             format!("services.{name}.vram_mb is 0: declare the VRAM the service needs, in MB"),
         ));
     }
+    if let Some(residual_mb) = park.as_ref().map(|p| p.residual_mb) {
+        // The planner counts a service on its way down from parked at what it runs
+        // with: a residual above that would be memory it never budgets.
+        if residual_mb > raw.vram_mb {
+            return Err(invalid(
+                "park",
+                format!("services.{name}.park.residual_mb {residual_mb} is above vram_mb {}: a park would keep more than the service runs with; lower residual_mb (the default for kind: http is 1024) or raise vram_mb", raw.vram_mb),
+            ));
+        }
+    }
     let runtime = match raw.kind {
         RawKind::Native => {
             for (field, present) in [("container", raw.container.is_some())] {

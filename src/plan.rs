@@ -283,8 +283,9 @@ fn footprint(spec: &ServiceSpec, view: &ServiceView) -> u64 {
 pub fn footprint_mb(declared_mb: u64, view: &ServiceView) -> u64 {
     let known = declared_mb.max(view.learned_mb.unwrap_or(0));
     match view.presence {
-        // What a parked service shows is its residual, not what it needs to run.
-        Presence::Parked | Presence::Stopped => known,
+        Presence::Stopped => known,
+        // A parked service shows its residual: resumed, it takes what it runs with,
+        // and never less than what it holds parked.
         _ => known.max(view.observed_mb.unwrap_or(0)),
     }
 }

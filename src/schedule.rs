@@ -56,7 +56,7 @@ pub fn launch(plan: &Plan, gpu_room_mb: Option<u64>) -> Launch {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use proptest::prelude::*;
 
@@ -78,6 +78,9 @@ mod tests {
         inventory: Inventory,
         budget: Budget,
         services: BTreeMap<ServiceName, ServiceView>,
+        /// Services whose stop began while they were parked: until it ends they hold
+        /// their residual, not what they take running.
+        stopping_parked: BTreeSet<ServiceName>,
     }
 
     impl World {
@@ -94,9 +97,11 @@ mod tests {
                 .iter()
                 .map(|(name, v)| {
                     let spec = self.inventory.get(name).unwrap();
+                    let residual = spec.park.as_ref().map_or(0, |p| p.residual_mb);
                     match v.presence {
                         Presence::Stopped => 0,
-                        Presence::Parked => spec.park.as_ref().map_or(0, |p| p.residual_mb),
+                        Presence::Parked => residual,
+                        Presence::Stopping if self.stopping_parked.contains(name) => residual,
                         _ => spec.vram_mb.max(v.observed_mb.unwrap_or(0)),
                     }
                 })
@@ -130,7 +135,9 @@ mod tests {
                 let mut views = BTreeMap::new();
                 for (i, (vram, ph, presence, residual)) in services.into_iter().enumerate() {
                     let mut spec = spec(i, vram, vec![ph]);
-                    spec.park = residual.map(crate::plan::tests::parks_with);
+                    // A residual is at most what the service runs with (the config
+                    // refuses more).
+                    spec.park = residual.map(|mb| crate::plan::tests::parks_with(mb.min(vram)));
                     let presence = match (presence, &spec.park) {
                         (0, _) => Presence::Running,
                         (1, _) => Presence::Starting,
@@ -150,6 +157,7 @@ mod tests {
                         external_mb: external,
                     },
                     services: views,
+                    stopping_parked: BTreeSet::new(),
                 };
                 // Start from a host within its budget: stop the lowest priorities until
                 // what is held fits (a host over budget is the planner's to fix, and
@@ -176,6 +184,7 @@ mod tests {
         let Some(name) = under_way.get(pick % under_way.len().max(1)) else {
             return;
         };
+        world.stopping_parked.remove(name);
         let view = world.services.get_mut(name).unwrap();
         // A park that fails falls back to a stop; a resume that fails, to a cold start.
         view.presence = match (view.presence, fails) {
@@ -192,6 +201,9 @@ mod tests {
         let launch = launch(&plan, None);
         for action in &launch.begin {
             let view = world.services.get_mut(&action.service).unwrap();
+            if action.op == Op::Stop && view.presence == Presence::Parked {
+                world.stopping_parked.insert(action.service.clone());
+            }
             view.presence = match action.op {
                 Op::Stop => Presence::Stopping,
                 Op::Park => Presence::Parking,
@@ -266,6 +278,7 @@ mod tests {
                 external_mb: 0,
             },
             services,
+            stopping_parked: BTreeSet::new(),
         };
         let desired = DesiredState {
             phase: Some(1),

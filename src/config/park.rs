@@ -423,6 +423,12 @@ mod tests {
         let (_, message) =
             refusal("    park: { kind: http, url: \"http://x/free\", residual: 10 }\n");
         assert!(message.contains("residual"), "an unknown key: {message}");
+        let (_, message) =
+            refusal("    park: { kind: http, url: \"http://x/free\", residual_mb: 5000 }\n");
+        assert!(
+            message.contains("services.vidi.park.residual_mb 5000 is above vram_mb 4096"),
+            "{message}"
+        );
     }
 
     #[test]
