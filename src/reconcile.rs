@@ -34,38 +34,17 @@ use crate::desired::{self, DesiredState};
 use crate::footprints::{Footprints, Forgotten};
 use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
 use crate::observe::gpu::SharedGpu;
-use crate::plan::{self, Action, Cause, Condition, Op, Plan, Verdict};
+use crate::plan::{self, Action, Cause, Op, Plan};
 use crate::schedule::{self, Wait};
-use crate::status::{
-    ActionRecord, DaemonEvent, FailureKind, ServiceState, Status, TransitionStats,
-};
+use crate::status::{ActionRecord, DaemonEvent, FailureKind, Status, TransitionStats};
 use crate::transition::{RoundEnd, TransitionError, TransitionReply, Waiters};
 
 pub use crate::transition::Change;
 pub use effects::{EffectError, ServiceEffects, StopHow};
 
 use observe::GpuView;
-use records::{InFlight, ParkedAt, Records, RoomWait};
+use records::{ActionEnd, Event, FollowUp, InFlight, Records, RoomWait};
 use tasks::{Finished, Outcome, TaskContext};
-
-/// The state of a service whose stop or park begins: `draining` until its drain says it
-/// has no work in flight, when it drains.
-fn giving_back_state(spec: &ServiceSpec, skip_drain: &CancellationToken) -> ServiceState {
-    if spec.drain.is_some() && !skip_drain.is_cancelled() {
-        ServiceState::Draining
-    } else {
-        ServiceState::Stopping
-    }
-}
-
-/// A service a drain left as it was: ready, or still parked.
-fn untouched_state(parked: bool) -> ServiceState {
-    if parked {
-        ServiceState::Parked
-    } else {
-        ServiceState::Ready
-    }
-}
 
 /// The reconciler the daemon runs: real drivers, the configured lease.
 pub type DaemonReconciler = Reconciler<Effects, Lease>;
@@ -181,6 +160,8 @@ pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     /// file under way, if any.
     footprints: Footprints,
     footprints_write: Option<learned::FootprintsWrite>,
+    /// Which services are parked, on disk for the next daemon.
+    parked_notes: parked::ParkedNotes,
     gpu_view: GpuView,
     history: Vec<ActionRecord>,
     transitions: TransitionStats,
@@ -217,6 +198,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let (status_tx, _) = watch::channel(Status::default());
         let records = Records::new(&config.inventory);
         let footprints = Footprints::load_or_empty(&config.state_dir, &config.inventory);
+        let parked_notes = parked::ParkedNotes::new(config.state_dir.clone());
         let mut reconciler = Self {
             config,
             gpu,
@@ -230,6 +212,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             records,
             footprints,
             footprints_write: None,
+            parked_notes,
             gpu_view: GpuView::default(),
             history: Vec::new(),
             transitions: TransitionStats::default(),
@@ -325,9 +308,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let specs: Vec<_> = self.records.iter().map(|r| r.spec.clone()).collect();
         for spec in specs {
             if let Ok(Some(instance)) = self.effects.look_up(&spec).await {
+                // Nothing runs its follow-ups: a dry run watches nothing.
                 if let Some(record) = self.records.get_mut(&spec.name) {
-                    record.instance = Some(instance);
-                    record.state = ServiceState::Ready;
+                    record.apply(Event::Adopted {
+                        instance,
+                        parked: None,
+                    });
                 }
             }
         }
@@ -420,30 +406,19 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 error,
             } => self.on_unhealthy(&service, pid, error),
             Wake::Spawned { service, instance } => {
-                if self.records.get(&service).is_some_and(|r| r.starting()) {
-                    self.attach(&service, instance);
-                    self.publish();
-                }
+                self.apply(&service, Event::Spawned { instance });
+                self.publish();
             }
             Wake::Drained { service } => {
-                let Some(record) = self.records.get_mut(&service) else {
-                    return;
-                };
-                if record.in_flight.as_ref().is_some_and(|f| f.op.frees()) {
-                    record.set_state(ServiceState::Stopping);
-                    self.publish();
-                }
+                self.apply(&service, Event::Drained);
+                self.publish();
             }
         }
     }
 
     /// The pid a record tracks now.
     fn tracked_pid(&self, service: &ServiceName) -> Option<u32> {
-        self.records
-            .get(service)?
-            .instance
-            .as_ref()
-            .and_then(E::root_pid)
+        self.records.get(service)?.instance().and_then(E::root_pid)
     }
 
     /// A service died on its own. An action under way for it (a start waiting for it to
@@ -453,7 +428,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let busy = self
             .records
             .get(service)
-            .is_some_and(|r| r.in_flight.is_some());
+            .is_some_and(|r| r.in_flight().is_some());
         if busy || self.tracked_pid(service) != Some(pid) {
             return;
         }
@@ -461,25 +436,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             return;
         };
         let log = self.effects.last_log_lines(&spec).await.join("\n");
-        let Some(record) = self.records.get_mut(service) else {
-            return;
-        };
-        record.instance = None;
-        record.stop_monitor();
-        if record.parked.take().is_some() {
-            parked::forget(&self.config.state_dir, service);
-            // Parked, it was not serving: nothing to restart unless it is wanted.
-            tracing::warn!(%service, pid, %exit, "service exited while parked");
-            record.last_error = Some(format!("{service} {exit} while parked"));
-            record.set_state(ServiceState::Stopped);
-            self.publish();
-            return;
-        }
-        tracing::warn!(%service, pid, %exit, "service exited unexpectedly");
-        record.fail(
-            "start",
-            format!("{service} {exit} unexpectedly; last log lines:\n{log}"),
-        );
+        tracing::debug!(%service, pid, "its tracked process exited");
+        let exit = exit.to_string();
+        self.apply(service, Event::Exited { exit, log });
         self.publish();
     }
 
@@ -489,20 +448,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         if self.tracked_pid(service) != Some(pid) {
             return;
         }
-        let Some(record) = self.records.get_mut(service) else {
-            return;
-        };
-        if record.in_flight.is_some() {
-            return;
-        }
         tracing::warn!(%service, %error, "unhealthy: it will be stopped and restarted");
         let message = format!("{service} failed {UNHEALTHY_AFTER} health checks in a row: {error}");
-        record.stop_monitor();
-        record.condition = Condition::Unhealthy {
-            reason: message.clone(),
-        };
-        record.last_error = Some(message);
-        record.set_state(ServiceState::Unhealthy);
+        self.apply(service, Event::Unhealthy { message });
         self.publish();
     }
 
@@ -558,7 +506,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let retries = self
             .records
             .iter()
-            .filter_map(|r| r.retry_at.filter(|at| *at > now));
+            .filter_map(|r| r.retry_at().filter(|at| *at > now));
         if let Some(at) = retries.min() {
             self.wake_at(at);
         }
@@ -597,7 +545,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let services = self
             .records
             .iter()
-            .map(|r| (r.name().to_string(), r.state))
+            .map(|r| (r.name().to_string(), r.state()))
             .collect();
         self.waiters.finish(self.generation, &end, &services);
     }
@@ -644,36 +592,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// Shows plan verdicts on services that are stopped: preempted or refused with why.
     fn apply_verdicts(&mut self, plan: &Plan) {
         for (name, verdict) in &plan.verdicts {
-            let Some(record) = self.records.get_mut(name) else {
-                continue;
-            };
-            if let Some(flight) = &record.in_flight {
-                // Wanted again while it drains: nothing was done yet; call it off.
-                if *verdict == Verdict::Run && record.state == ServiceState::Draining {
-                    flight.supersede.cancel();
-                }
-                continue;
-            }
-            if record.instance.is_some() {
-                continue;
-            }
-            match verdict {
-                Verdict::Preempted { reason, .. } | Verdict::Refused { reason, .. } => {
-                    record.set_state(ServiceState::Preempted);
-                    record.reason = Some(reason.clone());
-                }
-                Verdict::Idle | Verdict::Run if record.state == ServiceState::Preempted => {
-                    record.set_state(ServiceState::Stopped);
-                    record.reason = None;
-                }
-                Verdict::Idle if record.state != ServiceState::Unknown => {
-                    // Not wanted and not running: an old reason or failure is history.
-                    record.set_state(ServiceState::Stopped);
-                    record.reason = None;
-                    record.condition = Condition::Healthy;
-                }
-                _ => {}
-            }
+            self.apply(name, Event::Verdict(verdict.clone()));
         }
     }
 
@@ -707,10 +626,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         }
         for (name, (need_mb, room_mb)) in timed_out {
             let message = self.no_room_message(&name, need_mb, room_mb);
-            if let Some(record) = self.records.get_mut(&name) {
-                record.room_wait = None;
-                record.fail("start", message.clone());
-            }
+            self.apply(
+                &name,
+                Event::RoomTimedOut {
+                    message: message.clone(),
+                },
+            );
             self.record_action(ActionRecord {
                 op: Op::Start.to_string(),
                 service: name.to_string(),
@@ -762,57 +683,37 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// cancels that start instead.
     fn begin(&mut self, action: Action) {
         let generation = self.generation;
-        let Some(record) = self.records.get_mut(&action.service) else {
+        let Some(record) = self.records.get(&action.service) else {
             return;
         };
-        if action.op.frees() {
-            let starting = |f: &&mut InFlight| matches!(f.op, Op::Start | Op::Resume);
-            if let Some(flight) = record.in_flight.as_mut().filter(starting) {
-                tracing::info!(service = %action.service, reason = %action.reason, "superseded: cancelling its start");
-                flight.supersede.cancel();
-                flight.superseded = true;
-                record.set_state(ServiceState::Stopping);
-                record.reason = Some(format!("superseded: {}", action.reason));
-                return;
-            }
+        let bringing_up = |f: &InFlight| matches!(f.op, Op::Start | Op::Resume);
+        if action.op.frees() && record.in_flight().is_some_and(bringing_up) {
+            tracing::info!(service = %action.service, reason = %action.reason, "superseded: cancelling its start");
+            let reason = action.reason.clone();
+            self.apply(&action.service, Event::Superseded { reason });
+            return;
         }
-        let spec = record.spec.clone();
-        let context = self.task_context(spec);
+        let instance = record.instance().cloned();
+        let parked_pids = record.parked_pids().map(<[u32]>::to_vec);
+        let park = record.spec.park.clone();
+        let context = self.task_context(record.spec.clone());
         let (supersede, abandon) = (context.supersede.clone(), context.abandon.clone());
-        let Some(record) = self.records.get_mut(&action.service) else {
-            return;
-        };
-        match (action.op, record.instance.clone(), record.spec.park.clone()) {
+        match (action.op, instance, park) {
             (Op::Stop, Some(instance), _) => {
-                record.stop_monitor();
-                record.set_state(giving_back_state(&record.spec, &self.skip_drain));
                 self.spawn_task(&action.service, tasks::stop(context, instance));
             }
             (Op::Park, Some(instance), Some(park)) => {
-                record.stop_monitor();
-                record.set_state(giving_back_state(&record.spec, &self.skip_drain));
                 self.spawn_task(&action.service, tasks::park(context, instance, park));
             }
             (Op::Resume, Some(instance), Some(park)) => {
-                let pids = record.parked.take().map(|p| p.pids).unwrap_or_default();
-                record.condition = Condition::Healthy;
-                record.set_state(ServiceState::Starting);
+                let pids = parked_pids.unwrap_or_default();
                 self.spawn_task(
                     &action.service,
                     tasks::resume(context, instance, park, pids),
                 );
             }
             (Op::Stop | Op::Park | Op::Resume, _, _) => return,
-            (Op::Start, _, _) => {
-                // A restart is a start retried after failures; a new desired state
-                // forgives failures, so a start it asks for is not one.
-                if record.consecutive_failures > 0 {
-                    record.restarts += 1;
-                }
-                record.condition = Condition::Healthy;
-                record.set_state(ServiceState::Starting);
-                self.spawn_task(&action.service, tasks::start(context));
-            }
+            (Op::Start, _, _) => self.spawn_task(&action.service, tasks::start(context)),
         }
         self.mark_in_flight(&action, generation, supersede, abandon);
     }
@@ -853,13 +754,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         supersede: CancellationToken,
         abandon: CancellationToken,
     ) {
-        let Some(record) = self.records.get_mut(&action.service) else {
+        let Some(record) = self.records.get(&action.service) else {
             return;
         };
-        record.reason = Some(action.reason.clone());
-        record.room_wait = None;
+        // A stop or park waits for the work in flight to end, unless told not to.
+        let drains =
+            action.op.frees() && record.spec.drain.is_some() && !self.skip_drain.is_cancelled();
         let started_at_ms = now_ms();
-        record.in_flight = Some(InFlight {
+        let flight = InFlight {
             op: action.op,
             cause: action.cause,
             generation,
@@ -868,7 +770,16 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             supersede,
             abandon,
             superseded: false,
-        });
+        };
+        let reason = action.reason.clone();
+        self.apply(
+            &action.service,
+            Event::Began {
+                flight,
+                reason,
+                drains,
+            },
+        );
         tracing::info!(op = %action.op, service = %action.service, reason = %action.reason, after = ?action.after, "action begins");
         let _ = self.feed.send(DaemonEvent::ActionStarted {
             generation,
@@ -881,213 +792,89 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         self.publish();
     }
 
-    /// An action task ended: record its outcome and what it means for the service.
+    /// An action task ended: its record takes the outcome, the loop runs what follows
+    /// and keeps the action.
     fn on_finished(&mut self, joined: Result<(Id, Finished<E::Instance>), JoinError>) {
         self.dirty = true;
-        let finished = match joined {
+        let (service, event) = match joined {
             Ok((id, finished)) => {
                 self.action_ids.remove(&id);
-                finished
+                (finished.service, Event::Finished(finished.outcome))
             }
             Err(error) => {
                 let Some(service) = self.action_ids.remove(&error.id()) else {
                     return;
                 };
-                if !error.is_cancelled() {
+                let event = if error.is_cancelled() {
+                    Event::Finished(Outcome::Abandoned)
+                } else {
                     tracing::error!(%service, %error, "an action task panicked");
-                }
-                let outcome = if error.is_cancelled() {
-                    Outcome::Abandoned
-                } else {
-                    Outcome::StartFailed {
-                        error: EffectError::new(
-                            FailureKind::Other,
-                            format!("the action panicked: {error}"),
-                        ),
-                        left_running: None,
+                    Event::Panicked {
+                        error: error.to_string(),
                     }
                 };
-                Finished { service, outcome }
+                (service, event)
             }
         };
-        let Some(record) = self.records.get_mut(&finished.service) else {
+        let Some(ended) = self.apply(&service, event) else {
             return;
         };
-        let Some(flight) = record.in_flight.take() else {
-            return;
-        };
-        let spec_name = record.name().clone();
-        let mut busy = None;
-        let (outcome, failure): (Result<String, String>, Option<FailureKind>) = match finished
-            .outcome
-        {
-            Outcome::Started {
-                instance,
-                took,
-                fell_back,
-            } => {
-                record.instance = Some(instance);
-                let ready = format!("ready after {} ms", took.as_millis());
-                let detail = match (flight.cause, flight.op, fell_back) {
-                    (Cause::Adopted, _, _) => format!("adopted; {ready}"),
-                    (_, Op::Resume, None) => {
-                        record.resumed_at_ms = Some(now_ms());
-                        format!("resumed, same instance; {ready}")
-                    }
-                    (_, _, Some(why)) => format!("{why}; started cold instead: {ready}"),
-                    _ => ready,
-                };
-                self.mark_ready(&spec_name);
-                (Ok(detail), None)
-            }
-            Outcome::Parked {
-                detail,
-                pids,
-                residual_mb,
-            } => {
-                let marker = parked::ParkedMarker {
-                    root_pid: record.instance.as_ref().and_then(E::root_pid),
-                    pids: pids.clone(),
-                };
-                parked::remember(&self.config.state_dir, &spec_name, &marker);
-                record.parked = Some(ParkedAt { pids });
-                record.parked_at_ms = Some(now_ms());
-                record.condition = Condition::Healthy;
-                record.forgive();
-                record.set_state(ServiceState::Parked);
-                self.footprints.observe_residual(&spec_name, residual_mb);
-                (
-                    Ok(format!("{detail}; the GPU shows {residual_mb} MB left")),
-                    None,
-                )
-            }
-            Outcome::Busy { answer, waited } => {
-                let message = format!(
-                        "{spec_name} still has work in flight after {waited:?}: its drain probe answered {answer}; it was left as it was. Try again later, or add ?force=true to {} it anyway (the work in flight is lost)",
-                        flight.op
-                    );
-                busy = Some(answer);
-                record.hold_busy(message.clone());
-                record.set_state(untouched_state(record.parked.is_some()));
-                self.watch_health(&spec_name);
-                (Err(message), Some(FailureKind::Busy))
-            }
-            Outcome::Kept => {
-                record.set_state(untouched_state(record.parked.is_some()));
-                self.watch_health(&spec_name);
-                (
-                    Err("wanted again while it drained: left as it was".to_owned()),
-                    Some(FailureKind::Cancelled),
-                )
-            }
-            Outcome::StartFailed {
-                error,
-                left_running,
-            } => {
-                let message = error.message.clone();
-                match left_running {
-                    Some(instance) => {
-                        // Still running: stopped as unhealthy, under the lease.
-                        record.instance = Some(instance);
-                        record.last_error = Some(message.clone());
-                        record.condition = Condition::Unhealthy {
-                            reason: message.clone(),
-                        };
-                        record.set_state(ServiceState::Unhealthy);
-                    }
-                    None if error.is_backend_down() => {
-                        record.instance = None;
-                        record.last_error = Some(message.clone());
-                        record.set_state(ServiceState::Unknown);
-                    }
-                    None => {
-                        record.instance = None;
-                        record.fail("start", message.clone());
-                    }
-                }
-                (Err(message), Some(error.kind))
-            }
-            Outcome::Stopped { detail, reclaim } => {
-                record.instance = None;
-                record.parked = None;
-                let failed_health = match &record.condition {
-                    Condition::Unhealthy { reason } => Some(reason.clone()),
-                    Condition::Healthy => None,
-                };
-                record.condition = Condition::Healthy;
-                match (flight.cause, failed_health) {
-                    (Cause::Unhealthy, Some(reason)) => record.fail("start", reason),
-                    (Cause::Preempted, _) => {
-                        record.forgive();
-                        record.set_state(ServiceState::Preempted);
-                    }
-                    _ => {
-                        record.forgive();
-                        record.set_state(ServiceState::Stopped);
-                    }
-                }
-                match reclaim {
-                    Ok(()) => (Ok(detail), None),
-                    Err(error) => {
-                        record.last_error = Some(error.message.clone());
-                        (Err(error.message), Some(error.kind))
-                    }
-                }
-            }
-            Outcome::StopFailed { error } => {
-                let message = error.message.clone();
-                if error.is_backend_down() {
-                    // Whether it still runs is not known: let the instance go; the next
-                    // rounds ask the engine again and adopt it if it runs.
-                    if let Some(instance) = record.instance.take() {
-                        self.effects.let_go(&instance);
-                    }
-                    record.last_error = Some(message.clone());
-                    record.set_state(ServiceState::Unknown);
-                } else {
-                    record.fail("stop", message.clone());
-                }
-                (Err(message), Some(error.kind))
-            }
-            Outcome::Cancelled { detail, reclaim } => {
-                record.instance = None;
-                record.parked = None;
-                record.set_state(ServiceState::Stopped);
-                let message = match reclaim {
-                    Ok(()) => format!("cancelled: {detail}"),
-                    Err(error) => format!("cancelled: {detail}; {error}"),
-                };
-                (Err(message), Some(FailureKind::Cancelled))
-            }
-            Outcome::Abandoned => (
-                Err("left as it was at shutdown, for the next daemon to adopt".to_owned()),
-                Some(FailureKind::Cancelled),
-            ),
-        };
-        if self
-            .records
-            .get(&spec_name)
-            .is_some_and(|r| r.parked.is_none())
-        {
-            parked::forget(&self.config.state_dir, &spec_name);
+        self.keep_action(&service, ended);
+    }
+
+    /// Tells a service's record what happened and runs the follow-ups; the end of its
+    /// action, if the event ended one.
+    fn apply(&mut self, service: &ServiceName, event: Event<E::Instance>) -> Option<ActionEnd> {
+        let applied = self.records.get_mut(service)?.apply(event);
+        for follow_up in applied.follow_ups {
+            self.follow_up(service, follow_up);
         }
+        applied.ended
+    }
+
+    fn follow_up(&mut self, service: &ServiceName, follow_up: FollowUp<E::Instance>) {
+        match follow_up {
+            FollowUp::WatchExit(instance) => self.watch_exit(service, instance),
+            FollowUp::WatchHealth => self.watch_health(service),
+            FollowUp::RememberParked { pids } => {
+                let root_pid = self.tracked_pid(service);
+                self.parked_notes
+                    .remember(service, parked::ParkedMarker { root_pid, pids });
+            }
+            FollowUp::ForgetParked => self.parked_notes.forget(service),
+            FollowUp::ObserveResidual { mb } => {
+                self.footprints.observe_residual(service, mb);
+            }
+            FollowUp::LetGo(instance) => self.effects.let_go(&instance),
+        }
+    }
+
+    /// Logs a finished action and keeps it for status and the waiting callers.
+    fn keep_action(&mut self, service: &ServiceName, ended: ActionEnd) {
+        let ActionEnd {
+            flight,
+            outcome,
+            failure,
+            busy,
+        } = ended;
         let elapsed = flight.started.elapsed();
         match &outcome {
             Ok(detail) => {
-                tracing::info!(op = %flight.op, service = %spec_name, %detail, elapsed_ms = elapsed.as_millis() as u64, "action done")
+                tracing::info!(op = %flight.op, %service, %detail, elapsed_ms = elapsed.as_millis() as u64, "action done")
             }
             Err(error) => {
-                tracing::warn!(op = %flight.op, service = %spec_name, %error, elapsed_ms = elapsed.as_millis() as u64, "action did not complete")
+                tracing::warn!(op = %flight.op, %service, %error, elapsed_ms = elapsed.as_millis() as u64, "action did not complete")
             }
         }
         let reason = self
             .records
-            .get(&spec_name)
-            .and_then(|r| r.reason.clone())
-            .unwrap_or_default();
+            .get(service)
+            .and_then(|r| r.reason())
+            .unwrap_or_default()
+            .to_owned();
         self.record_action(ActionRecord {
             op: flight.op.to_string(),
-            service: spec_name.to_string(),
+            service: service.to_string(),
             reason,
             cause: Some(flight.cause),
             generation: flight.generation,
@@ -1114,33 +901,18 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             .send(DaemonEvent::ActionFinished { action: record });
     }
 
-    /// Takes ownership of a running instance: its exit is watched from now on.
-    fn attach(&mut self, name: &ServiceName, instance: E::Instance) {
+    /// Watches an instance the record now tracks: its exit wakes the loop.
+    fn watch_exit(&self, name: &ServiceName, instance: E::Instance) {
         let wake = self.wake_tx.clone();
         let service = name.clone();
         let pid = E::root_pid(&instance);
-        let exited = E::wait_exit(instance.clone());
+        let exited = E::wait_exit(instance);
         tokio::spawn(async move {
             let exit = exited.await;
             if let Some(pid) = pid {
                 let _ = wake.send(Wake::Exited { service, pid, exit }).await;
             }
         });
-        if let Some(record) = self.records.get_mut(name) {
-            record.instance = Some(instance);
-        }
-    }
-
-    /// A service became ready: forgive its failures and watch its health.
-    fn mark_ready(&mut self, name: &ServiceName) {
-        let Some(record) = self.records.get_mut(name) else {
-            return;
-        };
-        record.forgive();
-        record.last_error = None;
-        record.condition = Condition::Healthy;
-        record.set_state(ServiceState::Ready);
-        self.watch_health(name);
     }
 
     /// Probes a running service's health every resync; `UNHEALTHY_AFTER` failures in a
@@ -1152,10 +924,10 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let Some(record) = self.records.get_mut(name) else {
             return;
         };
-        if record.parked.is_some() {
+        if record.parked_pids().is_some() {
             return;
         }
-        let pid = record.instance.as_ref().and_then(E::root_pid);
+        let pid = record.instance().and_then(E::root_pid);
         let service = name.clone();
         if let (Some(check), Some(pid)) = (record.spec.health.clone(), pid) {
             let task = tokio::spawn(async move {
@@ -1180,8 +952,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     }
                 }
             });
-            record.stop_monitor();
-            record.monitor = Some(task.abort_handle());
+            record.watched_by(task.abort_handle());
         }
     }
 
@@ -1200,7 +971,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             let Some(record) = self.records.get(name) else {
                 continue;
             };
-            if record.instance.is_some() || record.in_flight.is_some() {
+            if record.instance().is_some() || record.in_flight().is_some() {
                 continue;
             }
             let spec = record.spec.clone();
@@ -1209,21 +980,22 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             };
             let root_pid = E::root_pid(&instance);
             tracing::info!(service = %name, pid = ?root_pid, "adopted a running instance");
-            self.attach(name, instance.clone());
-            if let Some(marker) = parked::recall(&self.config.state_dir, name, root_pid) {
-                // Parked by an earlier daemon: it is resumed when wanted, not trusted.
-                if let Some(record) = self.records.get_mut(name) {
-                    tracing::info!(service = %name, "it was parked: adopted as parked");
-                    record.parked = Some(ParkedAt { pids: marker.pids });
-                    record.set_state(ServiceState::Parked);
-                }
+            // Parked by an earlier daemon: it is resumed when wanted, not trusted.
+            let parked = parked::recall(&self.config.state_dir, name, root_pid).map(|m| m.pids);
+            let was_parked = parked.is_some();
+            self.apply(
+                name,
+                Event::Adopted {
+                    instance: instance.clone(),
+                    parked,
+                },
+            );
+            if was_parked {
+                tracing::info!(service = %name, "it was parked: adopted as parked");
                 continue;
             }
             let context = self.task_context(spec);
             let (supersede, abandon) = (context.supersede.clone(), context.abandon.clone());
-            if let Some(record) = self.records.get_mut(name) {
-                record.set_state(ServiceState::Starting);
-            }
             self.spawn_task(name, tasks::verify_adopted(context, instance));
             let action = Action {
                 op: Op::Start,
@@ -1244,11 +1016,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         self.abandon.cancel();
         self.abandon = CancellationToken::new();
         for record in self.records.iter_mut() {
-            record.stop_monitor();
-            record.instance = None;
-            record.parked = None;
-            record.set_state(ServiceState::Stopped);
-            record.reason = Some("managed by the leading gpu-manager: this one is standby".into());
+            record.apply(Event::LetGo);
         }
         self.lease_held = false;
     }
@@ -1269,7 +1037,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         // Starts are left running at a safe point (their pid files are on disk); stops
         // get until the deadline to finish.
         for record in self.records.iter_mut() {
-            if let Some(flight) = record.in_flight.as_ref().filter(|f| f.op == Op::Start) {
+            if let Some(flight) = record.in_flight().filter(|f| f.op == Op::Start) {
                 flight.abandon.cancel();
             }
         }
@@ -1284,6 +1052,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         if let Err(error) = self.flush_footprints().await {
             tracing::warn!(%error, "learned footprints not saved at shutdown");
         }
+        self.parked_notes.flush().await;
         self.lease.step_down().await;
         self.lease_held = false;
         self.publish();

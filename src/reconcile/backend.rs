@@ -7,6 +7,8 @@ use crate::config::{ServiceName, ServiceSpec};
 use crate::lease::LeaseBackend;
 use crate::status::ServiceState;
 
+use super::records::Event;
+
 use super::effects::ServiceEffects;
 use super::Reconciler;
 
@@ -18,22 +20,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let record = self.records.get_mut(&spec.name)?;
         match found {
             Ok(found) => {
-                if record.state == ServiceState::Unknown {
-                    tracing::info!(service = %spec.name, "its backend answers again");
-                    record.set_state(ServiceState::Stopped);
-                    record.last_error = None;
-                    record.reason = None;
-                }
+                record.apply(Event::BackendAnswered);
                 found
             }
             Err(error) => {
-                if record.last_error.as_deref() != Some(error.message.as_str()) {
-                    tracing::warn!(service = %spec.name, error = %error.message, "cannot tell whether it runs");
-                }
-                if error.is_backend_down() {
-                    record.set_state(ServiceState::Unknown);
-                }
-                record.last_error = Some(error.message);
+                record.apply(Event::LookupFailed(error));
                 None
             }
         }
@@ -49,7 +40,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             .records
             .iter()
             .filter(|r| {
-                r.state == ServiceState::Unknown && r.instance.is_none() && r.in_flight.is_none()
+                r.state() == ServiceState::Unknown
+                    && r.instance().is_none()
+                    && r.in_flight().is_none()
             })
             .map(|r| r.name().clone())
             .collect();
@@ -58,7 +51,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             if self
                 .records
                 .get(&name)
-                .is_some_and(|r| r.state == ServiceState::Unknown)
+                .is_some_and(|r| r.state() == ServiceState::Unknown)
             {
                 break;
             }

@@ -24,7 +24,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// is going); a ready service that grows later does count.
     pub(super) fn learn_peaks(&mut self) {
         for record in self.records.iter() {
-            if record.state != ServiceState::Ready || record.in_flight.is_some() {
+            if record.state() != ServiceState::Ready || record.in_flight().is_some() {
                 continue;
             }
             let Some(mb) = record.observed_mb else {

@@ -44,7 +44,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     pub(super) async fn observe(&mut self) -> Observation {
         let mut owners = Owners::default();
         for record in self.records.iter() {
-            if let Some(instance) = &record.instance {
+            if let Some(instance) = record.instance() {
                 owners.claim(
                     record.name().clone(),
                     E::root_pid(instance),
@@ -136,24 +136,24 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
 /// The planner's view of one service: where it stands, and whether it may be acted on.
 fn view_of<I>(record: &Record<I>, now: Instant, learned: Option<&Footprint>) -> ServiceView {
-    let presence = match (&record.in_flight, &record.instance) {
+    let presence = match (record.in_flight(), record.instance()) {
         (Some(flight), _) if flight.superseded => Presence::Stopping,
         (Some(flight), _) => match flight.op {
             Op::Start | Op::Resume => Presence::Starting,
             Op::Park => Presence::Parking,
             Op::Stop => Presence::Stopping,
         },
-        (None, Some(_)) if record.parked.is_some() => Presence::Parked,
+        (None, Some(_)) if record.parked_pids().is_some() => Presence::Parked,
         (None, Some(_)) => Presence::Running,
         (None, None) => Presence::Stopped,
     };
-    let gate = if record.state == ServiceState::Unknown {
+    let gate = if record.state() == ServiceState::Unknown {
         StartGate::Closed {
-            reason: record.last_error.clone().unwrap_or_default(),
+            reason: record.last_error().map(str::to_owned).unwrap_or_default(),
         }
     } else if record.gate_closed(now) {
         StartGate::Closed {
-            reason: record.reason.clone().unwrap_or_default(),
+            reason: record.reason().map(str::to_owned).unwrap_or_default(),
         }
     } else {
         StartGate::Open
@@ -164,7 +164,7 @@ fn view_of<I>(record: &Record<I>, now: Instant, learned: Option<&Footprint>) -> 
         learned_mb: learned.and_then(|f| f.peak_mb),
         learned_residual_mb: learned.and_then(|f| f.residual_mb),
         gate,
-        condition: record.condition.clone(),
+        condition: record.condition().clone(),
     }
 }
 

@@ -27,7 +27,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 Ok(generation) => {
                     // Asked again: a stop or park that found the service busy is tried
                     // again now, not after its backoff.
-                    for record in self.records.iter_mut().filter(|r| r.busy) {
+                    for record in self.records.iter_mut().filter(|r| r.busy()) {
                         record.forgive();
                     }
                     self.dirty = true;
@@ -91,7 +91,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 let unknown = self
                     .records
                     .get(name)
-                    .is_none_or(|r| r.state == ServiceState::Unknown);
+                    .is_none_or(|r| r.state() == ServiceState::Unknown);
                 if !unknown {
                     view.gate = StartGate::Open;
                 }
@@ -129,12 +129,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             let Some(record) = self.records.get(name) else {
                 continue;
             };
-            if record.state == ServiceState::Unknown {
+            if record.state() == ServiceState::Unknown {
                 return Err(TransitionError::BackendDown {
                     backend: "docker".to_owned(),
                     detail: record
-                        .last_error
-                        .clone()
+                        .last_error()
+                        .map(str::to_owned)
                         .unwrap_or_else(|| format!("{name}'s backend cannot be reached")),
                 });
             }

@@ -46,7 +46,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 let used: u64 = self
                     .records
                     .iter()
-                    .filter(|r| r.instance.is_some())
+                    .filter(|r| r.instance().is_some())
                     .map(|r| r.spec.vram_mb)
                     .sum();
                 Vram {
@@ -74,7 +74,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     Runtime::Native(_) => None,
                 };
                 let status = ServiceStatus {
-                    state: record.state,
+                    state: record.state(),
                     kind: spec.runtime.kind().to_owned(),
                     priority: spec.priority,
                     phases: spec.phases.clone(),
@@ -87,25 +87,24 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                         .warning(spec, record.observed_mb)
                         .map(|w| w.to_string()),
                     pids: record
-                        .instance
-                        .as_ref()
+                        .instance()
                         .and_then(E::root_pid)
                         .into_iter()
                         .collect(),
                     container,
                     wanted: wanted.contains_key(&spec.name),
-                    reason: record.reason.clone(),
-                    last_error: record.last_error.clone(),
-                    since_ms: record.since_ms,
-                    restarts: record.restarts,
+                    reason: record.reason().map(str::to_owned),
+                    last_error: record.last_error().map(str::to_owned),
+                    since_ms: record.since_ms(),
+                    restarts: record.restarts(),
                     park: spec.park.as_ref().map(|p| p.method.kind().to_owned()),
                     residual_mb: spec
                         .park
                         .as_ref()
                         .map(|p| learned.and_then(|f| f.residual_mb).unwrap_or(p.residual_mb)),
                     park_error: self.effects.park_unavailable(spec),
-                    parked_at_ms: record.parked_at_ms,
-                    resumed_at_ms: record.resumed_at_ms,
+                    parked_at_ms: record.parked_at_ms(),
+                    resumed_at_ms: record.resumed_at_ms(),
                 };
                 (spec.name.to_string(), status)
             })

@@ -1,19 +1,27 @@
-//! The reconciler's own record of each service: what it knows, what it is doing, and
-//! how its failures back off. Lookups return `Option`: an event about a service the
+//! The reconciler's own record of each service (docs/ARCHITECTURE.md, "A service's
+//! life"): what it knows, what it is doing, and how its failures back off. A record
+//! owns its state: the loop tells it what happened ([`Event`]) and gets back what the
+//! action came to and what to do next ([`Applied`]); only [`machine`] moves the state,
+//! against a table of legal moves. Lookups return `Option`: an event about a service the
 //! inventory does not hold is ignored, never a panic.
+
+mod machine;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::config::{Inventory, ServiceName, ServiceSpec};
 use crate::plan::{Cause, Condition, Op};
 use crate::status::ServiceState;
+
+pub(super) use machine::{ActionEnd, Event, FollowUp};
 
 /// Failed actions back off 1 s, 2 s, 4 s... up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -22,6 +30,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub(super) const MAX_CONSECUTIVE_FAILURES: u32 = 5;
 
 /// An action under way for a service: at most one at a time.
+#[derive(Debug)]
 pub(super) struct InFlight {
     pub op: Op,
     pub cause: Cause,
@@ -37,6 +46,13 @@ pub(super) struct InFlight {
     pub superseded: bool,
 }
 
+impl InFlight {
+    /// A start or a resume, still wanted.
+    fn brings_up(&self) -> bool {
+        matches!(self.op, Op::Start | Op::Resume) && !self.superseded
+    }
+}
+
 /// A parked service: what its park acted on and left.
 pub(super) struct ParkedAt {
     /// The processes the park acted on; its resume acts on them.
@@ -50,25 +66,26 @@ pub(super) struct RoomWait {
 
 pub(super) struct Record<I> {
     pub spec: ServiceSpec,
-    pub state: ServiceState,
-    pub since_ms: u64,
-    pub instance: Option<I>,
-    pub monitor: Option<AbortHandle>,
-    pub last_error: Option<String>,
-    pub reason: Option<String>,
-    pub restarts: u32,
-    pub consecutive_failures: u32,
-    pub retry_at: Option<Instant>,
-    pub condition: Condition,
-    pub observed_mb: Option<u64>,
-    pub in_flight: Option<InFlight>,
-    pub room_wait: Option<RoomWait>,
+    state: ServiceState,
+    since_ms: u64,
+    instance: Option<I>,
+    monitor: Option<AbortHandle>,
+    last_error: Option<String>,
+    reason: Option<String>,
+    restarts: u32,
+    consecutive_failures: u32,
+    retry_at: Option<Instant>,
+    condition: Condition,
+    in_flight: Option<InFlight>,
     /// Alive but parked: its instance holds only its residual.
-    pub parked: Option<ParkedAt>,
-    pub parked_at_ms: Option<u64>,
-    pub resumed_at_ms: Option<u64>,
+    parked: Option<ParkedAt>,
+    parked_at_ms: Option<u64>,
+    resumed_at_ms: Option<u64>,
     /// Its last stop or park found it busy: the gate is closed until `retry_at`.
-    pub busy: bool,
+    busy: bool,
+    /// What the GPU attributes to it, as last observed.
+    pub observed_mb: Option<u64>,
+    pub room_wait: Option<RoomWait>,
 }
 
 impl<I> Record<I> {
@@ -85,13 +102,13 @@ impl<I> Record<I> {
             consecutive_failures: 0,
             retry_at: None,
             condition: Condition::Healthy,
-            observed_mb: None,
             in_flight: None,
-            room_wait: None,
             parked: None,
             parked_at_ms: None,
             resumed_at_ms: None,
             busy: false,
+            observed_mb: None,
+            room_wait: None,
         }
     }
 
@@ -99,12 +116,74 @@ impl<I> Record<I> {
         &self.spec.name
     }
 
-    pub fn set_state(&mut self, state: ServiceState) {
-        if self.state != state {
-            tracing::info!(service = %self.spec.name, from = %self.state, to = %state, "service state");
-            self.state = state;
-            self.since_ms = now_ms();
-        }
+    pub fn state(&self) -> ServiceState {
+        self.state
+    }
+
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms
+    }
+
+    pub fn instance(&self) -> Option<&I> {
+        self.instance.as_ref()
+    }
+
+    pub fn in_flight(&self) -> Option<&InFlight> {
+        self.in_flight.as_ref()
+    }
+
+    /// The pids its park acted on, while it is parked.
+    pub fn parked_pids(&self) -> Option<&[u32]> {
+        self.parked.as_ref().map(|p| p.pids.as_slice())
+    }
+
+    pub fn condition(&self) -> &Condition {
+        &self.condition
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    pub fn parked_at_ms(&self) -> Option<u64> {
+        self.parked_at_ms
+    }
+
+    pub fn resumed_at_ms(&self) -> Option<u64> {
+        self.resumed_at_ms
+    }
+
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Its last stop or park found it busy.
+    pub fn busy(&self) -> bool {
+        self.busy
+    }
+
+    /// Whether a start or a resume is under way and still wanted.
+    pub fn starting(&self) -> bool {
+        self.in_flight.as_ref().is_some_and(InFlight::brings_up)
+    }
+
+    /// Whether its gate is closed now: failed (or busy) for good, or backing off.
+    pub fn gate_closed(&self, now: Instant) -> bool {
+        (self.state == ServiceState::Failed || self.busy) && self.retry_at.is_none_or(|at| at > now)
+    }
+
+    /// A health monitor now watches it (replacing any earlier one).
+    pub fn watched_by(&mut self, monitor: AbortHandle) {
+        self.stop_monitor();
+        self.monitor = Some(monitor);
     }
 
     pub fn stop_monitor(&mut self) {
@@ -113,60 +192,11 @@ impl<I> Record<I> {
         }
     }
 
-    /// Whether a start or a resume is under way and still wanted.
-    pub fn starting(&self) -> bool {
-        self.in_flight
-            .as_ref()
-            .is_some_and(|f| matches!(f.op, Op::Start | Op::Resume) && !f.superseded)
-    }
-
-    /// Records a failure and closes the gate for a backoff, or for good after
-    /// `MAX_CONSECUTIVE_FAILURES` in a row; `what` says what failed ("start", "stop").
-    pub fn fail(&mut self, what: &str, message: String) {
-        self.consecutive_failures += 1;
-        self.last_error = Some(message);
-        self.set_state(ServiceState::Failed);
-        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES {
-            self.retry_at = None;
-            self.reason = Some(format!(
-                "{what} failed {} times in a row; change the desired state to try again",
-                self.consecutive_failures
-            ));
-        } else {
-            let backoff = backoff(self.consecutive_failures);
-            self.retry_at = Some(Instant::now() + backoff);
-            self.reason = Some(format!(
-                "{what} failed; trying again in {}s",
-                backoff.as_secs()
-            ));
-        }
-    }
-
-    /// Its stop or park found work in flight that did not end in time: it is left as it
-    /// is, and the next try backs off like a failure (without the `failed` state: the
-    /// service is fine).
-    pub fn hold_busy(&mut self, message: String) {
-        self.busy = true;
-        self.consecutive_failures += 1;
-        let backoff = backoff(self.consecutive_failures);
-        self.retry_at = Some(Instant::now() + backoff);
-        self.reason = Some(format!(
-            "busy: trying again in {}s (or ask with ?force=true)",
-            backoff.as_secs()
-        ));
-        self.last_error = Some(message);
-    }
-
     /// A new chance: failures are forgotten (a new desired state, or a success).
     pub fn forgive(&mut self) {
         self.consecutive_failures = 0;
         self.retry_at = None;
         self.busy = false;
-    }
-
-    /// Whether its gate is closed now: failed (or busy) for good, or backing off.
-    pub fn gate_closed(&self, now: Instant) -> bool {
-        (self.state == ServiceState::Failed || self.busy) && self.retry_at.is_none_or(|at| at > now)
     }
 }
 
@@ -202,17 +232,5 @@ impl<I> Records<I> {
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Record<I>> {
         self.by_name.values_mut()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let seconds: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
-        assert_eq!(seconds, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
     }
 }
