@@ -53,8 +53,17 @@ pub type DaemonReconciler = Reconciler<Effects, Lease>;
 const UNHEALTHY_AFTER: u32 = 3;
 /// How many past actions status keeps.
 const ACTION_HISTORY: usize = 50;
-/// How often a start waiting for the GPU to show its room looks again.
-const ROOM_POLL: Duration = Duration::from_millis(10);
+/// How often a start waiting for the GPU to show its room looks again: soon at first (a
+/// driver tearing down an exited process takes milliseconds), then less often, since
+/// each look is a round (a GPU sample and a scan of /proc).
+const ROOM_POLL_FIRST: Duration = Duration::from_millis(10);
+const ROOM_POLL_MAX: Duration = Duration::from_millis(250);
+
+/// The pause before the next look of a start that has waited `waited` for its room: a
+/// quarter of the wait so far, within [`ROOM_POLL_FIRST`, `ROOM_POLL_MAX`].
+fn room_poll(waited: Duration) -> Duration {
+    (waited / 4).clamp(ROOM_POLL_FIRST, ROOM_POLL_MAX)
+}
 /// How often a transition waiting for the lease tries again, within `lease.wait_ms`
 /// (redis-py's default sleep).
 const LEASE_POLL: Duration = Duration::from_millis(100);
@@ -597,11 +606,13 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     }
 
     /// Starts waiting for the GPU to show their room fail after the reclaim timeout,
-    /// naming who holds the memory; until then the loop looks again every `ROOM_POLL`.
+    /// naming who holds the memory; until then the loop looks again, less often the
+    /// longer the wait ([`room_poll`]).
     fn watch_room_waits(&mut self, waiting: &[(Action, Wait)]) {
         let now = Instant::now();
         let timeout = self.config.gpu.reclaim_timeout;
         let mut timed_out = Vec::new();
+        let mut next_look: Option<Duration> = None;
         for record in self.records.iter_mut() {
             let room = waiting.iter().find_map(|(action, wait)| match wait {
                 Wait::GpuRoom { need_mb, room_mb } if action.service == *record.name() => {
@@ -609,20 +620,26 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 }
                 _ => None,
             });
-            match (room, &record.room_wait) {
-                (None, _) => record.room_wait = None,
-                (Some(_), None) => record.room_wait = Some(RoomWait { since: now }),
+            let waited = match (room, &record.room_wait) {
+                (None, _) => {
+                    record.room_wait = None;
+                    continue;
+                }
+                (Some(_), None) => {
+                    record.room_wait = Some(RoomWait { since: now });
+                    Duration::ZERO
+                }
                 (Some(room), Some(wait)) if now.duration_since(wait.since) >= timeout => {
                     timed_out.push((record.name().clone(), room));
+                    continue;
                 }
-                (Some(_), Some(_)) => {}
-            }
+                (Some(_), Some(wait)) => now.duration_since(wait.since),
+            };
+            let pause = room_poll(waited);
+            next_look = Some(next_look.map_or(pause, |p| p.min(pause)));
         }
-        if waiting
-            .iter()
-            .any(|(_, w)| matches!(w, Wait::GpuRoom { .. }))
-        {
-            self.wake_at(now + ROOM_POLL);
+        if let Some(pause) = next_look {
+            self.wake_at(now + pause);
         }
         for (name, (need_mb, room_mb)) in timed_out {
             let message = self.no_room_message(&name, need_mb, room_mb);

@@ -266,7 +266,9 @@ impl Waiters {
     /// Gives every waiter the record of an action that finished while it waited: an
     /// action begun for an earlier generation and still wanted is part of its
     /// transition too (older waiters were superseded already).
+    /// Callers that hung up are dropped first: nobody reads what they would collect.
     pub fn record(&mut self, action: &ActionRecord) {
+        self.waiting.retain(|w| !w.reply.is_closed());
         for waiting in self.waiting.iter_mut() {
             waiting.actions.push(action.clone());
         }
@@ -420,5 +422,18 @@ mod tests {
         let report = rx.await.unwrap().unwrap();
         assert_eq!(report.actions.len(), 1);
         assert!(waiters.is_empty());
+    }
+
+    #[test]
+    fn a_caller_that_hung_up_collects_no_more_actions() {
+        let mut waiters = Waiters::default();
+        let (tx, rx) = oneshot::channel();
+        waiters.add(1, tx);
+        let (kept_tx, _kept_rx) = oneshot::channel();
+        waiters.add(1, kept_tx);
+        drop(rx);
+        waiters.record(&record(1, Ok("ready".into()), None));
+        assert_eq!(waiters.waiting.len(), 1, "the closed waiter is dropped");
+        assert_eq!(waiters.waiting[0].actions.len(), 1);
     }
 }

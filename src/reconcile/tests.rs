@@ -23,6 +23,8 @@ struct Behaviour {
     stop_takes: Duration,
     never_ready: bool,
     stop_fails: bool,
+    /// The stop's task panics (a bug in a driver): what it did is not known.
+    stop_panics: bool,
     park_fails: bool,
     resume_fails: bool,
     /// How long a resume takes (weights back from host RAM).
@@ -153,6 +155,11 @@ impl ServiceEffects for FakeEffects {
     ) -> Result<StopHow, EffectError> {
         let behaviour = self.behaviour(spec.name.as_str());
         self.world().calls.push(format!("stop {}", spec.name));
+        assert!(
+            !behaviour.stop_panics,
+            "the fake stop of {} panics",
+            spec.name
+        );
         if behaviour.stop_fails {
             return Err(EffectError::new(
                 FailureKind::Other,
@@ -636,6 +643,41 @@ async fn a_stop_that_fails_backs_off_then_is_failed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_that_panics_leaves_the_service_tracked_and_is_tried_again() {
+    let effects = FakeEffects::default();
+    let t = start(effects, FakeLease::default());
+    t.phase(2).await.unwrap();
+    let pids = t.handle.status.borrow().services["c"].pids.clone();
+    assert!(!pids.is_empty(), "c runs");
+    t.effects.behave(
+        "c",
+        Behaviour {
+            stop_panics: true,
+            ..Default::default()
+        },
+    );
+    std::fs::write(&t.desired, "phase: 2\nheld: [c]\n").unwrap();
+    t.until("c's stop panicked", |t| {
+        t.state("c") == ServiceState::Failed && t.effects.count("stop c") == 1
+    })
+    .await;
+    let c = t.handle.status.borrow().services["c"].clone();
+    assert_eq!(c.pids, pids, "its process is still tracked, not external");
+    assert!(
+        c.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("panicked")),
+        "{c:?}"
+    );
+    t.effects.behave("c", Behaviour::default());
+    t.until("c is stopped on the next try", |t| {
+        t.state("c") == ServiceState::Stopped
+    })
+    .await;
+    assert_eq!(t.effects.count("stop c"), 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_unhealthy_service_is_stopped_under_the_lease_and_restarted() {
     let effects = FakeEffects::default();
     let lease = FakeLease::default();
@@ -998,4 +1040,12 @@ async fn a_failed_park_falls_back_to_a_stop_and_a_failed_resume_to_a_cold_start(
 
 fn name(service: &str) -> ServiceName {
     ServiceName::parse(service).unwrap()
+}
+
+#[test]
+fn a_start_waiting_for_room_looks_again_less_often_the_longer_it_waits() {
+    let ms = |n| Duration::from_millis(n);
+    assert_eq!(super::room_poll(Duration::ZERO), ms(10), "soon at first");
+    assert_eq!(super::room_poll(ms(400)), ms(100));
+    assert_eq!(super::room_poll(ms(30_000)), ms(250), "capped");
 }
