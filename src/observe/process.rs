@@ -121,6 +121,24 @@ impl ProcessTable {
         Ok(Self { processes })
     }
 
+    /// Reads only `pids` and their ancestors up to init: all that [`Self::root_among`]
+    /// needs to attribute those processes, at a few reads each instead of all of /proc
+    /// (a GPU lists a handful of processes; a host runs hundreds).
+    pub fn ancestry_of(pids: impl IntoIterator<Item = u32>) -> Self {
+        let mut processes = HashMap::new();
+        for pid in pids {
+            let mut current = pid;
+            while current != 0 && !processes.contains_key(&current) {
+                let Ok(info) = ProcInfo::read(current) else {
+                    break;
+                };
+                current = info.ppid;
+                processes.insert(info.pid, info);
+            }
+        }
+        Self { processes }
+    }
+
     pub fn get(&self, pid: u32) -> Option<&ProcInfo> {
         self.processes.get(&pid)
     }
@@ -364,6 +382,27 @@ mod tests {
         assert_eq!(table.root_among(sh, &roots), Some(&"svc"));
         assert_eq!(table.root_among(std::process::id(), &roots), None);
         assert!(table.descendants(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn an_ancestry_read_attributes_like_a_full_read_and_reads_only_the_chain() {
+        let shell = spawn(&["sh", "-c", "sleep 31 & wait"]);
+        let sh = shell.0.id();
+        let sleeper = child_of(sh);
+        let bystander = spawn(&["sleep", "32"]);
+
+        let table = ProcessTable::ancestry_of([sleeper]);
+        let roots = HashMap::from([(sh, "svc")]);
+        assert_eq!(table.root_among(sleeper, &roots), Some(&"svc"));
+        assert_eq!(table.get(sh).map(|p| p.pid), Some(sh));
+        assert!(
+            table.get(std::process::id()).is_some(),
+            "the chain up to init"
+        );
+        assert!(table.get(bystander.0.id()).is_none(), "not in the chain");
+        assert!(ProcessTable::ancestry_of([u32::MAX])
+            .get(u32::MAX)
+            .is_none());
     }
 
     #[test]

@@ -192,7 +192,7 @@ pub(super) async fn gpu_pids_of(
 async fn observe_gpu<T: Clone + Send + 'static>(gpu: SharedGpu, owners: Owners<T>) -> GpuView<T> {
     let result = tokio::task::spawn_blocking(move || {
         let sample = gpu.sample().map_err(|e| e.to_string())?;
-        let table = ProcessTable::read().map_err(|e| format!("cannot read /proc: {e}"))?;
+        let table = ProcessTable::ancestry_of(sample.processes.iter().map(|p| p.pid));
         let mut view = GpuView::default();
         let mut listed_mb = 0;
         for process in &sample.processes {
