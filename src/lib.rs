@@ -19,6 +19,7 @@ pub mod durable;
 pub mod footprints;
 pub mod history;
 pub mod lease;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod observe;

@@ -534,6 +534,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         if let Some(started) = self.transition_started.take() {
             self.transitions
                 .observe(started.elapsed().as_millis() as u64);
+            crate::memory::give_back_freed();
         }
         self.release_lease().await;
         if !self.waiters.is_empty() {

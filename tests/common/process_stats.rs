@@ -10,6 +10,9 @@ use super::api::Api;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub rss_kb: u64,
+    /// The private part of `rss_kb`: the heap, stacks. Its rest is file-backed (the
+    /// executable's code and data pages, faulted in as code paths first run).
+    pub rss_anon_kb: u64,
     pub fds: usize,
     pub threads: usize,
     pub zombies: usize,
@@ -28,6 +31,7 @@ pub fn usage(pid: u32) -> Usage {
     };
     Usage {
         rss_kb: field("VmRSS:"),
+        rss_anon_kb: field("RssAnon:"),
         fds: fs::read_dir(format!("/proc/{pid}/fd"))
             .expect("fds")
             .count(),
