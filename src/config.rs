@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod diff;
 mod park;
 
 pub use park::{DrainSpec, HttpRequest, ParkMethod, ParkSpec};
