@@ -4,11 +4,11 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use warp::http::StatusCode;
@@ -17,8 +17,11 @@ use warp::{Filter, Rejection};
 
 use crate::config::{ApiConfig, Phase, ServiceName};
 use crate::reconcile::{Command, ReconcilerHandle};
-use crate::status::{now_ms, DaemonEvent, Status};
+use crate::status::DaemonEvent;
 use crate::transition::{Change, TransitionError};
+
+mod status_cache;
+use status_cache::StatusCache;
 
 /// Requests carry no body; anything larger than this is refused.
 const MAX_BODY_BYTES: u64 = 4096;
@@ -113,58 +116,6 @@ struct PlanQuery {
 struct CanFitQuery {
     mb: Option<String>,
     priority: Option<String>,
-}
-
-/// `GET /gpu/status` serializes each snapshot once, not once per request: it keeps the
-/// JSON of the latest snapshot and only adds how old it is.
-#[derive(Clone)]
-struct StatusCache {
-    inner: Arc<Mutex<CachedStatus>>,
-}
-
-struct CachedStatus {
-    snapshots: watch::Receiver<Status>,
-    /// The snapshot's JSON object, and when it was observed.
-    json: Arc<Vec<u8>>,
-    observed_at_ms: u64,
-}
-
-impl StatusCache {
-    fn new(mut snapshots: watch::Receiver<Status>) -> Self {
-        let (json, observed_at_ms) = serialize(&snapshots.borrow_and_update());
-        Self {
-            inner: Arc::new(Mutex::new(CachedStatus {
-                snapshots,
-                json,
-                observed_at_ms,
-            })),
-        }
-    }
-
-    /// The latest snapshot's JSON with `"snapshot_age_ms"` added.
-    fn body(&self) -> Vec<u8> {
-        let (json, observed_at_ms) = {
-            let mut cached = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            // An error means the reconciler is gone: its last snapshot stays, aging.
-            if cached.snapshots.has_changed().unwrap_or(false) {
-                let (json, observed_at_ms) = serialize(&cached.snapshots.borrow_and_update());
-                cached.json = json;
-                cached.observed_at_ms = observed_at_ms;
-            }
-            (cached.json.clone(), cached.observed_at_ms)
-        };
-        let age = now_ms().saturating_sub(observed_at_ms);
-        let mut body = Vec::with_capacity(json.len() + 32);
-        // The object without its closing brace, then the age as its last member.
-        body.extend_from_slice(&json[..json.len() - 1]);
-        body.extend_from_slice(format!(",\"snapshot_age_ms\":{age}}}").as_bytes());
-        body
-    }
-}
-
-fn serialize(status: &Status) -> (Arc<Vec<u8>>, u64) {
-    let json = serde_json::to_vec(status).expect("a status always serializes to a JSON object");
-    (Arc::new(json), status.observed_at_ms)
 }
 
 /// A rejection carrying an error reply (the reply is built in `recover`).
@@ -471,6 +422,8 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::{now_ms, Status};
+    use tokio::sync::watch;
 
     #[tokio::test]
     async fn status_answers_the_latest_snapshot_with_its_age() {

@@ -353,6 +353,7 @@ fn schemathesis_finds_nothing_wrong() {
         "POST /gpu/service/{name}/stop",
         "GET /gpu/status",
         "GET /gpu/history",
+        "GET /gpu/plan",
     ] {
         assert!(junit.contains(operation), "{operation} was fuzzed: {junit}");
     }

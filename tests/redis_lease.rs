@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::lease::{
-    del, eventually, get, gpu_manager_holder, leads, lease_block, python_try_lock,
-    redis_with_python, set, PythonLock, TestRedis,
+    del, eventually, get, gpu_manager_holder, leads, lease_block, python_redis_installed,
+    python_try_lock, redis_with_python, require, set, PythonLock, TestRedis,
 };
 use common::{mcn_inventory, Harness, Standin};
 
@@ -230,4 +230,57 @@ fn of_two_daemons_one_acts_and_the_standby_takes_over_after_kill_9() {
     h.set_desired("phase: 3\n");
     h.wait_converged(&["cosyvoice"]);
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+}
+
+/// A daemon started before its Redis, with the default TTL (its own retries while Redis
+/// is down are 3 s apart), once it has found Redis unreachable.
+fn serve_before_redis(h: &mut Harness, redis: &TestRedis) -> common::api::Api {
+    let api = h.serve_with("", &lease_block(redis, 30_000, 500));
+    h.wait_until("the daemon finds Redis unreachable", |_| {
+        api.status()["lock"]["reachable"] == false
+    });
+    api
+}
+
+#[test]
+fn the_first_transition_after_a_late_redis_answers_is_served() {
+    let Some(mut redis) = TestRedis::not_started() else {
+        return;
+    };
+    let mut h = Harness::new(mcn_inventory());
+    let api = serve_before_redis(&mut h, &redis);
+    redis.restart();
+    let served = api.post("/gpu/prepare-phase/2");
+    assert_eq!(served.code, 200, "not 503: Redis answers\n{}", served.body);
+    assert!(h.is_ready("vidi"));
+    assert_eq!(api.status()["lock"]["reachable"], true);
+}
+
+#[test]
+fn the_first_transition_after_a_late_redis_answers_names_a_python_holder() {
+    if !require(
+        python_redis_installed(),
+        "the Python redis module (redis-py)",
+        "python3 -m pip install redis",
+    ) {
+        return;
+    }
+    let Some(mut redis) = TestRedis::not_started() else {
+        return;
+    };
+    let mut h = Harness::new(mcn_inventory());
+    let api = serve_before_redis(&mut h, &redis);
+    redis.restart();
+    let python = PythonLock::hold(&redis, "gpu_lock", 120);
+    let refused = api.post("/gpu/prepare-phase/2");
+    assert_eq!(
+        refused.code, 423,
+        "not 503: Redis answers\n{}",
+        refused.body
+    );
+    assert_eq!(refused.json()["holder"], python.token.as_str());
+    assert!(
+        h.is_down("vidi"),
+        "nothing starts while Python holds the lock"
+    );
 }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -34,6 +34,12 @@ fn pid_of(api: &Api, service: &str) -> u32 {
     }
 }
 
+/// Now on the clock the daemon stamps its status with (milliseconds since the epoch).
+fn now_ms() -> u64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    u64::try_from(since_epoch.as_millis()).unwrap()
+}
+
 fn daemon_pid(h: &Harness) -> u32 {
     h.daemon.as_ref().expect("a daemon").id()
 }
@@ -50,17 +56,23 @@ fn a_service_killed_during_another_start_shows_within_a_second_and_restarts() {
     assert_eq!(api.post("/gpu/service/vidi/start?wait=false").code, 202);
     api.wait_state("vidi", "starting");
     let pid = pid_of(&api, "cosyvoice");
+    let killed_at_ms = now_ms();
     send_signal(pid, "KILL");
-    let killed = Instant::now();
-    while api.state("cosyvoice") == "ready" {
-        assert!(
-            killed.elapsed() < Duration::from_secs(1),
-            "status still says ready {:?} after kill -9",
-            killed.elapsed()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(api.state("cosyvoice"), "failed");
+    h.wait_until("status shows the crash", |_| {
+        api.state("cosyvoice") != "ready"
+    });
+    // Timed by the daemon (when it marked the service failed), not by this test's
+    // polling, which a loaded machine delays.
+    let crashed = &api.status()["services"]["cosyvoice"];
+    assert_eq!(crashed["state"], "failed", "{crashed}");
+    let seen_after_ms = crashed["since_ms"]
+        .as_u64()
+        .unwrap()
+        .saturating_sub(killed_at_ms);
+    assert!(
+        seen_after_ms < 1000,
+        "the daemon saw the kill -9 {seen_after_ms} ms later, while vidi loads for 8 s"
+    );
     // Its restart (after a 1 s backoff) does not wait for Vidi's load either.
     h.wait_until("cosyvoice is restarted", |_| {
         api.state("cosyvoice") == "ready"
@@ -126,15 +138,17 @@ fn sigterm_hands_the_lead_to_a_standby_at_once() {
         return;
     };
     let mut h = Harness::new(mcn_inventory());
-    // A 10 s TTL: a standby that waited for the key to expire would take 10 s.
-    h.write_config(&lease_block(&redis, 10_000, 500));
+    // A 30 s TTL, renewed every 10 s: a standby that waited for the key to expire would
+    // take 20 s or more. Handed over, it takes one standby poll (250 ms); the bound
+    // leaves room for a loaded 2-core machine, and for this test's own polling.
+    h.write_config(&lease_block(&redis, 30_000, 500));
     let (mut leader, standby) = h.leader_and_standby(&redis);
     let signalled = Instant::now();
     let status = leader.terminate();
     assert!(status.success(), "{status}\n{}", leader.log());
     h.wait_until("the standby leads", |_| leads(&redis, standby));
     assert!(
-        signalled.elapsed() < Duration::from_secs(1),
+        signalled.elapsed() < Duration::from_secs(5),
         "took over {:?} after SIGTERM",
         signalled.elapsed()
     );

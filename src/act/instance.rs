@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::act::common::{StopReport, LOG_LINES_IN_ERRORS};
+use crate::act::common::{blocking, StopReport, LOG_LINES_IN_ERRORS};
 use crate::act::container::ContainerHandle;
 use crate::act::cuda_checkpoint::{CheckpointError, CudaCheckpoint};
 use crate::act::docker::{DockerDriver, DockerError};
@@ -418,15 +418,5 @@ impl Effects {
                     .await
             }
         }
-    }
-}
-
-/// `spawn_blocking`, passing a panic on to the caller as if the call had run here.
-async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(call).await {
-        Ok(value) => value,
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        // Cancelled: the runtime is shutting down, and drops this future with the rest.
-        Err(_) => std::future::pending().await,
     }
 }

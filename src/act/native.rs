@@ -20,7 +20,7 @@ use nix::unistd::{getpgrp, Pid};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::act::common::StopReport;
+use crate::act::common::{blocking, StopReport};
 use crate::act::reaper::{self, OwnedChild};
 use crate::act::service_log::{self, WriterDone};
 use crate::config::{LogTarget, NativeSpec, ServiceName};
@@ -425,7 +425,7 @@ impl NativeDriver {
         timeout: Duration,
     ) -> Result<StopReport, NativeError> {
         let started = Instant::now();
-        let mut target = KillTarget::of(handle);
+        let mut target = KillTarget::of(handle).await;
         let forced = terminate(name, handle, &mut target, timeout).await?;
         self.remove_pid_file(name, handle.identity());
         let report = StopReport {
@@ -562,7 +562,7 @@ async fn terminate(
     target: &mut KillTarget,
     timeout: Duration,
 ) -> Result<bool, NativeError> {
-    if target.finished(handle) {
+    if target.finished(handle).await {
         return Ok(false);
     }
     let signal_error = |source| NativeError::Signal {
@@ -575,19 +575,21 @@ async fn terminate(
         return Ok(false);
     }
     tracing::warn!(service = %name, pid = handle.pid(), timeout_ms = timeout.as_millis() as u64, "still running after SIGTERM; sending SIGKILL");
-    target.widen();
+    target.widen().await;
     target.signal(Signal::SIGKILL).map_err(signal_error)?;
     if target.wait_finished(handle, KILL_WAIT).await {
         return Ok(true);
     }
     Err(NativeError::StillRunning {
         service: name.clone(),
-        pids: target.survivors(),
+        pids: target.survivors().await,
         waited: KILL_WAIT,
     })
 }
 
-/// What a stop signals.
+/// What a stop signals. Whatever reads /proc (a scan of all of it for a group's members
+/// or a leader's descendants, each member's stat) runs on the blocking pool: a stop
+/// polls for up to its timeout, and must not hold up an async worker meanwhile.
 enum KillTarget {
     /// The service leads its own process group: signal the group, and count every live
     /// member as part of the service.
@@ -601,7 +603,7 @@ enum KillTarget {
 }
 
 impl KillTarget {
-    fn of(handle: &ProcessHandle) -> Self {
+    async fn of(handle: &ProcessHandle) -> Self {
         let own_group = getpgrp().as_raw() as u32;
         if handle.pgid == handle.pid() && handle.pgid != own_group {
             return KillTarget::Group { pgid: handle.pgid };
@@ -610,25 +612,23 @@ impl KillTarget {
             leader: handle.pid(),
             members: vec![handle.identity()],
         };
-        target.widen();
+        target.widen().await;
         target
     }
 
     /// Adds the leader's current descendants, which may have appeared since the stop
     /// began; a group needs nothing, as new members join it by themselves.
-    fn widen(&mut self) {
+    async fn widen(&mut self) {
         let KillTarget::Tree { leader, members } = self else {
             return;
         };
-        let Ok(table) = ProcessTable::read() else {
+        let leader = *leader;
+        let Ok(descendants) = blocking(move || live_descendants(leader)).await else {
             return;
         };
-        for pid in table.descendants(*leader) {
-            if let Some(p) = table.get(pid).filter(|p| !p.zombie) {
-                let identity = p.identity();
-                if !members.contains(&identity) {
-                    members.push(identity);
-                }
+        for identity in descendants {
+            if !members.contains(&identity) {
+                members.push(identity);
             }
         }
     }
@@ -646,26 +646,35 @@ impl KillTarget {
     /// The service's processes still running. For a group, it also reaps members that
     /// became this daemon's orphans when their parent died (it is a subreaper), so that
     /// a stop leaves no zombies behind even where the continuous reaper is not running.
-    fn survivors(&self) -> Vec<u32> {
+    async fn survivors(&self) -> Vec<u32> {
         match self {
-            KillTarget::Group { pgid } => group_survivors(*pgid),
-            KillTarget::Tree { members, .. } => members
-                .iter()
-                .filter(|member| member.is_alive())
-                .map(|member| member.pid)
-                .collect(),
+            KillTarget::Group { pgid } => {
+                let pgid = *pgid;
+                blocking(move || group_survivors(pgid)).await
+            }
+            KillTarget::Tree { members, .. } => {
+                let members = members.clone();
+                blocking(move || {
+                    members
+                        .iter()
+                        .filter(|member| member.is_alive())
+                        .map(|member| member.pid)
+                        .collect()
+                })
+                .await
+            }
         }
     }
 
-    fn finished(&self, handle: &ProcessHandle) -> bool {
-        handle.exit_status().is_some() && self.survivors().is_empty()
+    async fn finished(&self, handle: &ProcessHandle) -> bool {
+        handle.exit_status().is_some() && self.survivors().await.is_empty()
     }
 
     /// Polls until [`Self::finished`] or `limit` has passed; returns whether it finished.
     async fn wait_finished(&self, handle: &ProcessHandle, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if self.finished(handle) {
+            if self.finished(handle).await {
                 return true;
             }
             let now = tokio::time::Instant::now();
@@ -685,6 +694,18 @@ impl KillTarget {
             }
         }
     }
+}
+
+/// The leader's descendants that have not exited, from a scan of /proc.
+fn live_descendants(leader: u32) -> io::Result<Vec<ProcessIdentity>> {
+    let table = ProcessTable::read()?;
+    Ok(table
+        .descendants(leader)
+        .into_iter()
+        .filter_map(|pid| table.get(pid))
+        .filter(|p| !p.zombie)
+        .map(ProcInfo::identity)
+        .collect())
 }
 
 /// Live members of a group. Zombie members that are this daemon's orphans (never the

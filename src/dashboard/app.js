@@ -370,7 +370,7 @@ function renderLease(lock) {
   const facts = [
     ["holder", lock.holder ? `${lock.holder}${lock.ours ? " (this daemon)" : ""}` : "free"],
     ["role", lock.role || "-"],
-    ["reachable", lock.reachable ? "yes" : `no${lock.error ? `: ${lock.error}` : ""}`],
+    ["reachable", lock.reachable === null ? "not asked yet" : lock.reachable ? "yes" : `no${lock.error ? `: ${lock.error}` : ""}`],
     ["backend", lock.key ? `${lock.backend} (key ${lock.key})` : lock.backend],
   ];
   if (lock.summary) facts.push(["summary", lock.summary]);

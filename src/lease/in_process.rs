@@ -44,7 +44,7 @@ impl InProcessLease {
             since_ms: self.held_since_ms,
             backend: "in-process".to_owned(),
             key: None,
-            reachable: true,
+            reachable: Some(true),
             error: None,
             ours: self.held_since_ms.is_some(),
             expires_in_ms: None,

@@ -8,11 +8,12 @@
 //! cannot reach Redis keeps retrying until the key might have expired (two thirds of the
 //! TTL since the last success), and only then gives the key up as lost.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::RedisError;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::protocol::{self, Holder};
@@ -112,12 +113,16 @@ pub struct LeaderState {
     pub leader: Option<String>,
     /// Why Redis could not be asked, at the last attempt.
     pub error: Option<String>,
+    /// When the attempt that found this began; None before the first one.
+    pub asked_at: Option<Instant>,
 }
 
 /// Holds `<key>:leader` for this daemon, or waits to take it over.
 pub struct LeaderKeeper {
     task: JoinHandle<()>,
     state: watch::Receiver<LeaderState>,
+    /// Wakes the task for an attempt now rather than at its next turn.
+    ask_now: Arc<Notify>,
     key: String,
     token: String,
 }
@@ -139,10 +144,15 @@ impl LeaderKeeper {
         };
         let (first, wait) = claim.attempt(&mut conn).await;
         let (state_tx, state) = watch::channel(first);
+        let ask_now = Arc::new(Notify::new());
+        let asked = Arc::clone(&ask_now);
         let task = tokio::spawn(async move {
             let mut wait = wait;
             loop {
-                tokio::time::sleep(wait).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = asked.notified() => {}
+                }
                 let (next, next_wait) = claim.attempt(&mut conn).await;
                 state_tx.send_replace(next);
                 wait = next_wait;
@@ -151,6 +161,7 @@ impl LeaderKeeper {
         Self {
             task,
             state,
+            ask_now,
             key,
             token,
         }
@@ -158,6 +169,22 @@ impl LeaderKeeper {
 
     pub fn state(&self) -> LeaderState {
         self.state.borrow().clone()
+    }
+
+    /// Asks Redis now rather than at the task's next turn (up to a tenth of the TTL
+    /// away while Redis is down), and returns the answer of an attempt begun after this
+    /// call; or, past `within`, the latest answer there is.
+    pub async fn ask_again(&self, within: Duration) -> LeaderState {
+        let asked = Instant::now();
+        let mut state = self.state.clone();
+        self.ask_now.notify_one();
+        let fresh = |s: &LeaderState| s.asked_at.is_some_and(|at| at >= asked);
+        let answer = match tokio::time::timeout(within, state.wait_for(fresh)).await {
+            Ok(Ok(answer)) => answer.clone(),
+            // The task stopped (shutdown) or took too long: what it last knew.
+            Ok(Err(_)) | Err(_) => self.state(),
+        };
+        answer
     }
 
     /// Stops claiming and deletes the leader key if it is still this daemon's.
@@ -187,6 +214,7 @@ impl Claim {
     /// One round: extend the key if leading, else take it if free (or still ours from
     /// before an outage). Returns the state and how long to wait before the next round.
     async fn attempt(&mut self, conn: &mut ConnectionManager) -> (LeaderState, Duration) {
+        let asked_at = Some(Instant::now());
         match self.try_lead(conn).await {
             Ok((true, _)) => {
                 self.last_ok = Some(Instant::now());
@@ -194,6 +222,7 @@ impl Claim {
                     leading: true,
                     leader: Some(self.token.clone()),
                     error: None,
+                    asked_at,
                 };
                 (state, renew_every(self.ttl))
             }
@@ -215,6 +244,7 @@ impl Claim {
                     leading: false,
                     leader: holder.map(|h| h.token),
                     error: None,
+                    asked_at,
                 };
                 (state, wait)
             }
@@ -229,6 +259,7 @@ impl Claim {
                     leading: still_leading,
                     leader: still_leading.then(|| self.token.clone()),
                     error: Some(error.to_string()),
+                    asked_at,
                 };
                 (state, retry_every(self.ttl))
             }

@@ -73,6 +73,18 @@ impl LeaseError {
         }
     }
 
+    /// Why a daemon that does not lead refuses a transition: 423 naming the leader when
+    /// another daemon leads; 503 when nobody is known to lead because the backend does
+    /// not answer (a daemon started before Redis is not a standby).
+    pub fn not_leading(leader: Option<String>, why: &str) -> Self {
+        match leader {
+            Some(leader) => LeaseError::NotLeader { leader },
+            None => LeaseError::Unreachable {
+                detail: format!("no daemon is known to lead yet: {why}"),
+            },
+        }
+    }
+
     pub fn refusal(&self) -> LeaseRefusal {
         LeaseRefusal {
             http_status: self.http_status(),
@@ -128,6 +140,15 @@ pub trait LeaseBackend: Send + 'static {
 
     /// Releases the transition lock, if held.
     fn release(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// A change came while this daemon is standby: asks the backend once more, bounded,
+    /// whether it leads, so that an answer from before the backend came up does not
+    /// refuse it. Ok: it leads now, and the next `refresh` says `Gained`. The default
+    /// suits a backend whose status is always current.
+    fn confirm_lead(&mut self) -> impl Future<Output = Result<(), LeaseError>> + Send {
+        let answer = self.status().lead();
+        async move { answer }
+    }
 
     /// At shutdown: releases the transition lock and the lead, so that a standby takes
     /// over at once rather than after a TTL.
@@ -185,6 +206,13 @@ impl LeaseBackend for Lease {
         }
     }
 
+    async fn confirm_lead(&mut self) -> Result<(), LeaseError> {
+        match self {
+            Lease::InProcess(lease) => lease.status().lead(),
+            Lease::Redis(lease) => lease.confirm_lead().await,
+        }
+    }
+
     async fn step_down(&mut self) {
         match self {
             Lease::InProcess(lease) => lease.release(),
@@ -219,7 +247,8 @@ pub struct LockStatus {
     /// "in-process" or "redis".
     pub backend: String,
     pub key: Option<String>,
-    pub reachable: bool,
+    /// Whether the backend answered at its last use; None until it was first asked.
+    pub reachable: Option<bool>,
     pub error: Option<String>,
     /// The holder is this daemon.
     #[serde(default)]
@@ -242,6 +271,22 @@ pub struct LockStatus {
     /// The last time a transition could not run, or was cut short, for lack of the lease.
     #[serde(default)]
     pub last_refusal: Option<LeaseRefusal>,
+}
+
+impl LockStatus {
+    /// Why this daemon, were it not leading, refuses a transition.
+    pub fn standby_refusal(self) -> LeaseError {
+        let why = self.error.unwrap_or(self.summary);
+        LeaseError::not_leading(self.leader, &why)
+    }
+
+    /// Ok when this daemon leads; else why it refuses a transition.
+    pub fn lead(self) -> Result<(), LeaseError> {
+        match self.role {
+            LeaseRole::Leader => Ok(()),
+            LeaseRole::Standby => Err(self.standby_refusal()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

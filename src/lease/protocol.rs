@@ -3,7 +3,14 @@
 //! token, taken with `SET key token NX PX ttl`; extend and release are redis-py's own
 //! Lua scripts (`LUA_EXTEND_SCRIPT`, `LUA_RELEASE_SCRIPT`), which compare the token
 //! before touching the key, so nobody ever extends or deletes a key it does not hold.
+//!
+//! Every command that finds Redis refusing connections is sent once more:
+//! `ConnectionManager` answers a command with the connection attempt it began after the
+//! previous failure, however long ago, so the first command after Redis comes up would
+//! fail with a stale "Connection refused". A refused command never reached Redis, so
+//! sending it again is safe, and the second try connects now.
 
+use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -63,6 +70,22 @@ fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Sends a command, and once more on a fresh connection attempt if it was refused (see
+/// the module's comment).
+async fn once_more_if_refused<T, F, Fut>(
+    conn: &mut ConnectionManager,
+    send: F,
+) -> Result<T, RedisError>
+where
+    F: Fn(ConnectionManager) -> Fut,
+    Fut: Future<Output = Result<T, RedisError>>,
+{
+    match send(conn.clone()).await {
+        Err(error) if error.is_connection_refusal() => send(conn.clone()).await,
+        answer => answer,
+    }
+}
+
 /// `SET key token NX PX ttl`: true when `token` now holds the key.
 pub async fn try_take(
     conn: &mut ConnectionManager,
@@ -70,14 +93,17 @@ pub async fn try_take(
     token: &str,
     ttl: Duration,
 ) -> Result<bool, RedisError> {
-    let reply: Option<String> = redis::cmd("SET")
-        .arg(key)
-        .arg(token)
-        .arg("NX")
-        .arg("PX")
-        .arg(millis(ttl))
-        .query_async(conn)
-        .await?;
+    let reply: Option<String> = once_more_if_refused(conn, |mut conn| async move {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async(&mut conn)
+            .await
+    })
+    .await?;
     Ok(reply.is_some())
 }
 
@@ -89,13 +115,16 @@ pub async fn extend(
     token: &str,
     ttl: Duration,
 ) -> Result<bool, RedisError> {
-    let extended: i64 = EXTEND
-        .key(key)
-        .arg(token)
-        .arg(millis(ttl))
-        .arg("1")
-        .invoke_async(conn)
-        .await?;
+    let extended: i64 = once_more_if_refused(conn, |mut conn| async move {
+        EXTEND
+            .key(key)
+            .arg(token)
+            .arg(millis(ttl))
+            .arg("1")
+            .invoke_async(&mut conn)
+            .await
+    })
+    .await?;
     Ok(extended == 1)
 }
 
@@ -106,20 +135,26 @@ pub async fn release(
     key: &str,
     token: &str,
 ) -> Result<bool, RedisError> {
-    let released: i64 = RELEASE.key(key).arg(token).invoke_async(conn).await?;
+    let released: i64 = once_more_if_refused(conn, |mut conn| async move {
+        RELEASE.key(key).arg(token).invoke_async(&mut conn).await
+    })
+    .await?;
     Ok(released == 1)
 }
 
 /// The key's holder, read atomically with its remaining TTL; None when it is free.
 pub async fn holder(conn: &mut ConnectionManager, key: &str) -> Result<Option<Holder>, RedisError> {
-    let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
-        .atomic()
-        .cmd("GET")
-        .arg(key)
-        .cmd("PTTL")
-        .arg(key)
-        .query_async(conn)
-        .await?;
+    let (value, pttl): (Option<Vec<u8>>, i64) = once_more_if_refused(conn, |mut conn| async move {
+        redis::pipe()
+            .atomic()
+            .cmd("GET")
+            .arg(key)
+            .cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+    })
+    .await?;
     Ok(value.map(|bytes| Holder {
         token: String::from_utf8_lossy(&bytes).into_owned(),
         expires_in: u64::try_from(pttl).ok().map(Duration::from_millis),

@@ -23,6 +23,10 @@ use super::{Leadership, LeaseError};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long a change waits for Redis to say again who leads (`confirm_lead`): one
+/// leadership attempt, a few commands on a connection made now.
+const ASK_AGAIN_WITHIN: Duration = Duration::from_secs(3);
+
 /// The transition lock while this daemon holds it.
 struct Held {
     token: String,
@@ -30,6 +34,23 @@ struct Held {
     renewal: Renewal,
     /// `check` already reported it lost.
     loss_reported: bool,
+}
+
+/// Whether Redis answered at its last use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    NotAskedYet,
+    Answers,
+    Unreachable(String),
+}
+
+impl Reach {
+    fn error(&self) -> Option<&str> {
+        match self {
+            Reach::Unreachable(error) => Some(error),
+            Reach::NotAskedYet | Reach::Answers => None,
+        }
+    }
 }
 
 /// The transition lock's holder as last read from Redis.
@@ -55,8 +76,7 @@ pub struct RedisLease {
     acquisitions: u64,
     held: Option<Held>,
     seen: Seen,
-    /// Why Redis cannot be used now; None while it answers.
-    unreachable: Option<String>,
+    reach: Reach,
     /// Since when this daemon has been trying to take the transition lock.
     waiting_since: Option<Instant>,
     last_refusal: Option<LeaseRefusal>,
@@ -90,15 +110,16 @@ impl RedisLease {
             acquisitions: 0,
             held: None,
             seen: Seen::default(),
-            unreachable: None,
+            reach: Reach::NotAskedYet,
             waiting_since: None,
             last_refusal: None,
         })
     }
 
-    pub async fn refresh(&mut self) -> Leadership {
-        let leadership = match &self.leadership {
-            Some(keeper) => keeper,
+    /// The leadership task, started (with its first claim) on first use.
+    async fn keeper(&mut self) -> &LeaderKeeper {
+        match self.leadership {
+            Some(ref keeper) => keeper,
             None => self.leadership.insert(
                 LeaderKeeper::start(
                     self.conn.clone(),
@@ -108,8 +129,11 @@ impl RedisLease {
                 )
                 .await,
             ),
-        };
-        let state = leadership.state();
+        }
+    }
+
+    pub async fn refresh(&mut self) -> Leadership {
+        let state = self.keeper().await.state();
         // While Redis cannot be asked, nobody is known to lead: the role stays as it
         // was (a leader still plans, and its transitions are refused with 503).
         let leading = match (&state.leader, state.leading) {
@@ -151,6 +175,28 @@ impl RedisLease {
             }
             _ => {}
         }
+    }
+
+    /// A change came while standby. With another daemon known to lead, that is the
+    /// answer; with nobody known to lead (Redis did not answer), Redis is asked again
+    /// now, since the last answer may be from before it came up.
+    pub async fn confirm_lead(&mut self) -> Result<(), LeaseError> {
+        if self.leading {
+            return Ok(());
+        }
+        if let Some(leader) = &self.leader {
+            return Err(LeaseError::NotLeader {
+                leader: leader.clone(),
+            });
+        }
+        let state = self.keeper().await.ask_again(ASK_AGAIN_WITHIN).await;
+        if state.leading {
+            return Ok(());
+        }
+        let why = state
+            .error
+            .unwrap_or_else(|| format!("Redis at {} has not answered yet", self.url));
+        Err(LeaseError::not_leading(state.leader, &why))
     }
 
     /// One attempt at the transition lock; never waits for another holder.
@@ -336,8 +382,12 @@ impl RedisLease {
             since_ms: self.seen.since_ms,
             backend: "redis".to_owned(),
             key: Some(self.key.clone()),
-            reachable: self.unreachable.is_none(),
-            error: self.unreachable.clone(),
+            reachable: match self.reach {
+                Reach::NotAskedYet => None,
+                Reach::Answers => Some(true),
+                Reach::Unreachable(_) => Some(false),
+            },
+            error: self.reach.error().map(str::to_owned),
             ours,
             expires_in_ms: self.seen.expires_in_ms,
             role: if self.leading {
@@ -357,7 +407,7 @@ impl RedisLease {
         if self.leadership.is_none() {
             return format!("Redis lease on {key} at {url} (redis-py Lock protocol; {} elects the one acting daemon): not contacted yet", self.leader_key);
         }
-        if let Some(error) = &self.unreachable {
+        if let Some(error) = self.reach.error() {
             return format!("Redis at {url} is unreachable ({error}): transitions are refused (503) until it answers; running services are left as they are");
         }
         match (&self.seen.holder, self.leading) {
@@ -395,14 +445,20 @@ impl RedisLease {
     }
 
     fn set_unreachable(&mut self, problem: Option<String>) {
-        match (&self.unreachable, &problem) {
-            (None, Some(error)) => {
+        let reach = match problem {
+            Some(error) => Reach::Unreachable(error),
+            None => Reach::Answers,
+        };
+        match (&self.reach, &reach) {
+            (Reach::NotAskedYet | Reach::Answers, Reach::Unreachable(error)) => {
                 tracing::error!(url = %self.url, %error, "Redis is unreachable: transitions are refused until it answers")
             }
-            (Some(_), None) => tracing::info!(url = %self.url, "Redis answers again"),
+            (Reach::Unreachable(_), Reach::Answers) => {
+                tracing::info!(url = %self.url, "Redis answers again")
+            }
             _ => {}
         }
-        self.unreachable = problem;
+        self.reach = reach;
     }
 
     fn unreachable_error(&mut self, error: &RedisError) -> LeaseError {
@@ -509,7 +565,10 @@ mod tests {
         );
         let status = a.status();
         assert_eq!(status.role, LeaseRole::Leader);
-        assert!(status.reachable && status.holder.is_none(), "{status:?}");
+        assert!(
+            status.reachable == Some(true) && status.holder.is_none(),
+            "{status:?}"
+        );
         assert!(status.summary.starts_with("leader"), "{}", status.summary);
 
         a.try_acquire().await.unwrap();
@@ -686,7 +745,7 @@ mod tests {
         let deadline = Instant::now() + PATIENCE;
         loop {
             a.refresh().await;
-            if !a.status().reachable {
+            if a.status().reachable == Some(false) {
                 break;
             }
             assert!(Instant::now() < deadline, "never noticed Redis down");
@@ -711,13 +770,40 @@ mod tests {
         server.restart();
         until_leading(&mut a).await;
         let deadline = Instant::now() + PATIENCE;
-        while !a.status().reachable {
+        while a.status().reachable != Some(true) {
             assert!(Instant::now() < deadline, "never noticed Redis back");
             tokio::time::sleep(Duration::from_millis(50)).await;
             a.refresh().await;
         }
         a.try_acquire().await.unwrap();
         assert!(a.status().ours);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_made_before_redis_answers_leads_at_the_first_change_after() {
+        let Some(mut server) = TestRedis::not_started() else {
+            return;
+        };
+        // The default TTL: the leadership task's own retries are 3 s apart.
+        let mut a = lease(&server, "a", 30_000, 0);
+        assert_eq!(a.status().reachable, None, "not asked yet");
+        assert_eq!(a.refresh().await, Leadership::Standby);
+        assert_eq!(a.status().reachable, Some(false));
+        let refused = a.confirm_lead().await.unwrap_err();
+        assert_eq!(refused.http_status(), 503, "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .contains("no daemon is known to lead yet"),
+            "{refused}"
+        );
+
+        server.restart();
+        // Asked again at once, on a connection made now: not the refusal from before.
+        a.confirm_lead().await.unwrap();
+        assert_eq!(a.refresh().await, Leadership::Gained);
+        assert_eq!(a.status().reachable, Some(true));
+        a.try_acquire().await.unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

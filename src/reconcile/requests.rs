@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::desired::{self, DesiredState};
-use crate::lease::{LeaseBackend, LeaseError, LeaseRole};
+use crate::lease::{LeaseBackend, LeaseRole};
 use crate::plan::{self, Plan, StartGate};
 use crate::status::ServiceState;
 use crate::transition::{Change, TransitionError, TransitionReply, TransitionReport};
@@ -101,28 +101,17 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         Ok((next, plan))
     }
 
-    /// What a daemon that does not act answers: 423 naming the leader when another
-    /// daemon leads, 503 naming Redis when nobody is known to lead because Redis does
-    /// not answer (a daemon started before Redis is not a standby).
+    /// What a daemon that does not act answers (`LeaseError::not_leading`).
     pub(super) fn standby_refusal(&self) -> TransitionError {
-        let status = self.lease.status();
-        match status.leader {
-            Some(leader) => LeaseError::NotLeader { leader }.into(),
-            None => LeaseError::Unreachable {
-                detail: format!(
-                    "no daemon is known to lead yet: {}",
-                    status.error.unwrap_or(status.summary)
-                ),
-            }
-            .into(),
-        }
+        self.lease.status().standby_refusal().into()
     }
 
     /// Checks a change (404, 409, 423 on a standby, 503 when a backend is down), writes
     /// it to the desired-state file and accepts it.
     async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
         if self.lease.status().role == LeaseRole::Standby {
-            return Err(self.standby_refusal());
+            // Asked again: the last answer may be from before Redis came up.
+            self.lease.confirm_lead().await?;
         }
         let (next, plan) = self.plan_for(Some(change)).await?;
         for name in change.targets(&self.config.inventory) {

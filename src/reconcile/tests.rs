@@ -338,7 +338,7 @@ impl LeaseBackend for FakeLease {
                 LeaseRole::Leader
             },
             leader: Some(if state.standby { "the other" } else { "me" }.into()),
-            reachable: true,
+            reachable: Some(true),
             ..Default::default()
         }
     }
