@@ -216,7 +216,9 @@ pub fn routes(
         .and(warp::get())
         .and(with_handle)
         .map(move |handle: ReconcilerHandle| {
-            let text = crate::metrics::render(&handle.status.borrow(), &metrics_counters);
+            // A copy, so that the loop's next snapshot never waits for the rendering.
+            let status = handle.status.borrow().clone();
+            let text = crate::metrics::render(&status, &metrics_counters);
             warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                 .into_response()
         });
@@ -348,7 +350,8 @@ async fn can_fit(query: CanFitQuery, handle: ReconcilerHandle) -> Result<Respons
         crate::can_fit::parse_query(query.mb.as_deref(), query.priority.as_deref()).map_err(
             |detail| warp::reject::custom(Refused(TransitionError::BadRequest { detail })),
         )?;
-    let answer = crate::can_fit::can_fit(&handle.status.borrow(), mb, priority);
+    let status = handle.status.borrow().clone();
+    let answer = crate::can_fit::can_fit(&status, mb, priority);
     Ok(warp::reply::json(&answer).into_response())
 }
 
