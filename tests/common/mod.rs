@@ -201,6 +201,8 @@ pub struct Harness {
     /// A command the daemon is started through (e.g. `setpriv` to run it as another
     /// user); empty: started directly.
     pub daemon_wrapper: Vec<String>,
+    /// The config's `resync_ms`: 500 unless a test wants the daemon's own pace.
+    pub resync_ms: u64,
 }
 
 impl Harness {
@@ -230,6 +232,7 @@ impl Harness {
             ),
             daemon_env: Vec::new(),
             daemon_wrapper: Vec::new(),
+            resync_ms: 500,
         };
         harness.write_config("");
         harness.set_desired("phase: null\n");
@@ -251,8 +254,8 @@ impl Harness {
             "gpu: {}\n\
              desired_state: desired-state/state.yaml\n\
              state_dir: state\n\
-             resync_ms: 500\n{extra}\nservices:\n",
-            self.gpu_config
+             resync_ms: {}\n{extra}\nservices:\n",
+            self.gpu_config, self.resync_ms
         );
         for s in &self.services {
             let runtime = match &s.runtime {
