@@ -31,7 +31,10 @@ fn main() {
     let mut harness = Harness::new(mcn_inventory());
     // The idle cost is mostly one round per resync: BENCH_RESYNC_MS=2000 measures it
     // at the default pace.
-    if let Some(ms) = std::env::var("BENCH_RESYNC_MS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = std::env::var("BENCH_RESYNC_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         harness.resync_ms = ms;
     }
     let api = harness.serve("");
