@@ -26,6 +26,9 @@ python3 -c 'import redis' || { echo "the Python redis module (redis-py) could no
 command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 # A Debian python3 refuses pip installs outside a virtualenv (PEP 668) unless told.
 pip_install() { python3 -m pip install --quiet "$@" || python3 -m pip install --quiet --break-system-packages "$@"; }
+# pip puts a user install's commands (schemathesis) in the user base's bin: look there too.
+PATH="$PATH:$(python3 -m site --user-base)/bin"
+export PATH
 python3 -c 'import selenium' 2>/dev/null || pip_install 'selenium>=4.20'
 command -v schemathesis >/dev/null || pip_install 'schemathesis>=4.0,<5'
 
