@@ -28,4 +28,5 @@ pub mod reconcile;
 pub mod schedule;
 pub mod status;
 pub mod transition;
+pub mod utc;
 pub mod web;

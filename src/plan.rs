@@ -159,6 +159,8 @@ pub enum Cause {
     Phase { phase: Phase },
     /// Start: pinned.
     Pinned,
+    /// Start: a live claim protects it.
+    Claimed,
     /// Start: an instance left running by an earlier daemon, adopted and checked ready.
     Adopted,
     /// Stop: neither the phase nor a pin wants it.
@@ -178,6 +180,7 @@ impl From<WantReason> for Cause {
         match why {
             WantReason::Phase(phase) => Cause::Phase { phase },
             WantReason::Pinned => Cause::Pinned,
+            WantReason::Claimed => Cause::Claimed,
         }
     }
 }
@@ -550,6 +553,7 @@ fn start_reason(why: WantReason) -> String {
     match why {
         WantReason::Phase(phase) => format!("wanted by phase {phase}"),
         WantReason::Pinned => "pinned".to_owned(),
+        WantReason::Claimed => "claimed".to_owned(),
     }
 }
 
@@ -969,6 +973,7 @@ pub(crate) mod tests {
                     phase,
                     pinned: pick(pins),
                     held: pick(holds),
+                    claims: Vec::new(),
                 };
                 let observed = Observation {
                     budget: Budget {
