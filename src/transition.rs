@@ -73,6 +73,7 @@ impl Change {
                 Verdict::Preempted {
                     reason,
                     shortfall_mb,
+                    ..
                 }
                 | Verdict::Refused {
                     reason,
