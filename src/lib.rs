@@ -7,6 +7,7 @@
 pub mod act;
 pub mod api;
 pub mod can_fit;
+pub mod claim_request;
 pub mod client;
 pub mod clock;
 pub mod config;

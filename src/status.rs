@@ -8,7 +8,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Phase;
+use crate::desired::claims::{ClaimChange, ClaimEnd};
 use crate::plan::Cause;
+use crate::utc::UtcTime;
 
 pub use crate::clock::now_ms;
 pub use crate::lease::{LeaseRefusal, LeaseRole, LockStatus};
@@ -253,10 +255,52 @@ pub enum DaemonEvent {
         to: ServiceState,
         reason: Option<String>,
     },
+    /// A claim was taken (docs/ARCHITECTURE.md, "Claims").
+    ClaimTaken {
+        service: String,
+        holder: String,
+        until: UtcTime,
+    },
+    /// The holder's claim was renewed to a new time.
+    ClaimRenewed {
+        service: String,
+        holder: String,
+        until: UtcTime,
+    },
+    ClaimEnded {
+        service: String,
+        holder: String,
+        until: UtcTime,
+        why: ClaimEnd,
+    },
     /// Sent to a stream client that fell behind: this many events were dropped for it.
     Lagged {
         missed: u64,
     },
+}
+
+impl DaemonEvent {
+    /// The event a claim's change is.
+    pub fn of_claim(change: ClaimChange) -> Self {
+        match change {
+            ClaimChange::Taken(claim) => DaemonEvent::ClaimTaken {
+                service: claim.service.to_string(),
+                holder: claim.holder.to_string(),
+                until: claim.until,
+            },
+            ClaimChange::Renewed(claim) => DaemonEvent::ClaimRenewed {
+                service: claim.service.to_string(),
+                holder: claim.holder.to_string(),
+                until: claim.until,
+            },
+            ClaimChange::Ended { claim, why } => DaemonEvent::ClaimEnded {
+                service: claim.service.to_string(),
+                holder: claim.holder.to_string(),
+                until: claim.until,
+                why,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
