@@ -190,6 +190,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             };
             self.accept_desired(next, why);
         }
+        if blocked.is_some() {
+            // Answered at once: the caller reads status next, and should see why.
+            self.apply_verdicts(&plan);
+            self.publish();
+        }
         Ok(Accepted {
             generation: self.generation,
             ended_claims,
