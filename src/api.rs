@@ -105,6 +105,14 @@ struct WaitQuery {
     force: Option<bool>,
 }
 
+/// `POST /gpu/service/{name}/claim?holder=H&ttl_s=N` and `.../release?holder=H`.
+#[derive(Debug, Deserialize)]
+struct ClaimQuery {
+    holder: Option<String>,
+    ttl_s: Option<String>,
+    wait: Option<bool>,
+}
+
 #[derive(Debug, Deserialize)]
 struct PlanQuery {
     phase: Option<Phase>,
@@ -177,6 +185,34 @@ pub fn routes(
             let change = Change::Stop(service_name(&name, &handle)?);
             transition(handle, change, query).await
         });
+    let claim = warp::path!("gpu" / "service" / String / "claim")
+        .and(post_plain.clone())
+        .and(warp::query::<ClaimQuery>())
+        .and(with_handle.clone())
+        .and_then(|name: String, query: ClaimQuery, handle| async move {
+            let service = service_name(&name, &handle)?;
+            let claim = crate::claim_request::claim(service, query.holder, query.ttl_s)
+                .map_err(|e| warp::reject::custom(Refused(e)))?;
+            let wait = WaitQuery {
+                wait: query.wait,
+                force: None,
+            };
+            transition(handle, Change::Claim(claim), wait).await
+        });
+    let release = warp::path!("gpu" / "service" / String / "release")
+        .and(post_plain.clone())
+        .and(warp::query::<ClaimQuery>())
+        .and(with_handle.clone())
+        .and_then(|name: String, query: ClaimQuery, handle| async move {
+            let service = service_name(&name, &handle)?;
+            let holder = crate::claim_request::holder(query.holder)
+                .map_err(|e| warp::reject::custom(Refused(e)))?;
+            let wait = WaitQuery {
+                wait: query.wait,
+                force: None,
+            };
+            transition(handle, Change::Release { service, holder }, wait).await
+        });
     let forget = warp::path!("gpu" / "service" / String / "forget")
         .and(post_plain)
         .and(with_handle.clone())
@@ -232,6 +268,10 @@ pub fn routes(
         .or(start)
         .unify()
         .or(stop)
+        .unify()
+        .or(claim)
+        .unify()
+        .or(release)
         .unify()
         .or(forget)
         .unify()
@@ -374,7 +414,7 @@ async fn recover(
     } else if rejection.is_not_found() {
         (
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|forget, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics", "kind": "no_such_endpoint"}),
+            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|claim|release|forget, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics", "kind": "no_such_endpoint"}),
         )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (

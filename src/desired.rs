@@ -14,8 +14,12 @@ use tokio::sync::mpsc;
 
 use crate::config::{Inventory, Phase, ServiceName};
 use crate::durable::{self, folder_of, WriteError};
+use crate::utc::UtcTime;
 
-/// `phase` + `pinned` - `held`: the contract's desired state.
+pub mod claims;
+pub use claims::{Claim, ClaimEnd, Holder};
+
+/// `phase` + `pinned` - `held` + `claims`: the contract's desired state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredState {
@@ -25,6 +29,10 @@ pub struct DesiredState {
     pub pinned: Vec<ServiceName>,
     #[serde(default)]
     pub held: Vec<ServiceName>,
+    /// Services protected for a holder until a time (docs/ARCHITECTURE.md, "Claims").
+    /// Written only when there are some, so files without claims read as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
 }
 
 /// Why a service is wanted running; carried into plan reasons.
@@ -33,6 +41,8 @@ pub struct DesiredState {
 pub enum WantReason {
     Phase(Phase),
     Pinned,
+    /// A live claim protects it.
+    Claimed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +56,7 @@ pub enum DesiredError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("desired state {path} is not valid YAML for {{phase, pinned, held}}: {detail}; the last good state stays in force")]
+    #[error("desired state {path} is not valid YAML for {{phase, pinned, held, claims}}: {detail}; the last good state stays in force")]
     Malformed { path: PathBuf, detail: String },
     #[error("desired state {path}: {detail}; the last good state stays in force")]
     Unknown { path: PathBuf, detail: String },
@@ -103,10 +113,35 @@ impl DesiredState {
                 )));
             }
         }
+        if let Some(claim) = self
+            .claims
+            .iter()
+            .find(|c| inventory.get(&c.service).is_none())
+        {
+            return Err(unknown(format!(
+                "claims name unknown service {:?}: known services are {}",
+                claim.service.as_str(),
+                join(inventory.names().iter())
+            )));
+        }
+        for (i, claim) in self.claims.iter().enumerate() {
+            let twice = self.claims[..i]
+                .iter()
+                .any(|c| c.service == claim.service && c.holder == claim.holder);
+            if twice {
+                return Err(unknown(format!(
+                    "claims list {} by {:?} twice: one claim per service and holder",
+                    claim.service,
+                    claim.holder.as_str()
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// The wanted set: phase services + pinned - held, each with why it is wanted.
+    /// The wanted set: phase services + pinned - held + claimed, each with why it is
+    /// wanted. A claim outweighs a hold: it is what someone needs now. Claims are taken
+    /// as live: the loop prunes expired ones before planning ([`Self::prune_expired`]).
     pub fn wanted(&self, inventory: &Inventory) -> BTreeMap<ServiceName, WantReason> {
         let mut wanted = BTreeMap::new();
         if let Some(phase) = self.phase {
@@ -120,12 +155,67 @@ impl DesiredState {
         for name in &self.held {
             wanted.remove(name);
         }
+        for claim in &self.claims {
+            wanted.insert(claim.service.clone(), WantReason::Claimed);
+        }
         wanted
+    }
+
+    /// The claims on one service.
+    pub fn claims_on<'a>(&'a self, service: &'a ServiceName) -> impl Iterator<Item = &'a Claim> {
+        self.claims.iter().filter(move |c| c.service == *service)
+    }
+
+    pub fn is_claimed(&self, service: &ServiceName) -> bool {
+        self.claims_on(service).next().is_some()
+    }
+
+    /// Drops the claims whose time ran out by `now`, returning them.
+    pub fn prune_expired(&mut self, now: UtcTime) -> Vec<Claim> {
+        let (live, expired) = std::mem::take(&mut self.claims)
+            .into_iter()
+            .partition(|c| c.lives_at(now));
+        self.claims = live;
+        expired
+    }
+
+    /// The earliest time a claim ends, when one lives.
+    pub fn next_expiry(&self) -> Option<UtcTime> {
+        self.claims.iter().map(|c| c.until).min()
+    }
+
+    /// Takes a claim, or renews the holder's claim on that service to the new time.
+    pub fn claim(&mut self, claim: Claim) {
+        match self
+            .claims
+            .iter_mut()
+            .find(|c| c.service == claim.service && c.holder == claim.holder)
+        {
+            Some(existing) => existing.until = claim.until,
+            None => self.claims.push(claim),
+        }
+    }
+
+    /// Ends `holder`'s claim on `service`; false when there was none.
+    pub fn release(&mut self, service: &ServiceName, holder: &Holder) -> bool {
+        let before = self.claims.len();
+        self.claims
+            .retain(|c| !(c.service == *service && c.holder == *holder));
+        self.claims.len() != before
+    }
+
+    /// Ends every claim on `service` (a forced stop), returning them.
+    pub fn end_claims(&mut self, service: &ServiceName) -> Vec<Claim> {
+        let (ended, kept) = std::mem::take(&mut self.claims)
+            .into_iter()
+            .partition(|c| c.service == *service);
+        self.claims = kept;
+        ended
     }
 
     pub fn to_yaml(&self) -> String {
         let mut text = String::from(
-            "# Desired state for gpu-manager: phase services + pinned - held.\n\
+            "# Desired state for gpu-manager: phase services + pinned - held + claims.\n\
              # Edit by hand or through the API; a broken edit is refused and the last good state kept.\n",
         );
         text.push_str(&serde_yaml::to_string(self).unwrap_or_default());
@@ -158,8 +248,18 @@ fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     }
 }
 
-/// Loads and checks the file. A missing file is an error, like a broken edit.
+/// Loads and checks the file, without the claims expired by now. A missing file is an
+/// error, like a broken edit.
 pub fn load(path: &Path, inventory: &Inventory) -> Result<DesiredState, DesiredError> {
+    load_at(path, inventory, UtcTime::now())
+}
+
+/// [`load`] with the claims expired by `now` pruned.
+pub fn load_at(
+    path: &Path,
+    inventory: &Inventory,
+    now: UtcTime,
+) -> Result<DesiredState, DesiredError> {
     let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => DesiredError::Missing {
             path: path.to_owned(),
@@ -169,8 +269,9 @@ pub fn load(path: &Path, inventory: &Inventory) -> Result<DesiredState, DesiredE
             source,
         },
     })?;
-    let state = DesiredState::parse(path, &text)?;
+    let mut state = DesiredState::parse(path, &text)?;
     state.check_against(path, inventory)?;
+    state.prune_expired(now);
     Ok(state)
 }
 
@@ -299,6 +400,7 @@ services:
             phase: Some(3),
             pinned: vec![name("ollama"), name("vidi")],
             held: vec![name("vidi")],
+            claims: Vec::new(),
         };
         let wanted = state.wanted(&inventory());
         assert_eq!(wanted.get(&name("cosyvoice")), Some(&WantReason::Phase(3)));
@@ -433,6 +535,114 @@ services:
         state.hold(&name("ollama"));
         assert!(state.pinned.is_empty());
         assert_eq!(state.held, [name("ollama")]);
+    }
+
+    fn claim(service: &str, holder: &str, until: &str) -> Claim {
+        Claim {
+            service: name(service),
+            holder: Holder::parse(holder).unwrap(),
+            until: UtcTime::parse(until).unwrap(),
+        }
+    }
+
+    const CLAIMED: &str = "phase: 3\nclaims:\n  - { service: comfyui, holder: render-job-42, until: \"2026-12-03T10:15:00Z\" }\n";
+
+    #[test]
+    fn claims_are_read_and_a_claimed_service_is_wanted_even_when_held() {
+        let path = Path::new("state.yaml");
+        let mut state = DesiredState::parse(path, CLAIMED).unwrap();
+        assert_eq!(
+            state.claims,
+            [claim("comfyui", "render-job-42", "2026-12-03T10:15:00Z")]
+        );
+        state.hold(&name("comfyui"));
+        let wanted = state.wanted(&inventory());
+        assert_eq!(wanted.get(&name("comfyui")), Some(&WantReason::Claimed));
+        assert_eq!(wanted.get(&name("cosyvoice")), Some(&WantReason::Phase(3)));
+    }
+
+    #[test]
+    fn broken_claims_entries_are_refused() {
+        let path = Path::new("state.yaml");
+        let inv = inventory();
+        for (text, why) in [
+            (
+                "claims: [{service: comfyui, holder: \"\", until: \"2026-12-03T10:15:00Z\"}]",
+                "holder",
+            ),
+            (
+                "claims: [{service: comfyui, holder: me, until: \"tomorrow\"}]",
+                "RFC 3339",
+            ),
+            (
+                "claims: [{service: comfyui, holder: me, until: \"2026-12-03T10:15:00+02:00\"}]",
+                "end in Z",
+            ),
+            ("claims: [{service: comfyui, holder: me}]", "until"),
+            (
+                "claims: [{service: comfyui, holder: me, until: \"2026-12-03T10:15:00Z\", x: 1}]",
+                "x",
+            ),
+        ] {
+            let error = DesiredState::parse(path, text).unwrap_err().to_string();
+            assert!(error.contains(why), "{text}: {error}");
+        }
+        let unknown = DesiredState::parse(
+            path,
+            "claims: [{service: nope, holder: me, until: \"2026-12-03T10:15:00Z\"}]",
+        )
+        .unwrap();
+        let error = unknown.check_against(path, &inv).unwrap_err().to_string();
+        assert!(
+            error.contains("nope") && error.contains("comfyui"),
+            "{error}"
+        );
+        let twice = DesiredState {
+            claims: vec![claim("vidi", "me", "2026-12-03T10:15:00Z"); 2],
+            ..Default::default()
+        };
+        let error = twice.check_against(path, &inv).unwrap_err().to_string();
+        assert!(error.contains("twice"), "{error}");
+    }
+
+    #[test]
+    fn expired_claims_are_pruned_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        std::fs::write(&path, CLAIMED).unwrap();
+        let until = UtcTime::parse("2026-12-03T10:15:00Z").unwrap();
+        let before = load_at(&path, &inventory(), until).unwrap();
+        assert!(before.claims.is_empty(), "a claim ends at its time");
+        let just_before = UtcTime::from_epoch_s(until.epoch_s() - 1);
+        let live = load_at(&path, &inventory(), just_before).unwrap();
+        assert_eq!(live.claims.len(), 1);
+        assert_eq!(live.next_expiry(), Some(until));
+    }
+
+    #[test]
+    fn a_claim_is_taken_renewed_released_and_written_back_as_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.yaml");
+        let mut state = DesiredState::default();
+        state.claim(claim("vidi", "a", "2026-12-03T10:15:00Z"));
+        state.claim(claim("vidi", "b", "2026-12-03T10:15:00Z"));
+        state.claim(claim("vidi", "a", "2026-12-03T11:00:00Z"));
+        assert_eq!(
+            state.claims,
+            [
+                claim("vidi", "a", "2026-12-03T11:00:00Z"),
+                claim("vidi", "b", "2026-12-03T10:15:00Z")
+            ]
+        );
+        write_atomic(&path, &state).unwrap();
+        let early = UtcTime::parse("2026-12-03T09:00:00Z").unwrap();
+        assert_eq!(load_at(&path, &inventory(), early).unwrap(), state);
+        assert!(!state.release(&name("vidi"), &Holder::parse("c").unwrap()));
+        assert!(state.release(&name("vidi"), &Holder::parse("b").unwrap()));
+        assert_eq!(state.end_claims(&name("vidi")).len(), 1);
+        assert!(!state.is_claimed(&name("vidi")));
+        let text = DesiredState::default().to_yaml();
+        assert!(!text.contains("claims:"), "no claims, no key: {text}");
     }
 
     #[tokio::test]

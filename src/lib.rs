@@ -7,6 +7,7 @@
 pub mod act;
 pub mod api;
 pub mod can_fit;
+pub mod claim_request;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod reconcile;
 pub mod schedule;
 pub mod status;
 pub mod transition;
+pub mod utc;
 pub mod web;

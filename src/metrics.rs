@@ -196,6 +196,12 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         "Restarts after failures",
         &per_service(&|s| f64::from(s.restarts)),
     );
+    gauge(
+        &mut out,
+        "gpu_manager_claims",
+        "Live claims on the service: while any lives it is never stopped, parked or preempted",
+        &per_service(&|s| s.claims.len() as f64),
+    );
 
     counter(
         &mut out,
@@ -348,6 +354,12 @@ mod tests {
         status.gpu.utilization_pct = Some(7);
         let mut vidi = ServiceStatus::ready_for_test(4096, 4000, vec![2]);
         vidi.restarts = 2;
+        vidi.claims = vec![crate::status::ClaimStatus {
+            service: "vidi".into(),
+            holder: "job".into(),
+            until: crate::utc::UtcTime::from_epoch_s(60),
+            seconds_left: 60,
+        }];
         status.services.insert("vidi".into(), vidi);
         status.transitions.observe(700);
         status.lock.holder = Some("a\"b".into());
@@ -370,6 +382,7 @@ mod tests {
             "gpu_manager_service_state{service=\"vidi\",state=\"stopped\"} 0",
             "gpu_manager_service_observed_vram_bytes{service=\"vidi\"} 4194304000",
             "gpu_manager_service_restarts_total{service=\"vidi\"} 2",
+            "gpu_manager_claims{service=\"vidi\"} 1",
             "gpu_manager_transition_duration_seconds_bucket{le=\"1\"} 1",
             "gpu_manager_transition_duration_seconds_bucket{le=\"0.5\"} 0",
             "gpu_manager_transition_duration_seconds_sum 0.7",

@@ -14,7 +14,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::config::{Inventory, Phase, ServiceName, ServiceSpec};
-use crate::desired::{DesiredState, WantReason};
+use crate::desired::{Claim, DesiredState, WantReason};
 
 /// The VRAM the planner may hand out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -159,6 +159,8 @@ pub enum Cause {
     Phase { phase: Phase },
     /// Start: pinned.
     Pinned,
+    /// Start: a live claim protects it.
+    Claimed,
     /// Start: an instance left running by an earlier daemon, adopted and checked ready.
     Adopted,
     /// Stop: neither the phase nor a pin wants it.
@@ -178,6 +180,7 @@ impl From<WantReason> for Cause {
         match why {
             WantReason::Phase(phase) => Cause::Phase { phase },
             WantReason::Pinned => Cause::Pinned,
+            WantReason::Claimed => Cause::Claimed,
         }
     }
 }
@@ -204,8 +207,14 @@ pub enum Verdict {
     Run,
     /// Not wanted: it is stopped (or stays stopped).
     Idle,
-    /// Wanted, but higher-priority wanted services take the room.
-    Preempted { reason: String, shortfall_mb: u64 },
+    /// Wanted, but claimed or higher-priority wanted services take the room. `claims`:
+    /// the claims on the services kept before it, which no priority outweighs.
+    Preempted {
+        reason: String,
+        shortfall_mb: u64,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        claims: Vec<Claim>,
+    },
     /// Wanted, but it cannot fit even with every lower-priority service stopped.
     Refused { reason: String, shortfall_mb: u64 },
     /// Its gate is closed (failed, or backing off), or it is unhealthy: no action is
@@ -357,12 +366,17 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
         .map(|s| held(s, view_of(&s.name)))
         .sum();
 
-    // Greedy by priority (the inventory iterates highest first): each wanted service
-    // is kept if it fits in what the higher-priority kept services left.
+    // Greedy: claimed services first, then by priority (the inventory iterates highest
+    // first): each wanted service is kept if it fits in what those kept before it left
+    // (docs/ARCHITECTURE.md, "Claims").
     let mut verdicts = BTreeMap::new();
     let mut kept: Vec<(&ServiceSpec, u64)> = Vec::new();
     let mut remaining = usable.saturating_sub(stuck_mb);
-    for spec in inventory.iter() {
+    let claimed_first = inventory
+        .iter()
+        .filter(|s| desired.is_claimed(&s.name))
+        .chain(inventory.iter().filter(|s| !desired.is_claimed(&s.name)));
+    for spec in claimed_first {
         let view = view_of(&spec.name);
         let verdict = match (wanted.get(&spec.name), &view.gate, &view.condition) {
             (_, StartGate::Closed { reason }, _) if view.presence.holds_memory() => Verdict::Held {
@@ -384,7 +398,12 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
                     kept.push((spec, need));
                     Verdict::Run
                 } else {
-                    shortfall_verdict(spec, view, need, remaining, &kept, &observed.budget)
+                    let room = Room {
+                        remaining,
+                        kept: &kept,
+                        budget: &observed.budget,
+                    };
+                    shortfall_verdict(spec, view, need, &room, desired)
                 }
             }
         };
@@ -507,15 +526,23 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     }
 }
 
+/// What is left for a wanted service when its turn comes.
+struct Room<'a> {
+    remaining: u64,
+    /// The services kept before it, with what each takes.
+    kept: &'a [(&'a ServiceSpec, u64)],
+    budget: &'a Budget,
+}
+
 fn shortfall_verdict(
     spec: &ServiceSpec,
     view: &ServiceView,
     need: u64,
-    remaining: u64,
-    kept: &[(&ServiceSpec, u64)],
-    budget: &Budget,
+    room: &Room<'_>,
+    desired: &DesiredState,
 ) -> Verdict {
-    let shortfall_mb = need - remaining;
+    let budget = room.budget;
+    let shortfall_mb = need - room.remaining;
     let usable = budget.usable_mb();
     let why_need = beyond_declared(spec, view, need);
     let held_by_others = format!(
@@ -531,18 +558,38 @@ fn shortfall_verdict(
             shortfall_mb,
         };
     }
-    let holders: Vec<String> = kept
+    let claims: Vec<Claim> = room
+        .kept
         .iter()
-        .map(|(s, mb)| format!("{} {mb} MB (priority {})", s.name, s.priority))
+        .flat_map(|(s, _)| desired.claims_on(&s.name).cloned())
         .collect();
+    let holders: Vec<String> = room
+        .kept
+        .iter()
+        .map(|(s, mb)| {
+            let holders: Vec<String> = desired
+                .claims_on(&s.name)
+                .map(|c| format!("{:?} until {}", c.holder.as_str(), c.until))
+                .collect();
+            match holders.is_empty() {
+                true => format!("{} {mb} MB (priority {})", s.name, s.priority),
+                false => format!("{} {mb} MB (claimed by {})", s.name, holders.join(", ")),
+            }
+        })
+        .collect();
+    let by = match claims.is_empty() {
+        true => "higher-priority",
+        false => "claimed or higher-priority",
+    };
     Verdict::Preempted {
         reason: format!(
-            "{} (priority {}) needs {need} MB{why_need}, {shortfall_mb} MB more than is left: held by higher-priority {}, plus {held_by_others}",
+            "{} (priority {}) needs {need} MB{why_need}, {shortfall_mb} MB more than is left: held by {by} {}, plus {held_by_others}",
             spec.name,
             spec.priority,
             holders.join(", ")
         ),
         shortfall_mb,
+        claims,
     }
 }
 
@@ -550,6 +597,7 @@ fn start_reason(why: WantReason) -> String {
     match why {
         WantReason::Phase(phase) => format!("wanted by phase {phase}"),
         WantReason::Pinned => "pinned".to_owned(),
+        WantReason::Claimed => "claimed".to_owned(),
     }
 }
 
@@ -725,6 +773,56 @@ pub(crate) mod tests {
         assert_eq!(ops(&p), ["stop vidi 2600", "start comfyui 20480"]);
     }
 
+    fn claimed(mut desired: DesiredState, service: &str, holder: &str) -> DesiredState {
+        desired.claim(Claim {
+            service: name(service),
+            holder: crate::desired::Holder::parse(holder).unwrap(),
+            until: crate::utc::UtcTime::parse("2026-12-03T10:15:00Z").unwrap(),
+        });
+        desired
+    }
+
+    #[test]
+    fn a_claimed_service_is_kept_and_what_needs_its_memory_is_preempted_naming_the_claim() {
+        let desired = claimed(phase(4), "cosyvoice", "render-job-42");
+        let p = plan(&mcn(), &desired, &rtx4090(&["cosyvoice"]));
+        assert!(p.is_empty(), "cosyvoice is not stopped: {:?}", p.actions);
+        assert_eq!(p.verdicts[&name("cosyvoice")], Verdict::Run);
+        let Verdict::Preempted { reason, claims, .. } = &p.verdicts[&name("comfyui")] else {
+            panic!("{:?}", p.verdicts[&name("comfyui")]);
+        };
+        assert!(
+            reason.contains(
+                "cosyvoice 4096 MB (claimed by \"render-job-42\" until 2026-12-03T10:15:00Z)"
+            ),
+            "{reason}"
+        );
+        assert_eq!(claims, &desired.claims);
+        // Once the claim is gone, the phase has its way.
+        assert_eq!(
+            steps(&plan(&mcn(), &phase(4), &rtx4090(&["cosyvoice"]))),
+            ["stop cosyvoice", "start comfyui"]
+        );
+    }
+
+    #[test]
+    fn a_claim_outweighs_priority_and_a_hold_and_is_started_first() {
+        let mut desired = claimed(phase(4), "ollama", "me");
+        desired.hold(&name("ollama"));
+        let p = plan(&mcn(), &desired, &rtx4090(&["comfyui"]));
+        assert_eq!(steps(&p), ["stop comfyui", "start ollama"]);
+        assert_eq!(p.actions[1].cause, Cause::Claimed);
+        assert!(matches!(
+            p.verdicts[&name("comfyui")],
+            Verdict::Preempted { .. }
+        ));
+        // A parked claimed service is resumed, never stopped to make room.
+        let desired = claimed(phase(4), "cosyvoice", "me");
+        let parked = with(rtx4090(&[]), "cosyvoice", Presence::Parked);
+        let p = plan(&parking_mcn(), &desired, &parked);
+        assert_eq!(ops(&p), ["resume cosyvoice 3072"]);
+    }
+
     fn phase(n: u32) -> DesiredState {
         DesiredState {
             phase: Some(n),
@@ -870,6 +968,7 @@ pub(crate) mod tests {
         let Some(Verdict::Preempted {
             reason,
             shortfall_mb,
+            ..
         }) = after.verdict(&name("vidi"))
         else {
             panic!("vidi should be preempted: {after:?}");
@@ -919,67 +1018,79 @@ pub(crate) mod tests {
             0u64..6_000,
             prop::collection::vec(0usize..8, 0..3),
             prop::collection::vec(0usize..8, 0..3),
+            prop::collection::vec(0usize..8, 0..3),
         )
-            .prop_map(|(services, phase, total, reserve, external, pins, holds)| {
-                let mut specs = Vec::new();
-                let mut views = BTreeMap::new();
-                for (i, (vram, ph, running, open, extra, has_phase, residual, parked)) in
-                    services.into_iter().enumerate()
-                {
-                    let n = format!("s{i}");
-                    let phases = if has_phase { vec![ph] } else { vec![] };
-                    let mut s = spec(&n, vram, i as i64 * 7 % 11 + i as i64 * 100, phases);
-                    s.park = residual.map(parks_with);
-                    let presence = match (running, parked && s.park.is_some()) {
-                        (true, true) => Presence::Parked,
-                        (true, false) => Presence::Running,
-                        (false, _) => Presence::Stopped,
-                    };
-                    let observed_mb = match presence {
-                        Presence::Parked => residual.map(|r| r + extra / 8),
-                        Presence::Running => Some(vram + extra / 2),
-                        _ => None,
-                    };
-                    specs.push(s);
-                    views.insert(
-                        name(&n),
-                        ServiceView {
-                            presence,
-                            observed_mb,
-                            learned_mb: None,
-                            learned_residual_mb: None,
-                            gate: if open {
-                                StartGate::Open
-                            } else {
-                                StartGate::Closed {
-                                    reason: "backoff".into(),
-                                }
+            .prop_map(
+                |(services, phase, total, reserve, external, pins, holds, claims)| {
+                    let mut specs = Vec::new();
+                    let mut views = BTreeMap::new();
+                    for (i, (vram, ph, running, open, extra, has_phase, residual, parked)) in
+                        services.into_iter().enumerate()
+                    {
+                        let n = format!("s{i}");
+                        let phases = if has_phase { vec![ph] } else { vec![] };
+                        let mut s = spec(&n, vram, i as i64 * 7 % 11 + i as i64 * 100, phases);
+                        s.park = residual.map(parks_with);
+                        let presence = match (running, parked && s.park.is_some()) {
+                            (true, true) => Presence::Parked,
+                            (true, false) => Presence::Running,
+                            (false, _) => Presence::Stopped,
+                        };
+                        let observed_mb = match presence {
+                            Presence::Parked => residual.map(|r| r + extra / 8),
+                            Presence::Running => Some(vram + extra / 2),
+                            _ => None,
+                        };
+                        specs.push(s);
+                        views.insert(
+                            name(&n),
+                            ServiceView {
+                                presence,
+                                observed_mb,
+                                learned_mb: None,
+                                learned_residual_mb: None,
+                                gate: if open {
+                                    StartGate::Open
+                                } else {
+                                    StartGate::Closed {
+                                        reason: "backoff".into(),
+                                    }
+                                },
+                                condition: Condition::Healthy,
                             },
-                            condition: Condition::Healthy,
+                        );
+                    }
+                    let count = specs.len();
+                    let pick = |ix: Vec<usize>| -> Vec<ServiceName> {
+                        ix.into_iter()
+                            .map(|i| name(&format!("s{}", i % count)))
+                            .collect()
+                    };
+                    let desired = DesiredState {
+                        phase,
+                        pinned: pick(pins),
+                        held: pick(holds),
+                        claims: pick(claims)
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, service)| Claim {
+                                service,
+                                holder: crate::desired::Holder::parse(&format!("h{i}")).unwrap(),
+                                until: crate::utc::UtcTime::from_epoch_s(1),
+                            })
+                            .collect(),
+                    };
+                    let observed = Observation {
+                        budget: Budget {
+                            total_mb: total,
+                            reserve_mb: reserve,
+                            external_mb: external,
                         },
-                    );
-                }
-                let count = specs.len();
-                let pick = |ix: Vec<usize>| -> Vec<ServiceName> {
-                    ix.into_iter()
-                        .map(|i| name(&format!("s{}", i % count)))
-                        .collect()
-                };
-                let desired = DesiredState {
-                    phase,
-                    pinned: pick(pins),
-                    held: pick(holds),
-                };
-                let observed = Observation {
-                    budget: Budget {
-                        total_mb: total,
-                        reserve_mb: reserve,
-                        external_mb: external,
-                    },
-                    services: views,
-                };
-                (Inventory::new(specs), desired, observed)
-            })
+                        services: views,
+                    };
+                    (Inventory::new(specs), desired, observed)
+                },
+            )
     }
 
     /// A `park: {kind: http}` keeping `residual_mb`.
@@ -1076,9 +1187,30 @@ pub(crate) mod tests {
             let running: Vec<i64> = frees.filter(|a| !was_parked(a)).map(priority).collect();
             prop_assert!(parked.windows(2).all(|w| w[0] < w[1]), "stops lowest first: {:?}", parked);
             prop_assert!(running.windows(2).all(|w| w[0] < w[1]), "stops and parks lowest first: {:?}", running);
-            let starts: Vec<i64> = p.actions.iter().filter(|a| !a.op.frees()).map(priority).collect();
-            prop_assert!(starts.windows(2).all(|w| w[0] > w[1]), "starts highest first: {:?}", starts);
+            let claimed_then_priority = |a: &Action| (desired.is_claimed(&a.service), priority(a));
+            let starts: Vec<(bool, i64)> = p.actions.iter().filter(|a| !a.op.frees()).map(claimed_then_priority).collect();
+            prop_assert!(starts.windows(2).all(|w| w[0] > w[1]), "starts claimed first, then highest first: {:?}", starts);
             prop_assert_eq!(&p, &plan(&inv, &desired, &observed), "deterministic");
+        }
+
+        #[test]
+        fn claimed_services_that_fit_together_are_never_stopped_or_parked((inv, desired, observed) in arb_case()) {
+            let view = |s: &ServiceSpec| &observed.services[&s.name];
+            let stuck_mb: u64 = inv.iter().filter(|s| stuck(view(s))).map(|s| held(s, view(s))).sum();
+            let claimed: Vec<&ServiceSpec> = inv.iter().filter(|s| desired.is_claimed(&s.name)).collect();
+            let open = |s: &ServiceSpec| view(s).gate == StartGate::Open;
+            let claimed_mb: u64 = claimed.iter().filter(|s| open(s)).map(|s| footprint(s, view(s))).sum();
+            prop_assume!(claimed_mb + stuck_mb <= observed.budget.usable_mb());
+            let p = plan(&inv, &desired, &observed);
+            for spec in claimed.iter().filter(|s| open(s)) {
+                prop_assert_eq!(&p.verdicts[&spec.name], &Verdict::Run);
+                prop_assert!(!p.actions.iter().any(|a| a.service == spec.name && a.op.frees()), "{:?}", p.actions);
+            }
+            for verdict in p.verdicts.values() {
+                if let Verdict::Preempted { claims, .. } = verdict {
+                    prop_assert!(claims.iter().all(|c| desired.claims.contains(c)));
+                }
+            }
         }
 
         #[test]

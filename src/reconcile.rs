@@ -30,7 +30,7 @@ use crate::act::instance::Effects;
 use crate::act::ExitInfo;
 use crate::clock::now_ms;
 use crate::config::{Config, ServiceName, ServiceSpec};
-use crate::desired::{self, DesiredState};
+use crate::desired::{self, claims, ClaimEnd, DesiredState};
 use crate::footprints::{Footprints, Forgotten};
 use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
 use crate::observe::gpu::SharedGpu;
@@ -38,6 +38,7 @@ use crate::plan::{self, Action, Cause, Op, Plan};
 use crate::schedule::{self, Wait};
 use crate::status::{ActionRecord, DaemonEvent, FailureKind, Status, TransitionStats};
 use crate::transition::{RoundEnd, TransitionError, TransitionReply, Waiters};
+use crate::utc::UtcTime;
 
 pub use crate::transition::Change;
 pub use effects::{EffectError, ServiceEffects, StopHow};
@@ -358,12 +359,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// Loads the desired-state file; a broken (or missing) one is refused and the last
     /// good state stays in force.
     fn reload_desired(&mut self) {
-        match desired::load(&self.config.desired_state, &self.config.inventory) {
+        let now = UtcTime::now();
+        self.expire_claims_at(now);
+        match desired::load_at(&self.config.desired_state, &self.config.inventory, now) {
             Ok(state) => {
                 self.desired_error = None;
                 if self.desired.as_ref() != Some(&state) {
-                    tracing::info!(phase = ?state.phase, pinned = ?state.pinned, held = ?state.held, "desired state accepted");
-                    self.accept_desired(state);
+                    tracing::info!(phase = ?state.phase, pinned = ?state.pinned, held = ?state.held, claims = ?state.claims, "desired state accepted");
+                    self.accept_desired(state, ClaimEnd::Released);
                 }
             }
             Err(error) => {
@@ -381,7 +384,17 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         self.dirty = true;
     }
 
-    fn accept_desired(&mut self, state: DesiredState) {
+    /// Makes `state` the desired state; a claim it drops ended `why` (or expired).
+    fn accept_desired(&mut self, state: DesiredState, why: ClaimEnd) {
+        let before = self
+            .desired
+            .as_ref()
+            .map(|d| d.claims.as_slice())
+            .unwrap_or(&[]);
+        let claim_changes = claims::changes(before, &state.claims, UtcTime::now(), why);
+        for change in claim_changes {
+            let _ = self.feed.send(DaemonEvent::of_claim(change));
+        }
         self.generation += 1;
         let _ = self.feed.send(DaemonEvent::DesiredAccepted {
             generation: self.generation,
@@ -399,6 +412,27 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             record.forgive();
         }
         self.dirty = true;
+    }
+
+    /// Drops the claims whose time ran out from the state in force. Not a new desired
+    /// state (no new generation): what was wanted before the claim is wanted again.
+    fn expire_claims(&mut self) {
+        self.expire_claims_at(UtcTime::now());
+    }
+
+    fn expire_claims_at(&mut self, now: UtcTime) {
+        let Some(desired) = self.desired.as_mut() else {
+            return;
+        };
+        for claim in desired.prune_expired(now) {
+            tracing::info!(%claim, "claim expired");
+            let change = claims::ClaimChange::Ended {
+                claim,
+                why: ClaimEnd::Expired,
+            };
+            let _ = self.feed.send(DaemonEvent::of_claim(change));
+            self.dirty = true;
+        }
     }
 
     // ---- events ----
@@ -466,6 +500,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     // ---- one round: observe, plan, begin ----
 
     async fn round(&mut self) {
+        self.expire_claims();
         self.dirty = false;
         self.next_wake = None;
         // Only the leader acts. It adopts what runs when it starts leading (at once when
@@ -518,6 +553,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             .filter_map(|r| r.retry_at().filter(|at| *at > now));
         if let Some(at) = retries.min() {
             self.wake_at(at);
+        }
+        // The earliest claim's end: what it kept out starts by itself then.
+        if let Some(until) = self.desired.as_ref().and_then(DesiredState::next_expiry) {
+            let left = until.epoch_ms().saturating_sub(now_ms());
+            self.wake_at(now + Duration::from_millis(left));
         }
         self.save_footprints();
         self.publish();

@@ -8,7 +8,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Phase;
+use crate::desired::claims::{Claim, ClaimChange, ClaimEnd};
 use crate::plan::Cause;
+use crate::utc::UtcTime;
 
 pub use crate::clock::now_ms;
 pub use crate::lease::{LeaseRefusal, LeaseRole, LockStatus};
@@ -115,6 +117,31 @@ pub struct ServiceStatus {
     pub parked_at_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at_ms: Option<u64>,
+    /// The live claims on it (docs/ARCHITECTURE.md, "Claims"): while any lives, it is
+    /// never stopped, parked or preempted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<ClaimStatus>,
+}
+
+/// A live claim as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimStatus {
+    pub service: String,
+    pub holder: String,
+    pub until: UtcTime,
+    /// At the snapshot's time (`observed_at_ms`).
+    pub seconds_left: u64,
+}
+
+impl ClaimStatus {
+    pub fn at(claim: &Claim, now: UtcTime) -> Self {
+        Self {
+            service: claim.service.to_string(),
+            holder: claim.holder.to_string(),
+            until: claim.until,
+            seconds_left: claim.seconds_left(now),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -148,6 +175,9 @@ pub struct DesiredStatus {
     pub converged_generation: u64,
     /// A refused edit: the state above stays in force.
     pub error: Option<String>,
+    /// The live claims, every service's.
+    #[serde(default)]
+    pub claims: Vec<ClaimStatus>,
 }
 
 /// A finished action, for status, API answers and the event stream.
@@ -253,10 +283,52 @@ pub enum DaemonEvent {
         to: ServiceState,
         reason: Option<String>,
     },
+    /// A claim was taken (docs/ARCHITECTURE.md, "Claims").
+    ClaimTaken {
+        service: String,
+        holder: String,
+        until: UtcTime,
+    },
+    /// The holder's claim was renewed to a new time.
+    ClaimRenewed {
+        service: String,
+        holder: String,
+        until: UtcTime,
+    },
+    ClaimEnded {
+        service: String,
+        holder: String,
+        until: UtcTime,
+        why: ClaimEnd,
+    },
     /// Sent to a stream client that fell behind: this many events were dropped for it.
     Lagged {
         missed: u64,
     },
+}
+
+impl DaemonEvent {
+    /// The event a claim's change is.
+    pub fn of_claim(change: ClaimChange) -> Self {
+        match change {
+            ClaimChange::Taken(claim) => DaemonEvent::ClaimTaken {
+                service: claim.service.to_string(),
+                holder: claim.holder.to_string(),
+                until: claim.until,
+            },
+            ClaimChange::Renewed(claim) => DaemonEvent::ClaimRenewed {
+                service: claim.service.to_string(),
+                holder: claim.holder.to_string(),
+                until: claim.until,
+            },
+            ClaimChange::Ended { claim, why } => DaemonEvent::ClaimEnded {
+                service: claim.service.to_string(),
+                holder: claim.holder.to_string(),
+                until: claim.until,
+                why,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -285,6 +357,7 @@ impl ServiceStatus {
             park_error: None,
             parked_at_ms: None,
             resumed_at_ms: None,
+            claims: Vec::new(),
         }
     }
 }

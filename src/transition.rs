@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::config::{Inventory, Phase, ServiceName};
-use crate::desired::DesiredState;
+use crate::desired::{Claim, DesiredState, Holder};
 use crate::lease::LeaseError;
 use crate::plan::{Plan, Verdict};
 use crate::status::{ActionRecord, FailureKind, ServiceState};
@@ -21,8 +21,16 @@ pub enum Change {
     Phase(Phase),
     /// Pins the service (and removes it from `held`).
     Start(ServiceName),
-    /// Unpins the service and holds it stopped.
+    /// Unpins the service and holds it stopped; ends its claims (only a forced stop
+    /// gets this far while it has some: see [`Change::check_against`]).
     Stop(ServiceName),
+    /// Takes a claim, or renews the holder's claim on the service to the new time.
+    Claim(Claim),
+    /// Ends one holder's claim.
+    Release {
+        service: ServiceName,
+        holder: Holder,
+    },
 }
 
 impl Change {
@@ -35,9 +43,62 @@ impl Change {
                 next.held.clear();
             }
             Change::Start(name) => next.pin(name),
-            Change::Stop(name) => next.hold(name),
+            Change::Stop(name) => {
+                next.hold(name);
+                next.end_claims(name);
+            }
+            Change::Claim(claim) => next.claim(claim.clone()),
+            Change::Release { service, holder } => {
+                next.release(service, holder);
+            }
         }
         next
+    }
+
+    /// The service whose claims this change is about, when it is one.
+    fn claimed_service(&self) -> Option<&ServiceName> {
+        match self {
+            Change::Claim(claim) => Some(&claim.service),
+            Change::Release { service, .. } => Some(service),
+            _ => None,
+        }
+    }
+
+    /// Refuses what the current claims forbid: the stop of a claimed service unless
+    /// forced (409 `claimed`), the release of a claim that is not there (404).
+    pub fn check_against(
+        &self,
+        current: &DesiredState,
+        force: bool,
+    ) -> Result<(), TransitionError> {
+        match self {
+            Change::Stop(name) if !force && current.is_claimed(name) => {
+                let claims: Vec<Claim> = current.claims_on(name).cloned().collect();
+                Err(TransitionError::Claimed {
+                    service: name.to_string(),
+                    holders: claims.iter().map(|c| c.holder.to_string()).collect(),
+                    claims,
+                })
+            }
+            Change::Release { service, holder }
+                if !current.claims_on(service).any(|c| c.holder == *holder) =>
+            {
+                Err(TransitionError::NoSuchClaim {
+                    service: service.to_string(),
+                    holder: holder.to_string(),
+                    claims: current.claims_on(service).cloned().collect(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The claims a forced stop ends.
+    pub fn ends_claims(&self, current: &DesiredState) -> Vec<Claim> {
+        match self {
+            Change::Stop(name) => current.claims_on(name).cloned().collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Refuses names and phases the inventory does not know (404), listing known ones.
@@ -52,7 +113,12 @@ impl Change {
             Change::Start(name) | Change::Stop(name) if inventory.get(name).is_none() => {
                 Err(unknown_service(name.as_str(), inventory))
             }
-            _ => Ok(()),
+            _ => match self.claimed_service() {
+                Some(name) if inventory.get(name).is_none() => {
+                    Err(unknown_service(name.as_str(), inventory))
+                }
+                _ => Ok(()),
+            },
         }
     }
 
@@ -61,33 +127,57 @@ impl Change {
         match self {
             Change::Phase(phase) => inventory.in_phase(*phase).map(|s| &s.name).collect(),
             Change::Start(name) => vec![name],
-            Change::Stop(_) => Vec::new(),
+            Change::Claim(claim) => vec![&claim.service],
+            Change::Stop(_) | Change::Release { .. } => Vec::new(),
         }
     }
 
     /// Refuses a change whose own services cannot fit even after preempting lower
-    /// priorities (409), judged on the plan for the changed state.
+    /// priorities (409), judged on the plan for the changed state. A claim that cannot
+    /// fit is refused whatever blocks it; a phase or start kept out only by claims is
+    /// not refused here: it is written, and answered by [`Change::blocked_by_claims`].
     pub fn check_fits(&self, inventory: &Inventory, plan: &Plan) -> Result<(), TransitionError> {
-        for name in self.targets(inventory) {
-            if let Some(
+        let claim = matches!(self, Change::Claim(_));
+        match self.cannot_fit(inventory, plan) {
+            Some(error @ TransitionError::CannotFit { .. }) if claim || !error.names_claims() => {
+                Err(error)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The 409 owed, once the change is written, to a phase or start whose services
+    /// wait for claims to end: they start by themselves when the claims do.
+    pub fn blocked_by_claims(&self, inventory: &Inventory, plan: &Plan) -> Option<TransitionError> {
+        self.cannot_fit(inventory, plan)
+            .filter(TransitionError::names_claims)
+    }
+
+    fn cannot_fit(&self, inventory: &Inventory, plan: &Plan) -> Option<TransitionError> {
+        self.targets(inventory)
+            .into_iter()
+            .find_map(|name| match plan.verdict(name)? {
                 Verdict::Preempted {
                     reason,
                     shortfall_mb,
-                }
-                | Verdict::Refused {
-                    reason,
-                    shortfall_mb,
-                },
-            ) = plan.verdict(name)
-            {
-                return Err(TransitionError::CannotFit {
+                    claims,
+                } => Some(TransitionError::CannotFit {
                     service: name.to_string(),
                     reason: reason.clone(),
                     shortfall_mb: *shortfall_mb,
-                });
-            }
-        }
-        Ok(())
+                    claims: claims.clone(),
+                }),
+                Verdict::Refused {
+                    reason,
+                    shortfall_mb,
+                } => Some(TransitionError::CannotFit {
+                    service: name.to_string(),
+                    reason: reason.clone(),
+                    shortfall_mb: *shortfall_mb,
+                    claims: Vec::new(),
+                }),
+                _ => None,
+            })
     }
 }
 
@@ -111,6 +201,25 @@ pub enum TransitionError {
         service: String,
         reason: String,
         shortfall_mb: u64,
+        /// The claims that keep it out: it starts by itself once they end.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        claims: Vec<Claim>,
+    },
+    /// A stop of a claimed service, not forced: the claims' holders are named.
+    #[error("{service} is claimed by {}: release the claims, or stop with ?force=true to end them", holders.join(", "))]
+    Claimed {
+        service: String,
+        holders: Vec<String>,
+        claims: Vec<Claim>,
+    },
+    #[error(
+        "{service} has no claim held by {holder:?}: its claims are {}",
+        describe_claims(claims)
+    )]
+    NoSuchClaim {
+        service: String,
+        holder: String,
+        claims: Vec<Claim>,
     },
     #[error("superseded by a later request (generation {by}) before it converged")]
     Superseded { generation: u64, by: u64 },
@@ -158,16 +267,35 @@ impl From<LeaseError> for TransitionError {
     }
 }
 
+fn describe_claims(claims: &[Claim]) -> String {
+    if claims.is_empty() {
+        return "(none)".to_owned();
+    }
+    let list: Vec<String> = claims
+        .iter()
+        .map(|c| format!("{:?} until {}", c.holder.as_str(), c.until))
+        .collect();
+    list.join(", ")
+}
+
 fn join(phases: &[Phase]) -> String {
     let list: Vec<String> = phases.iter().map(|p| p.to_string()).collect();
     list.join(", ")
 }
 
 impl TransitionError {
+    /// A `cannot_fit` that claims cause.
+    fn names_claims(&self) -> bool {
+        matches!(self, TransitionError::CannotFit { claims, .. } if !claims.is_empty())
+    }
+
     pub fn http_status(&self) -> u16 {
         match self {
-            TransitionError::UnknownService { .. } | TransitionError::UnknownPhase { .. } => 404,
+            TransitionError::UnknownService { .. }
+            | TransitionError::UnknownPhase { .. }
+            | TransitionError::NoSuchClaim { .. } => 404,
             TransitionError::CannotFit { .. }
+            | TransitionError::Claimed { .. }
             | TransitionError::Superseded { .. }
             | TransitionError::Busy { .. } => 409,
             TransitionError::LeaseHeld { .. } => 423,
@@ -223,6 +351,9 @@ pub struct TransitionReport {
     pub actions: Vec<ActionRecord>,
     pub services: BTreeMap<String, ServiceState>,
     pub duration_ms: u64,
+    /// The claims a forced stop ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ended_claims: Vec<Claim>,
 }
 
 pub type TransitionReply = oneshot::Sender<Result<TransitionReport, TransitionError>>;
@@ -239,6 +370,7 @@ pub enum RoundEnd {
 struct Waiting {
     generation: u64,
     reply: TransitionReply,
+    ended_claims: Vec<Claim>,
     actions: Vec<ActionRecord>,
     since: Instant,
 }
@@ -250,10 +382,12 @@ pub struct Waiters {
 }
 
 impl Waiters {
-    pub fn add(&mut self, generation: u64, reply: TransitionReply) {
+    /// A caller waits for `generation`; its report will list `ended_claims`.
+    pub fn add(&mut self, generation: u64, reply: TransitionReply, ended_claims: Vec<Claim>) {
         self.waiting.push(Waiting {
             generation,
             reply,
+            ended_claims,
             actions: Vec::new(),
             since: Instant::now(),
         });
@@ -317,6 +451,7 @@ impl Waiters {
                         actions: waiting.actions,
                         services: services.clone(),
                         duration_ms: waiting.since.elapsed().as_millis() as u64,
+                        ended_claims: waiting.ended_claims,
                     }),
                 },
             };
@@ -400,8 +535,8 @@ mod tests {
         let mut waiters = Waiters::default();
         let (old_tx, old_rx) = oneshot::channel();
         let (tx, rx) = oneshot::channel();
-        waiters.add(1, old_tx);
-        waiters.add(2, tx);
+        waiters.add(1, old_tx, Vec::new());
+        waiters.add(2, tx, Vec::new());
         waiters.supersede(2);
         assert_eq!(
             old_rx.await.unwrap().unwrap_err(),
@@ -416,7 +551,7 @@ mod tests {
         assert_eq!(error.http_status(), 504);
 
         let (tx, rx) = oneshot::channel();
-        waiters.add(3, tx);
+        waiters.add(3, tx, Vec::new());
         waiters.record(&record(3, Ok("ready".into()), None));
         waiters.finish(3, &RoundEnd::Completed, &BTreeMap::new());
         let report = rx.await.unwrap().unwrap();
@@ -428,9 +563,9 @@ mod tests {
     fn a_caller_that_hung_up_collects_no_more_actions() {
         let mut waiters = Waiters::default();
         let (tx, rx) = oneshot::channel();
-        waiters.add(1, tx);
+        waiters.add(1, tx, Vec::new());
         let (kept_tx, _kept_rx) = oneshot::channel();
-        waiters.add(1, kept_tx);
+        waiters.add(1, kept_tx, Vec::new());
         drop(rx);
         waiters.record(&record(1, Ok("ready".into()), None));
         assert_eq!(waiters.waiting.len(), 1, "the closed waiter is dropped");

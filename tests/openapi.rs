@@ -90,7 +90,9 @@ fn the_document_is_served_and_covers_every_route() {
             "/gpu/history",
             "/gpu/plan",
             "/gpu/prepare-phase/{n}",
+            "/gpu/service/{name}/claim",
             "/gpu/service/{name}/forget",
+            "/gpu/service/{name}/release",
             "/gpu/service/{name}/start",
             "/gpu/service/{name}/stop",
             "/gpu/status",
@@ -277,6 +279,64 @@ fn parking_and_busy_answers_match_the_document() {
             ops.insert(event["op"].as_str().unwrap().to_owned());
         }
     }
+}
+
+/// Claims: the claim and release answers and errors, a status with claims, the 409s of
+/// a phase and a stop that claims block, and the claim events.
+#[test]
+fn claim_answers_match_the_document() {
+    let doc = document();
+    let mut h = Harness::new(mcn_inventory());
+    let api = h.serve("");
+    let mut events = api.events();
+    let claim = "/gpu/service/{name}/claim";
+    let release = "/gpu/service/{name}/release";
+    let report = conforms(
+        &doc,
+        "post",
+        claim,
+        &api.post("/gpu/service/cosyvoice/claim?holder=job&ttl_s=600"),
+    );
+    assert_eq!(report["services"]["cosyvoice"], "ready", "{report}");
+    conforms(
+        &doc,
+        "post",
+        claim,
+        &api.post("/gpu/service/cosyvoice/claim?holder=job&ttl_s=900"),
+    );
+    let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+    assert_eq!(status["desired"]["claims"][0]["holder"], "job", "{status}");
+    let blocked = api.post("/gpu/prepare-phase/4");
+    assert_eq!(blocked.code, 409, "{}", blocked.body);
+    conforms(&doc, "post", "/gpu/prepare-phase/{n}", &blocked);
+    let stop = api.post("/gpu/service/cosyvoice/stop");
+    assert_eq!(stop.code, 409, "{}", stop.body);
+    conforms(&doc, "post", "/gpu/service/{name}/stop", &stop);
+    for (path, template, code) in [
+        ("/gpu/service/cosyvoice/claim?holder=job", claim, 400),
+        ("/gpu/service/nosuch/claim?holder=job&ttl_s=5", claim, 404),
+        ("/gpu/service/cosyvoice/release?holder=other", release, 404),
+        ("/gpu/service/cosyvoice/release", release, 400),
+        ("/gpu/service/cosyvoice/release?holder=job", release, 200),
+    ] {
+        let reply = api.post(path);
+        assert_eq!(reply.code, code, "{path}: {}", reply.body);
+        conforms(&doc, "post", template, &reply);
+    }
+    let event_schema = &doc["components"]["schemas"]["DaemonEvent"];
+    let mut types = std::collections::BTreeSet::new();
+    while types.len() < 3 {
+        let event = events.next_event();
+        validate(&doc, event_schema, &event, "an event of GET /gpu/events");
+        let kind = event["type"].as_str().unwrap();
+        if kind.starts_with("claim_") {
+            types.insert(kind.to_owned());
+        }
+    }
+    assert_eq!(
+        types.into_iter().collect::<Vec<_>>(),
+        ["claim_ended", "claim_renewed", "claim_taken"]
+    );
 }
 
 fn junit_report() -> PathBuf {

@@ -175,6 +175,22 @@ pub fn event_line(event: &DaemonEvent) -> String {
         DaemonEvent::StateChanged {
             service, from, to, ..
         } => format!("{service}: {from} -> {to}"),
+        DaemonEvent::ClaimTaken {
+            service,
+            holder,
+            until,
+        } => format!("{service}: claimed by {holder:?} until {until}"),
+        DaemonEvent::ClaimRenewed {
+            service,
+            holder,
+            until,
+        } => format!("{service}: claim by {holder:?} renewed until {until}"),
+        DaemonEvent::ClaimEnded {
+            service,
+            holder,
+            why,
+            ..
+        } => format!("{service}: claim by {holder:?} ended ({why:?})"),
         DaemonEvent::Lagged { missed } => {
             format!("(fell behind the event stream: {missed} events not shown)")
         }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::desired::{self, DesiredState};
+use crate::desired::{self, Claim, ClaimEnd, DesiredState};
 use crate::lease::{LeaseBackend, LeaseRole};
 use crate::plan::{self, Plan, StartGate};
 use crate::status::ServiceState;
@@ -23,8 +23,20 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 wait,
                 force,
                 reply,
-            } => match self.accept_change(&change).await {
-                Ok(generation) => {
+            } => match self.accept_change(&change, force).await {
+                Ok(Accepted {
+                    blocked: Some(error),
+                    ..
+                }) => {
+                    // Written and in force, but its services wait for claims to end.
+                    self.dirty = true;
+                    let _ = reply.send(Err(error));
+                }
+                Ok(Accepted {
+                    generation,
+                    ended_claims,
+                    blocked: None,
+                }) => {
                     // Asked again: a stop or park that found the service busy is tried
                     // again now, not after its backoff.
                     for record in self.records.iter_mut().filter(|r| r.busy()) {
@@ -39,7 +51,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                         );
                         self.skip_drain.cancel();
                     }
-                    self.answer_accepted(generation, wait, reply);
+                    self.answer_accepted(generation, wait, reply, ended_claims);
                 }
                 Err(error) => {
                     let _ = reply.send(Err(error));
@@ -55,9 +67,15 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     }
 
     /// A waiting caller is answered when the generation converges; otherwise at once.
-    fn answer_accepted(&mut self, generation: u64, wait: bool, reply: TransitionReply) {
+    fn answer_accepted(
+        &mut self,
+        generation: u64,
+        wait: bool,
+        reply: TransitionReply,
+        ended_claims: Vec<Claim>,
+    ) {
         match wait {
-            true => self.waiters.add(generation, reply),
+            true => self.waiters.add(generation, reply, ended_claims),
             false => {
                 let _ = reply.send(Ok(TransitionReport {
                     generation,
@@ -65,6 +83,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     actions: Vec::new(),
                     services: BTreeMap::new(),
                     duration_ms: 0,
+                    ended_claims,
                 }));
             }
         }
@@ -75,6 +94,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         &mut self,
         change: Option<&Change>,
     ) -> Result<(DesiredState, Plan), TransitionError> {
+        self.expire_claims();
         let current = self.desired.clone().unwrap_or_default();
         let next = match change {
             Some(change) => {
@@ -108,11 +128,19 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
     /// Checks a change (404, 409, 423 on a standby, 503 when a backend is down), writes
     /// it to the desired-state file and accepts it.
-    async fn accept_change(&mut self, change: &Change) -> Result<u64, TransitionError> {
+    async fn accept_change(
+        &mut self,
+        change: &Change,
+        force: bool,
+    ) -> Result<Accepted, TransitionError> {
         if self.lease.status().role == LeaseRole::Standby {
             // Asked again: the last answer may be from before Redis came up.
             self.lease.confirm_lead().await?;
         }
+        self.expire_claims();
+        let current = self.desired.clone().unwrap_or_default();
+        change.check_against(&current, force)?;
+        let ended_claims = change.ends_claims(&current);
         let (next, plan) = self.plan_for(Some(change)).await?;
         for name in change.targets(&self.config.inventory) {
             let Some(record) = self.records.get(name) else {
@@ -129,6 +157,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             }
         }
         change.check_fits(&self.config.inventory, &plan)?;
+        let blocked = change.blocked_by_claims(&self.config.inventory, &plan);
         match desired::save(&self.config.desired_state, &next).await {
             Ok(()) => {}
             // The new state is in place (and the folder watch sees it): it is in force.
@@ -144,8 +173,30 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         tracing::info!(?change, "desired state changed through the API");
         self.desired_error = None;
         if self.desired.as_ref() != Some(&next) {
-            self.accept_desired(next);
+            let why = match ended_claims.is_empty() {
+                true => ClaimEnd::Released,
+                false => ClaimEnd::Forced,
+            };
+            self.accept_desired(next, why);
         }
-        Ok(self.generation)
+        if blocked.is_some() {
+            // Answered at once: the caller reads status next, and should see why.
+            self.apply_verdicts(&plan);
+            self.publish();
+        }
+        Ok(Accepted {
+            generation: self.generation,
+            ended_claims,
+            blocked,
+        })
     }
+}
+
+/// A change written and in force.
+struct Accepted {
+    generation: u64,
+    /// The claims a forced stop ended, for its report.
+    ended_claims: Vec<Claim>,
+    /// A phase or start whose services wait for claims to end: answered 409 at once.
+    blocked: Option<TransitionError>,
 }

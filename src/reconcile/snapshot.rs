@@ -4,9 +4,10 @@
 use crate::config::Runtime;
 use crate::lease::LeaseBackend;
 use crate::status::{
-    now_ms, DaemonEvent, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState, ServiceStatus,
-    Status, Vram,
+    now_ms, ClaimStatus, DaemonEvent, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState,
+    ServiceStatus, Status, Vram,
 };
+use crate::utc::UtcTime;
 
 use super::effects::ServiceEffects;
 use super::{GpuSource, Reconciler};
@@ -63,6 +64,15 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             .as_ref()
             .map(|d| d.wanted(&self.config.inventory))
             .unwrap_or_default();
+        let desired = self.desired.clone().unwrap_or_default();
+        let observed_at_ms = now_ms();
+        let now = UtcTime::of_ms(observed_at_ms);
+        let claims_on = |name| {
+            desired
+                .claims_on(name)
+                .map(|c| ClaimStatus::at(c, now))
+                .collect()
+        };
         let services = self
             .records
             .iter()
@@ -105,6 +115,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     park_error: self.effects.park_unavailable(spec),
                     parked_at_ms: record.parked_at_ms(),
                     resumed_at_ms: record.resumed_at_ms(),
+                    claims: claims_on(&spec.name),
                 };
                 (spec.name.to_string(), status)
             })
@@ -129,7 +140,6 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 })
                 .collect(),
         };
-        let desired = self.desired.clone().unwrap_or_default();
         Status {
             vram,
             services,
@@ -142,10 +152,15 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 generation: self.generation,
                 converged_generation: self.converged_generation,
                 error: self.desired_error.clone(),
+                claims: desired
+                    .claims
+                    .iter()
+                    .map(|c| ClaimStatus::at(c, now))
+                    .collect(),
             },
             recent_actions: self.history.clone(),
             transitions: self.transitions.clone(),
-            observed_at_ms: now_ms(),
+            observed_at_ms,
             first_round_done: self.first_round_done,
         }
     }

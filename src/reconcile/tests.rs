@@ -1049,3 +1049,77 @@ fn a_start_waiting_for_room_looks_again_less_often_the_longer_it_waits() {
     assert_eq!(super::room_poll(ms(400)), ms(100));
     assert_eq!(super::room_poll(ms(30_000)), ms(250), "capped");
 }
+
+fn claim_for(service: &str, holder: &str) -> Change {
+    Change::Claim(crate::desired::Claim {
+        service: name(service),
+        holder: crate::desired::Holder::parse(holder).unwrap(),
+        // Far off: this test runs on the paused clock, the claim's end on the wall's.
+        until: crate::utc::UtcTime::now().plus_s(3600),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn claimed_services_are_kept_through_a_phase_and_a_stop_until_forced() {
+    let effects = FakeEffects::default();
+    let t = start(effects.clone(), FakeLease::default());
+    t.phase(2).await.unwrap();
+    let report = t.transition(claim_for("c", "job")).await.await.unwrap();
+    assert_eq!(report.unwrap().services["c"], ServiceState::Ready);
+    t.transition(claim_for("b", "other"))
+        .await
+        .await
+        .unwrap()
+        .unwrap();
+    let file = std::fs::read_to_string(&t.desired).unwrap();
+    assert!(file.contains("holder: job"), "{file}");
+
+    // Phase 1's a needs the memory both claims keep: it is written, a is preempted
+    // naming the claims, and the answer is 409.
+    let error = t.phase(1).await.unwrap_err();
+    assert_eq!(error.http_status(), 409);
+    let TransitionError::CannotFit { claims, .. } = &error else {
+        panic!("{error:?}");
+    };
+    assert_eq!(claims.len(), 2, "{error:?}");
+    t.until("a preempted", |t| t.state("a") == ServiceState::Preempted)
+        .await;
+    let reason = t.handle.status.borrow().services["a"].reason.clone();
+    assert!(reason.unwrap_or_default().contains("claimed by \"job\""));
+    assert_eq!(t.handle.status.borrow().desired.phase, Some(1));
+    assert_eq!((effects.count("stop b"), effects.count("stop c")), (0, 0));
+
+    // A stop of a claimed service names the holders; forced, it ends the claims.
+    let error = t.transition(Change::Stop(name("c"))).await.await.unwrap();
+    let error = error.unwrap_err();
+    assert_eq!(error.body()["kind"], "claimed");
+    assert_eq!(error.body()["holders"], serde_json::json!(["job"]));
+    let forced = t.transition_forced(Change::Stop(name("c")), true).await;
+    let report = forced.await.unwrap().unwrap();
+    assert_eq!(report.ended_claims.len(), 1);
+    assert_eq!(report.services["c"], ServiceState::Stopped);
+    t.until("a runs beside claimed b", |t| {
+        t.state("a") == ServiceState::Ready
+    })
+    .await;
+    assert_eq!(effects.count("stop b"), 0);
+
+    // A release names the claims there are when the holder has none.
+    let release = |holder: &str| Change::Release {
+        service: name("b"),
+        holder: crate::desired::Holder::parse(holder).unwrap(),
+    };
+    let error = t
+        .transition(release("job"))
+        .await
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.http_status(), 404);
+    assert!(error.to_string().contains("\"other\" until"), "{error}");
+    t.transition(release("other")).await.await.unwrap().unwrap();
+    t.until("b stops: phase 1 does not list it", |t| {
+        t.state("b") == ServiceState::Stopped
+    })
+    .await;
+}

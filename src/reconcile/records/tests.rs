@@ -109,6 +109,7 @@ fn from_stopped() {
     record.apply(Event::Verdict(Verdict::Preempted {
         reason: "comfyui needs the room".into(),
         shortfall_mb: 100,
+        claims: Vec::new(),
     }));
     assert_eq!(record.state(), ServiceState::Preempted);
     assert_eq!(record.reason(), Some("comfyui needs the room"));
