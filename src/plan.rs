@@ -366,17 +366,16 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
         .map(|s| held(s, view_of(&s.name)))
         .sum();
 
-    // Greedy: claimed services first, then by priority (the inventory iterates highest
-    // first): each wanted service is kept if it fits in what those kept before it left
-    // (docs/ARCHITECTURE.md, "Claims").
+    // Greedy: claimed services first (those already holding memory before those not,
+    // so a new claim never takes an older one's room), then by priority (the inventory
+    // iterates highest first): each wanted service is kept if it fits in what those
+    // kept before it left (docs/ARCHITECTURE.md, "Claims").
     let mut verdicts = BTreeMap::new();
     let mut kept: Vec<(&ServiceSpec, u64)> = Vec::new();
     let mut remaining = usable.saturating_sub(stuck_mb);
-    let claimed_first = inventory
-        .iter()
-        .filter(|s| desired.is_claimed(&s.name))
-        .chain(inventory.iter().filter(|s| !desired.is_claimed(&s.name)));
-    for spec in claimed_first {
+    let mut in_turn: Vec<&ServiceSpec> = inventory.iter().collect();
+    in_turn.sort_by_key(|s| turn(desired, view_of(&s.name), &s.name));
+    for spec in in_turn {
         let view = view_of(&spec.name);
         let verdict = match (wanted.get(&spec.name), &view.gate, &view.condition) {
             (_, StartGate::Closed { reason }, _) if view.presence.holds_memory() => Verdict::Held {
@@ -523,6 +522,24 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
         actions,
         verdicts,
         budget: observed.budget,
+    }
+}
+
+/// When a service's turn to be kept comes, earliest first: a claimed service that holds
+/// memory, then one that does not yet, then every other (each group stays in priority
+/// order: the sort is stable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Turn {
+    ClaimedAndPresent,
+    Claimed,
+    Unclaimed,
+}
+
+fn turn(desired: &DesiredState, view: &ServiceView, name: &ServiceName) -> Turn {
+    match (desired.is_claimed(name), view.presence.holds_memory()) {
+        (true, true) => Turn::ClaimedAndPresent,
+        (true, false) => Turn::Claimed,
+        (false, _) => Turn::Unclaimed,
     }
 }
 
@@ -821,6 +838,26 @@ pub(crate) mod tests {
         let parked = with(rtx4090(&[]), "cosyvoice", Presence::Parked);
         let p = plan(&parking_mcn(), &desired, &parked);
         assert_eq!(ops(&p), ["resume cosyvoice 3072"]);
+    }
+
+    #[test]
+    fn a_new_claim_never_takes_the_room_of_a_running_claimed_service() {
+        // cosyvoice is claimed and running; a claim on comfyui (priority 100, 20 GB) comes
+        // after: comfyui waits, naming cosyvoice's claim, whatever its priority.
+        let desired = claimed(claimed(phase(3), "cosyvoice", "tts-batch"), "comfyui", "ui");
+        let p = plan(&mcn(), &desired, &rtx4090(&["cosyvoice"]));
+        assert!(
+            !p.actions.iter().any(|a| a.service == name("cosyvoice")),
+            "{:?}",
+            p.actions
+        );
+        let Verdict::Preempted { claims, .. } = &p.verdicts[&name("comfyui")] else {
+            panic!("{:?}", p.verdicts[&name("comfyui")]);
+        };
+        assert_eq!(claims[0].holder.as_str(), "tts-batch");
+        // With neither running, the higher priority goes first.
+        let p = plan(&mcn(), &desired, &rtx4090(&[]));
+        assert_eq!(p.verdicts[&name("comfyui")], Verdict::Run);
     }
 
     fn phase(n: u32) -> DesiredState {
@@ -1187,9 +1224,9 @@ pub(crate) mod tests {
             let running: Vec<i64> = frees.filter(|a| !was_parked(a)).map(priority).collect();
             prop_assert!(parked.windows(2).all(|w| w[0] < w[1]), "stops lowest first: {:?}", parked);
             prop_assert!(running.windows(2).all(|w| w[0] < w[1]), "stops and parks lowest first: {:?}", running);
-            let claimed_then_priority = |a: &Action| (desired.is_claimed(&a.service), priority(a));
-            let starts: Vec<(bool, i64)> = p.actions.iter().filter(|a| !a.op.frees()).map(claimed_then_priority).collect();
-            prop_assert!(starts.windows(2).all(|w| w[0] > w[1]), "starts claimed first, then highest first: {:?}", starts);
+            let turn_then_priority = |a: &Action| (turn(&desired, &observed.services[&a.service], &a.service), -priority(a));
+            let starts: Vec<(Turn, i64)> = p.actions.iter().filter(|a| !a.op.frees()).map(turn_then_priority).collect();
+            prop_assert!(starts.windows(2).all(|w| w[0] < w[1]), "starts claimed first (present ones first), then highest first: {:?}", starts);
             prop_assert_eq!(&p, &plan(&inv, &desired, &observed), "deterministic");
         }
 
