@@ -5,12 +5,13 @@
 //! changes nothing. It counts memory with the planner's rules (`plan::Budget` and
 //! `plan::footprint_mb`: declared, learned peak, or observed, whichever is most) and preempts as the planner does: services of higher (or
 //! equal) priority keep their room, then lower ones are kept, highest first, while they
-//! still fit in what is left; the rest would be stopped.
+//! still fit in what is left; the rest would be stopped. A claimed service is never
+//! stopped, whatever its priority (docs/ARCHITECTURE.md, "Claims").
 
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{footprint_mb, Budget, Presence, ServiceView};
-use crate::status::{ServiceState, ServiceStatus, Status};
+use crate::status::{ClaimStatus, ServiceState, ServiceStatus, Status};
 
 /// The answer, as the API sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +28,9 @@ pub struct CanFit {
     /// What a start of N MB at `priority` would stop, in stop order (lowest priority
     /// first); empty when it fits, or when it cannot fit even by stopping them.
     pub would_preempt: Vec<String>,
+    /// The claims on services that hold memory now: no start stops those.
+    #[serde(default)]
+    pub protected: Vec<ClaimStatus>,
     pub reason: String,
 }
 
@@ -57,6 +61,7 @@ struct Holder<'a> {
     name: &'a str,
     priority: i64,
     mb: u64,
+    claimed: bool,
 }
 
 /// Whether a service in this state holds (or is about to hold) VRAM.
@@ -103,6 +108,7 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
                 name,
                 priority: service.priority,
                 mb,
+                claimed: !service.claims.is_empty(),
             }
         })
         .collect();
@@ -110,6 +116,12 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
     holders.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(b.name)));
     let held_mb: u64 = holders.iter().map(|h| h.mb).sum();
     let free_mb = budget_mb.saturating_sub(held_mb);
+    let protected: Vec<ClaimStatus> = status
+        .services
+        .values()
+        .filter(|service| holds_memory(service))
+        .flat_map(|service| service.claims.iter().cloned())
+        .collect();
     let answer = |fits, would_preempt, reason| CanFit {
         fits,
         mb,
@@ -117,6 +129,7 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
         budget_mb,
         priority,
         would_preempt,
+        protected: protected.clone(),
         reason,
     };
 
@@ -139,14 +152,18 @@ pub fn can_fit(status: &Status, mb: u64, priority: Option<i64>) -> CanFit {
         );
     }
 
-    let outranks = |holder: &Holder| priority.is_none_or(|p| p > holder.priority);
+    let outranks =
+        |holder: &Holder| !holder.claimed && priority.is_none_or(|p| p > holder.priority);
     let (lower, kept): (Vec<&Holder>, Vec<&Holder>) = holders.iter().partition(|h| outranks(h));
     let mut remaining = budget_mb.saturating_sub(kept.iter().map(|h| h.mb).sum());
     let at = priority.map_or("any priority".to_owned(), |p| format!("priority {p}"));
     if mb > remaining {
         let names: Vec<String> = kept
             .iter()
-            .map(|h| format!("{} {} MB (priority {})", h.name, h.mb, h.priority))
+            .map(|h| match h.claimed {
+                true => format!("{} {} MB (claimed)", h.name, h.mb),
+                false => format!("{} {} MB (priority {})", h.name, h.mb, h.priority),
+            })
             .collect();
         return answer(
             false,
@@ -276,6 +293,30 @@ mod tests {
             answer.reason
         );
         assert_eq!(can_fit(&status, 4096, Some(101)).would_preempt, ["comfyui"]);
+    }
+
+    #[test]
+    fn a_claimed_service_is_never_preempted_and_its_claim_is_listed() {
+        let mut status = rtx4090(&[("cosyvoice", None), ("vidi", None)]);
+        let claim = ClaimStatus {
+            service: "vidi".into(),
+            holder: "tts-batch".into(),
+            until: crate::utc::UtcTime::parse("2026-12-03T10:15:00Z").unwrap(),
+            seconds_left: 60,
+        };
+        status.services.get_mut("vidi").unwrap().claims = vec![claim.clone()];
+        // 16000 MB at priority 45 would stop vidi (p40) were it not claimed: it keeps
+        // its room, so cosyvoice goes instead.
+        let answer = can_fit(&status, 16000, Some(45));
+        assert_eq!(answer.would_preempt, ["cosyvoice"]);
+        assert_eq!(answer.protected, [claim]);
+        let answer = can_fit(&status, 20000, None);
+        assert!(answer.would_preempt.is_empty(), "{answer:?}");
+        assert!(
+            answer.reason.contains("vidi 4096 MB (claimed)"),
+            "{}",
+            answer.reason
+        );
     }
 
     #[test]

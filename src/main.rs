@@ -147,6 +147,27 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Take (or renew) a claim on a service: it is started if needed and, while the
+    /// claim lives, never stopped, parked or preempted (docs/ARCHITECTURE.md, "Claims").
+    Claim {
+        name: String,
+        /// How long the claim lasts: 600, 90s, 30m, 2h (at most a day). Renew to hold longer.
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: u64,
+        /// Who holds it (free text: a job id, a person): the same holder renews or releases.
+        #[arg(long)]
+        holder: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// End a holder's claim on a service.
+    Release {
+        name: String,
+        #[arg(long)]
+        holder: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Reset what was learned of a service's VRAM footprint (its peak and residual):
     /// through the daemon when it answers, else in the config's state_dir directly.
     Forget {
@@ -195,6 +216,25 @@ fn parse_url(text: &str) -> Result<Url, String> {
         "http" => Ok(url),
         scheme => Err(format!(
             "{scheme}:// is not supported: the daemon speaks plain HTTP (use http://HOST:PORT)"
+        )),
+    }
+}
+
+/// A claim's `--ttl`: bare seconds or a duration such as `30m`, in whole seconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let seconds = match text.parse::<u64>() {
+        Ok(seconds) => seconds,
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|e| {
+                format!("{text:?} is not a duration ({e}): give seconds, or 90s, 30m, 2h")
+            })?
+            .as_secs(),
+    };
+    let max = gpu_manager::claim_request::MAX_TTL_S;
+    match seconds {
+        1..=gpu_manager::claim_request::MAX_TTL_S => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is out of range: a claim lasts 1 s to {max} s (a day); renew to hold longer"
         )),
     }
 }
@@ -417,6 +457,28 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             force,
             daemon,
         } => return Ok(daemon.transition(Request::Stop(name), force).await),
+        Command::Claim {
+            name,
+            ttl,
+            holder,
+            daemon,
+        } => {
+            let request = Request::Claim {
+                name,
+                holder,
+                ttl_s: ttl,
+            };
+            return Ok(daemon.transition(request, false).await);
+        }
+        Command::Release {
+            name,
+            holder,
+            daemon,
+        } => {
+            return Ok(daemon
+                .transition(Request::Release { name, holder }, false)
+                .await)
+        }
         Command::Forget { name, daemon } => {
             let client = daemon.client();
             let config = daemon.config.as_deref();

@@ -128,3 +128,50 @@ fn claims_are_checked_refused_when_they_cannot_fit_and_survive_a_kill() {
     assert_eq!(forced["ended_claims"][0]["holder"], "render", "{forced}");
     assert!(claims(&api).is_empty());
 }
+
+#[test]
+fn the_cli_claims_shows_and_releases() {
+    let (h, api) = serve();
+    let url = api.url();
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-manager"))
+            .args(args)
+            .args(["--url", &url])
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run gpu-manager");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (
+            output.status.code(),
+            text(&output.stdout),
+            text(&output.stderr),
+        )
+    };
+    let (code, out, err) = cli(&["claim", "vidi", "--ttl", "30m", "--holder", "me"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("start vidi"), "the claim starts it: {out}");
+    assert!(h.is_ready("vidi"));
+    let seconds_left = api.status()["services"]["vidi"]["claims"][0]["seconds_left"].clone();
+    assert!(
+        seconds_left
+            .as_u64()
+            .is_some_and(|s| (1790..=1800).contains(&s)),
+        "30m: {seconds_left}"
+    );
+    let (_, out, _) = cli(&["status"]);
+    assert!(out.contains("CLAIM vidi by \"me\", 29m"), "{out}");
+
+    let (code, _, err) = cli(&["claim", "vidi", "--ttl", "2days", "--holder", "me"]);
+    assert_eq!(code, Some(2), "clap refuses a ttl over a day: {err}");
+    assert!(err.contains("a day"), "{err}");
+
+    let (code, out, err) = cli(&["release", "vidi", "--holder", "someone-else"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        err.contains("404") && err.contains("\"me\""),
+        "names the claims there are: {err}"
+    );
+    let (code, out, err) = cli(&["release", "vidi", "--holder", "me"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(claims(&api).is_empty(), "{:?}", claims(&api));
+}

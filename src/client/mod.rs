@@ -1,5 +1,5 @@
 //! The client commands (`status`, `can-fit MB`, `phase N`, `start NAME`, `stop NAME`,
-//! `forget NAME`): they talk to a
+//! `claim NAME`, `release NAME`, `forget NAME`): they talk to a
 //! running daemon over its HTTP API. Transitions follow `GET /gpu/events` while the POST
 //! is pending, so people see each action and state change as it happens.
 //!
@@ -65,18 +65,38 @@ pub enum Request {
     Phase(Phase),
     Start(String),
     Stop(String),
+    /// Take or renew `holder`'s claim on a service for `ttl_s` seconds.
+    Claim {
+        name: String,
+        holder: String,
+        ttl_s: u64,
+    },
+    Release {
+        name: String,
+        holder: String,
+    },
 }
 
 impl Request {
     fn path(&self) -> Vec<String> {
+        let service =
+            |name: &str, verb: &str| ["gpu", "service", name, verb].map(String::from).to_vec();
         match self {
             Request::Phase(phase) => vec!["gpu".into(), "prepare-phase".into(), phase.to_string()],
-            Request::Start(name) => {
-                vec!["gpu".into(), "service".into(), name.clone(), "start".into()]
+            Request::Start(name) => service(name, "start"),
+            Request::Stop(name) => service(name, "stop"),
+            Request::Claim { name, .. } => service(name, "claim"),
+            Request::Release { name, .. } => service(name, "release"),
+        }
+    }
+
+    fn query(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Request::Claim { holder, ttl_s, .. } => {
+                vec![("holder", holder.clone()), ("ttl_s", ttl_s.to_string())]
             }
-            Request::Stop(name) => {
-                vec!["gpu".into(), "service".into(), name.clone(), "stop".into()]
-            }
+            Request::Release { holder, .. } => vec![("holder", holder.clone())],
+            Request::Phase(_) | Request::Start(_) | Request::Stop(_) => Vec::new(),
         }
     }
 
@@ -85,6 +105,12 @@ impl Request {
             Request::Phase(phase) => format!("phase {phase}"),
             Request::Start(name) => format!("start {name}"),
             Request::Stop(name) => format!("stop {name}"),
+            Request::Claim {
+                name,
+                holder,
+                ttl_s,
+            } => format!("claim {name} for {holder:?} ({ttl_s} s)"),
+            Request::Release { name, holder } => format!("release {name} by {holder:?}"),
         }
     }
 }
@@ -241,6 +267,9 @@ impl Client {
             Some(tokio::spawn(self.follow_events(events_tx).await?))
         };
         let mut url = self.url(&request.path());
+        for (key, value) in request.query() {
+            url.query_pairs_mut().append_pair(key, &value);
+        }
         if force {
             url.query_pairs_mut().append_pair("force", "true");
         }

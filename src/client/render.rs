@@ -1,10 +1,11 @@
 //! What people read: the status table, one line per daemon event, a transition's report.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use crate::can_fit::CanFit;
 use crate::footprints::Forgotten;
-use crate::status::{ActionRecord, DaemonEvent, Status};
+use crate::status::{ActionRecord, ClaimStatus, DaemonEvent, Status};
 use crate::transition::TransitionReport;
 
 const BAR_WIDTH: u64 = 40;
@@ -65,6 +66,10 @@ pub fn status_table(status: &Status) -> String {
             first_line(error)
         );
     }
+    if !desired.claims.is_empty() {
+        let claims: Vec<String> = desired.claims.iter().map(claim).collect();
+        let _ = writeln!(out, "CLAIM {}", claims.join("; "));
+    }
     let lease = match &status.lock.holder {
         Some(holder) => format!("held by {holder}"),
         None => "free".to_owned(),
@@ -99,6 +104,12 @@ pub fn status_table(status: &Status) -> String {
         let _ = writeln!(out, "warning: {warning}");
     }
     out
+}
+
+/// `comfyui by "render-job-42", 9m 58s left`.
+fn claim(claim: &ClaimStatus) -> String {
+    let left = humantime::format_duration(Duration::from_secs(claim.seconds_left));
+    format!("{} by {:?}, {left} left", claim.service, claim.holder)
 }
 
 /// `[#####.....]`: the share of `total` that `used` is.
@@ -290,5 +301,22 @@ mod tests {
             "{line}"
         );
         assert!(!table.contains("log line"));
+    }
+
+    #[test]
+    fn the_table_lists_live_claims_with_their_time_left() {
+        let mut status = Status::default();
+        assert!(!status_table(&status).contains("CLAIM"));
+        status.desired.claims.push(ClaimStatus {
+            service: "comfyui".into(),
+            holder: "render-job-42".into(),
+            until: crate::utc::UtcTime::parse("2026-12-03T10:15:00Z").unwrap(),
+            seconds_left: 598,
+        });
+        let table = status_table(&status);
+        assert!(
+            table.contains("CLAIM comfyui by \"render-job-42\", 9m 58s left\n"),
+            "{table}"
+        );
     }
 }

@@ -7,6 +7,8 @@ and stopped so that what is wanted fits in VRAM.
     if gm.can_fit(4096): ...
     gm.prepare_for_phase(3)           # the transition report; raises on refusal
     gm.stop("comfyui", force=True)    # skip draining: its work in flight is lost
+    with gm.claim("comfyui", ttl=600, holder="render-job-42"):  # never taken away meanwhile
+        render()
     with gpu_lock("redis://127.0.0.1:6379"):   # the v1 redis-py Lock, unchanged
         run_my_gpu_job()
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any, Dict, Iterator, List, Optional, Type
 
 import requests
@@ -30,7 +34,10 @@ __all__ = [
     "Unauthorized",
     "BadRequest",
     "NotFound",
+    "NoSuchClaim",
     "CannotFit",
+    "Claimed",
+    "ClaimSession",
     "Busy",
     "Superseded",
     "LeaseHeld",
@@ -85,9 +92,24 @@ class NotFound(GpuManagerError):
     """404 ``unknown_service`` / ``unknown_phase``: ``body["known"]`` lists the valid ones."""
 
 
+class NoSuchClaim(NotFound):
+    """404 ``no_such_claim``: that holder has no claim on the service;
+    ``body["claims"]`` lists the claims there are."""
+
+
 class CannotFit(GpuManagerError):
     """409 ``cannot_fit``: it does not fit even after preempting lower priorities;
-    ``body["shortfall_mb"]`` says by how much."""
+    ``body["shortfall_mb"]`` says by how much, and :attr:`claims` lists the claims that
+    keep it out (when claims do)."""
+
+    @property
+    def claims(self) -> List[Dict[str, Any]]:
+        return list(self.body.get("claims") or [])
+
+
+class Claimed(GpuManagerError):
+    """409 ``claimed``: a stop of a claimed service; ``body["holders"]`` names who holds
+    it. ``force=True`` ends the claims first."""
 
 
 class Busy(GpuManagerError):
@@ -128,7 +150,9 @@ _KINDS: Dict[str, Type[GpuManagerError]] = {
     "bad_request": BadRequest,
     "unknown_service": NotFound,
     "unknown_phase": NotFound,
+    "no_such_claim": NoSuchClaim,
     "cannot_fit": CannotFit,
+    "claimed": Claimed,
     "busy": Busy,
     "superseded": Superseded,
     "lease_held": LeaseHeld,
@@ -250,6 +274,30 @@ class GpuManager:
         ``force=True`` stops it at once and its work in flight is lost."""
         return self._transition(f"/gpu/service/{name}/stop", wait, force)
 
+    def take_claim(
+        self, name: str, ttl: int, holder: str, wait: bool = True
+    ) -> Dict[str, Any]:
+        """``POST /gpu/service/NAME/claim``: takes or renews ``holder``'s claim for
+        ``ttl`` seconds (1 to 86400); the service is started if needed and, while the
+        claim lives, never stopped, parked or preempted. Raises :class:`CannotFit` (with
+        :attr:`CannotFit.claims`) when it cannot be taken; nothing changes then."""
+        return self._json(
+            "POST", f"/gpu/service/{name}/claim", holder=holder, ttl_s=int(ttl),
+            wait=None if wait else "false",
+        )
+
+    def release(self, name: str, holder: str) -> Dict[str, Any]:
+        """``POST /gpu/service/NAME/release``: ends ``holder``'s claim. Raises
+        :class:`NoSuchClaim` when there is none."""
+        return self._json("POST", f"/gpu/service/{name}/release", holder=holder)
+
+    def claim(self, name: str, ttl: int, holder: str) -> "ClaimSession":
+        """A claim for a ``with`` block: taken on entry (raising :class:`CannotFit`),
+        renewed in the background every ``ttl``/3 seconds while the block runs, released
+        on the way out, exception or not. If the process dies, the claim ends by itself
+        ``ttl`` seconds after its last renewal."""
+        return ClaimSession(self, name, ttl, holder)
+
     def plan(
         self,
         phase: Optional[int] = None,
@@ -268,6 +316,59 @@ class GpuManager:
     def services(self) -> List[str]:
         """The service names the daemon manages."""
         return sorted(self.status()["services"])
+
+
+class ClaimSession:
+    """What :meth:`GpuManager.claim` returns: use it in a ``with`` statement.
+
+    ``report`` is the claim's first answer (a transition report); ``renewals`` counts the
+    renewals so far and ``renewal_error`` holds the last renewal's error, if the latest
+    one failed (the claim then lives until its last renewal's ``ttl`` runs out)."""
+
+    def __init__(self, gm: GpuManager, name: str, ttl: int, holder: str) -> None:
+        if int(ttl) < 3:
+            raise ValueError(f"ttl={ttl}: a renewed claim needs at least 3 seconds")
+        self.gm = gm
+        self.name = name
+        self.ttl = int(ttl)
+        self.holder = holder
+        self.report: Dict[str, Any] = {}
+        self.renewals = 0
+        self.renewal_error: Optional[GpuManagerError] = None
+        self._done = threading.Event()
+        self._renewer: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "ClaimSession":
+        self.report = self.gm.take_claim(self.name, self.ttl, self.holder)
+        self._renewer = threading.Thread(
+            target=self._renew, name=f"claim-{self.name}-{self.holder}", daemon=True
+        )
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._done.wait(self.ttl / 3):
+            try:
+                self.gm.take_claim(self.name, self.ttl, self.holder, wait=False)
+                self.renewals += 1
+                self.renewal_error = None
+            except GpuManagerError as error:
+                # The claim lives on until its last renewal's ttl: try again next time.
+                self.renewal_error = error
+
+    def __exit__(
+        self,
+        kind: Optional[Type[BaseException]],
+        error: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self._done.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            self.gm.release(self.name, self.holder)
+        except NoSuchClaim:
+            pass  # it expired (or was forced) meanwhile: nothing left to release
 
 
 def _server_sent_events(response: requests.Response) -> Iterator[Dict[str, Any]]:

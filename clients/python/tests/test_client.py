@@ -13,6 +13,7 @@ from gpu_manager_client import (
     BadRequest,
     Busy,
     CannotFit,
+    Claimed,
     GpuManager,
     GpuManagerError,
     LeaseHeld,
@@ -169,3 +170,38 @@ def test_an_unreachable_daemon_is_one_error_with_no_status():
         GpuManager("http://127.0.0.1:9", timeout=2).status()
     assert refused.value.status is None
     assert "gpu-manager serve" in str(refused.value)
+
+
+def claim_holders(gm, name):
+    return [c["holder"] for c in gm.status()["services"][name].get("claims", [])]
+
+
+def test_a_claim_session_is_renewed_past_its_ttl_and_released_on_an_exception(daemon):
+    gm = GpuManager(daemon.url)
+    with pytest.raises(RuntimeError, match="render failed"):
+        with gm.claim("cosyvoice", ttl=3, holder="tts-batch") as session:
+            assert session.report["services"]["cosyvoice"] == "ready", session.report
+            pid = gm.status()["services"]["cosyvoice"]["pids"]
+            # Twice the ttl: only the renewals keep it.
+            time.sleep(6.5)
+            assert session.renewals >= 3, session.renewals
+            assert session.renewal_error is None, session.renewal_error
+            assert claim_holders(gm, "cosyvoice") == ["tts-batch"]
+            with pytest.raises(Claimed) as refused:
+                gm.stop("cosyvoice")
+            assert refused.value.body["holders"] == ["tts-batch"]
+            assert gm.status()["services"]["cosyvoice"]["pids"] == pid
+            raise RuntimeError("render failed")
+    assert claim_holders(gm, "cosyvoice") == []
+    gm.stop("cosyvoice")
+
+
+def test_a_claim_that_cannot_fit_raises_cannot_fit_with_the_blocking_claims(daemon):
+    gm = GpuManager(daemon.url)
+    with gm.claim("comfyui", ttl=600, holder="render-job-42"):
+        with pytest.raises(CannotFit) as refused:
+            with gm.claim("ollama", ttl=600, holder="chat"):
+                pytest.fail("the block must not run")
+        assert [c["holder"] for c in refused.value.claims] == ["render-job-42"]
+        assert claim_holders(gm, "ollama") == []
+    assert claim_holders(gm, "comfyui") == []
