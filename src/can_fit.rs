@@ -305,9 +305,9 @@ mod tests {
             seconds_left: 60,
         };
         status.services.get_mut("vidi").unwrap().claims = vec![claim.clone()];
-        // 16000 MB at priority 45 would stop vidi (p40) were it not claimed: it keeps
-        // its room, so cosyvoice goes instead.
-        let answer = can_fit(&status, 16000, Some(45));
+        // 16000 MB at priority 60 would stop vidi (p40) and keep cosyvoice were vidi not
+        // claimed: vidi keeps its room, so cosyvoice goes instead.
+        let answer = can_fit(&status, 16000, Some(60));
         assert_eq!(answer.would_preempt, ["cosyvoice"]);
         assert_eq!(answer.protected, [claim]);
         let answer = can_fit(&status, 20000, None);
