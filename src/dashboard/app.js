@@ -408,7 +408,8 @@ function renderServices(status) {
   for (const row of body.rows) {
     const name = row.dataset.service;
     const s = status.services[name];
-    const wanted = d.pinned.includes(name) ? "pinned" : d.held.includes(name) ? "held" : s.wanted ? "yes" : "no";
+    const claims = s.claims || [];
+    const wanted = claims.length ? "claimed" : d.pinned.includes(name) ? "pinned" : d.held.includes(name) ? "held" : s.wanted ? "yes" : "no";
     const text = {
       declared: mb(s.declared_vram_mb),
       observed: mb(s.observed_vram_mb),
@@ -427,10 +428,32 @@ function renderServices(status) {
     row.querySelector('[data-cell="learned"]').title = s.footprint_warning || "";
     const parkTimes = [s.parked_at_ms && `parked at ${clock(s.parked_at_ms)}`, s.resumed_at_ms && `resumed at ${clock(s.resumed_at_ms)}`];
     row.querySelector('[data-cell="park"]').title = s.park_error || parkTimes.filter(Boolean).join(", ");
+    renderClaims(row.querySelector('[data-cell="wanted"]'), claims);
     const badge = row.querySelector(".state");
     badge.className = `state state-${s.state}`;
     badge.textContent = s.state;
   }
+}
+
+// A claim's holder and the time it has left, counted down between refreshes from its
+// `until` (docs/ARCHITECTURE.md, "Claims").
+function renderClaims(cell, claims) {
+  cell.append(...claims.map((c) => el("div", { class: "claim", "data-holder": c.holder, "data-until": c.until })));
+  tickClaims(cell);
+}
+
+function tickClaims(root) {
+  for (const claim of root.querySelectorAll(".claim")) {
+    const left = Math.max(0, Date.parse(claim.dataset.until) - Date.now());
+    claim.textContent = `${claim.dataset.holder}: ${countdown(left)} left`;
+  }
+}
+
+function countdown(ms) {
+  const total = Math.ceil(ms / 1000);
+  const [h, m, s] = [Math.floor(total / 3600), Math.floor(total / 60) % 60, total % 60];
+  const two = (n) => String(n).padStart(2, "0");
+  return h ? `${h}:${two(m)}:${two(s)}` : `${m}:${two(s)}`;
 }
 
 function renderActions(actions) {
@@ -545,6 +568,7 @@ function start() {
   refreshStatus().then(loadHistory);
   connectEvents();
   setInterval(refreshStatus, REFRESH_MS);
+  setInterval(() => tickClaims(byId("services")), 1000);
 }
 
 start();

@@ -16,6 +16,7 @@ failed check, saying what was expected.
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -232,10 +233,40 @@ class Run:
             raise Check("the page was reloaded")
         self.ok("after a daemon restart the page reconnected by itself and follows the new daemon")
 
+        self.claims()
+
         violations = self.csp_violations()
         if violations:
             raise Check(f"no Content-Security-Policy violations, got {violations}")
         self.ok("no Content-Security-Policy violations in the console")
+
+    def claims(self):
+        """A claim shows its holder and a countdown that runs between refreshes."""
+        d = self.driver
+        code, body = post(self.url, "/gpu/service/cosyvoice/claim?holder=browser-check&ttl_s=120")
+        if code != 200:
+            raise Check(f"a claim on cosyvoice, got {code}: {body}")
+        cell = lambda: d.find_element(By.CSS_SELECTOR, '#services tr[data-service="cosyvoice"] [data-cell="wanted"]')
+        wait_for("cosyvoice claimed on the page", lambda: "browser-check:" in cell().text, 5)
+        if not cell().text.startswith("claimed"):
+            raise Check(f"the wanted cell says claimed, got {cell().text!r}")
+        first = cell().find_element(By.CSS_SELECTOR, ".claim").text
+        wait_for("the countdown to move", lambda: cell().find_element(By.CSS_SELECTOR, ".claim").text != first, 5)
+        left = cell().find_element(By.CSS_SELECTOR, ".claim").text
+
+        def seconds_left(text):
+            shown = re.fullmatch(r"browser-check: (\d+):(\d\d) left", text)
+            if not shown:
+                raise Check(f"holder and time left as m:ss, got {text!r}")
+            return int(shown[1]) * 60 + int(shown[2])
+        if not 110 <= seconds_left(left) < seconds_left(first) <= 121:
+            raise Check(f"a 120 s claim counting down, got {first!r} then {left!r}")
+        self.shot("07-claimed")
+        code, body = post(self.url, "/gpu/service/cosyvoice/release?holder=browser-check")
+        if code != 200:
+            raise Check(f"the release, got {code}: {body}")
+        wait_for("the claim gone from the page", lambda: "browser-check" not in cell().text, 5)
+        self.ok(f"a claim shows its holder and countdown ({first!r} then {left!r}) until released")
 
     def tokened(self):
         d = self.driver
