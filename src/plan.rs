@@ -227,6 +227,9 @@ pub struct Plan {
     pub actions: Vec<Action>,
     pub verdicts: BTreeMap<ServiceName, Verdict>,
     pub budget: Budget,
+    /// The claims on the services kept running: what the plan protects
+    /// (docs/ARCHITECTURE.md, "Claims").
+    pub protected: Vec<Claim>,
 }
 
 impl Plan {
@@ -267,6 +270,14 @@ pub fn render(plan: &Plan) -> String {
             action.service,
             action.vram_mb,
             action.reason
+        ));
+    }
+    for claim in &plan.protected {
+        out.push_str(&format!(
+            "{} protected: claimed by {:?} until {}\n",
+            claim.service,
+            claim.holder.as_str(),
+            claim.until
         ));
     }
     for (name, verdict) in &plan.verdicts {
@@ -518,10 +529,17 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
             after: after.clone(),
         });
     }
+    let protected = desired
+        .claims
+        .iter()
+        .filter(|c| verdicts.get(&c.service) == Some(&Verdict::Run))
+        .cloned()
+        .collect();
     Plan {
         actions,
         verdicts,
         budget: observed.budget,
+        protected,
     }
 }
 
@@ -815,6 +833,14 @@ pub(crate) mod tests {
             "{reason}"
         );
         assert_eq!(claims, &desired.claims);
+        assert_eq!(p.protected, desired.claims);
+        assert!(
+            render(&p).contains(
+                "cosyvoice protected: claimed by \"render-job-42\" until 2026-12-03T10:15:00Z\n"
+            ),
+            "{}",
+            render(&p)
+        );
         // Once the claim is gone, the phase has its way.
         assert_eq!(
             steps(&plan(&mcn(), &phase(4), &rtx4090(&["cosyvoice"]))),
