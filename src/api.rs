@@ -17,6 +17,7 @@ use warp::{Filter, Rejection};
 
 use crate::config::{ApiConfig, Phase, ServiceName};
 use crate::reconcile::{Command, ReconcilerHandle};
+use crate::reload::{ReloadTrigger, RemovedServices};
 use crate::status::DaemonEvent;
 use crate::transition::{Change, TransitionError};
 
@@ -96,6 +97,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /gpu/reload?keep_removed=true`.
+#[derive(Debug, Deserialize)]
+struct ReloadQuery {
+    keep_removed: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +220,24 @@ pub fn routes(
             };
             transition(handle, Change::Release { service, holder }, wait).await
         });
+    let reload = warp::path!("gpu" / "reload")
+        .and(post_plain.clone())
+        .and(warp::query::<ReloadQuery>())
+        .and(with_handle.clone())
+        .and_then(|query: ReloadQuery, handle| async move {
+            let removed = match query.keep_removed.unwrap_or(false) {
+                true => RemovedServices::Keep,
+                false => RemovedServices::Stop,
+            };
+            let trigger = ReloadTrigger::Api;
+            let report = ask(&handle, |reply| Command::Reload {
+                removed,
+                trigger,
+                reply,
+            })
+            .await?;
+            Ok::<_, Rejection>(warp::reply::json(&report).into_response())
+        });
     let forget = warp::path!("gpu" / "service" / String / "forget")
         .and(post_plain)
         .and(with_handle.clone())
@@ -274,6 +299,8 @@ pub fn routes(
         .or(release)
         .unify()
         .or(forget)
+        .unify()
+        .or(reload)
         .unify()
         .or(plan)
         .unify()
@@ -414,7 +441,7 @@ async fn recover(
     } else if rejection.is_not_found() {
         (
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|claim|release|forget, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics", "kind": "no_such_endpoint"}),
+            serde_json::json!({"error": "no such endpoint: see GET /gpu/status, POST /gpu/prepare-phase/N, POST /gpu/service/NAME/start|stop|claim|release|forget, POST /gpu/reload, GET /gpu/plan, GET /gpu/can-fit?mb=N, GET /gpu/events, GET /metrics", "kind": "no_such_endpoint"}),
         )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (

@@ -27,6 +27,7 @@ pub mod observe;
 pub mod plan;
 pub mod process_exit;
 pub mod reconcile;
+pub mod reload;
 pub mod schedule;
 pub mod status;
 pub mod transition;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use gpu_manager::client::{self, Client, Request};
@@ -17,7 +17,10 @@ use gpu_manager::config::Config;
 use gpu_manager::footprints::Footprints;
 use gpu_manager::observe::gpu::Gpu;
 use gpu_manager::observe::nvml::NvmlGpu;
-use gpu_manager::reconcile::GpuSource;
+use gpu_manager::reconcile::{
+    Command as ReconcilerCommand, ConfigWatch, GpuSource, ReconcilerHandle,
+};
+use gpu_manager::reload::{ReloadTrigger, RemovedServices};
 use gpu_manager::{api, daemon, demo, desired, doctor, notify, plan};
 
 #[derive(Parser)]
@@ -47,10 +50,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the reconcile loop and the HTTP API: the daemon users deploy.
+    /// Run the reconcile loop and the HTTP API: the daemon users deploy. SIGHUP
+    /// re-reads the config and applies what changed.
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also re-read the config whenever the file changes (debounced).
+        #[arg(long)]
+        watch_config: bool,
     },
     /// Print the actions the daemon would take now, and why; changes nothing.
     Plan {
@@ -168,6 +175,16 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Ask a running daemon to re-read its config file and apply what changed: what did
+    /// not change is untouched; a refused config leaves the running one in force.
+    Reload {
+        /// Leave the processes of services the new config removes running, unmanaged
+        /// (by default they are stopped, drained first).
+        #[arg(long)]
+        keep_removed: bool,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Reset what was learned of a service's VRAM footprint (its peak and residual):
     /// through the daemon when it answers, else in the config's state_dir directly.
     Forget {
@@ -249,9 +266,12 @@ enum Mode {
 /// Runs the reconcile loop (and the API) until SIGTERM or SIGINT, then shuts down
 /// gracefully (docs/ARCHITECTURE.md, "Shutdown"): services keep running when the daemon
 /// stops, and the next daemon adopts them.
-async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
+async fn run_daemon(config: &Path, mode: Mode, watch: ConfigWatch) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(config)?);
-    let reconciler = daemon::build(config.clone()).await?;
+    let reconciler = daemon::build(config.clone()).await?.watching_config(watch);
+    // Before the first round: an early SIGHUP must not kill the daemon.
+    let hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(reload_on_hangup(hangups, reconciler.handle()));
     if let Some(notifier) = notify::Notifier::from_env() {
         tokio::spawn(notify::follow(notifier, reconciler.handle().status));
     }
@@ -276,6 +296,29 @@ async fn run_daemon(config: &Path, mode: Mode) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(API_DRAIN, api).await;
     }
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload`) re-reads the config, within systemd's reload protocol:
+/// `RELOADING=1` before, `READY=1` after, whether it was applied or refused.
+async fn reload_on_hangup(mut hangups: Signal, handle: ReconcilerHandle) {
+    while hangups.recv().await.is_some() {
+        tracing::info!("SIGHUP: re-reading the config");
+        notify::reloading();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let command = ReconcilerCommand::Reload {
+            removed: RemovedServices::Stop,
+            trigger: ReloadTrigger::Signal,
+            reply,
+        };
+        if handle.commands.send(command).await.is_err() {
+            return;
+        }
+        // The loop logs what it did or why it refused.
+        if answer.await.is_err() {
+            return;
+        }
+        notify::reloaded(&handle.status.borrow());
+    }
 }
 
 /// How long the API gets to finish its answers at shutdown.
@@ -375,8 +418,17 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Watch { config } => run_daemon(&config, Mode::WatchOnly).await?,
-        Command::Serve { config } => run_daemon(&config, Mode::WithApi).await?,
+        Command::Watch { config } => run_daemon(&config, Mode::WatchOnly, ConfigWatch::Off).await?,
+        Command::Serve {
+            config,
+            watch_config,
+        } => {
+            let watch = match watch_config {
+                true => ConfigWatch::On,
+                false => ConfigWatch::Off,
+            };
+            run_daemon(&config, Mode::WithApi, watch).await?
+        }
         Command::Plan { config, phase } => {
             let config = Config::load(&config)?;
             let mut state = desired::load_or_initial(&config.desired_state, &config.inventory)?;
@@ -478,6 +530,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             return Ok(daemon
                 .transition(Request::Release { name, holder }, false)
                 .await)
+        }
+        Command::Reload {
+            keep_removed,
+            daemon,
+        } => {
+            let removed = match keep_removed {
+                true => RemovedServices::Keep,
+                false => RemovedServices::Stop,
+            };
+            return Ok(client::run_reload(daemon.client(), removed, daemon.json).await);
         }
         Command::Forget { name, daemon } => {
             let client = daemon.client();

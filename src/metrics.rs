@@ -44,6 +44,8 @@ struct Counted {
     action_durations: BTreeMap<String, TransitionStats>,
     /// error kind -> answers.
     refusals: BTreeMap<String, u64>,
+    /// outcome (applied, refused) -> config reloads.
+    reloads: BTreeMap<&'static str, u64>,
 }
 
 impl Counters {
@@ -57,6 +59,14 @@ impl Counters {
                 match events.recv().await {
                     Ok(DaemonEvent::ActionFinished { action }) => match weak.upgrade() {
                         Some(counters) => counters.record_action(&action),
+                        None => return,
+                    },
+                    Ok(DaemonEvent::ConfigReloaded { .. }) => match weak.upgrade() {
+                        Some(counters) => counters.record_reload("applied"),
+                        None => return,
+                    },
+                    Ok(DaemonEvent::ConfigRefused { .. }) => match weak.upgrade() {
+                        Some(counters) => counters.record_reload("refused"),
                         None => return,
                     },
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -85,6 +95,11 @@ impl Counters {
             .entry(action.op.clone())
             .or_default()
             .observe(action.duration_ms);
+    }
+
+    /// Counts a config reload (docs/ARCHITECTURE.md, "Reloading the config").
+    fn record_reload(&self, outcome: &'static str) {
+        *self.lock().reloads.entry(outcome).or_default() += 1;
     }
 
     /// Counts an error answer by its body's `kind`, or by its status code for the
@@ -258,6 +273,17 @@ pub fn render(status: &Status, counters: &Counters) -> String {
         "API requests answered with an error, by the error's kind",
         &refusals,
     );
+    let reloads: Vec<(String, f64)> = counted
+        .reloads
+        .iter()
+        .map(|(outcome, n)| (format!("outcome=\"{outcome}\""), *n as f64))
+        .collect();
+    counter(
+        &mut out,
+        "gpu_manager_config_reloads_total",
+        "Config reloads, by outcome (applied, refused)",
+        &reloads,
+    );
     drop(counted);
 
     let holder = status.lock.holder.as_deref().unwrap_or("");
@@ -416,8 +442,15 @@ mod tests {
         })
         .unwrap();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        feed.send(DaemonEvent::ConfigRefused {
+            trigger: crate::reload::ReloadTrigger::Api,
+            error: "bad".into(),
+        })
+        .unwrap();
         while !render(&Status::default(), &counters)
             .contains("gpu_manager_actions_total{op=\"stop\",outcome=\"ok\"} 1\n")
+            || !render(&Status::default(), &counters)
+                .contains("gpu_manager_config_reloads_total{outcome=\"refused\"} 1\n")
         {
             assert!(tokio::time::Instant::now() < deadline, "never counted");
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;

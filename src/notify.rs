@@ -73,6 +73,33 @@ pub fn stopping() {
     }
 }
 
+/// systemd's reload protocol (`Type=notify-reload`, sd_notify(3)): `RELOADING=1` with
+/// the monotonic clock as the reload begins, when started by systemd.
+pub fn reloading() {
+    if let Some(notifier) = Notifier::from_env() {
+        notifier.send_logged(&reloading_message(monotonic_usec()));
+    }
+}
+
+/// `READY=1` with the summary line, once a reload is done (applied or refused).
+pub fn reloaded(status: &Status) {
+    if let Some(notifier) = Notifier::from_env() {
+        notifier.send_logged(&format!("READY=1\nSTATUS={}", summary(status)));
+    }
+}
+
+fn reloading_message(monotonic_usec: u64) -> String {
+    format!("RELOADING=1\nMONOTONIC_USEC={monotonic_usec}\nSTATUS=reloading the config")
+}
+
+/// CLOCK_MONOTONIC in microseconds, as systemd compares it.
+fn monotonic_usec() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
 /// Follows the status snapshots: `READY=1` with the first snapshot whose first round is
 /// done, then a `STATUS=` line whenever the summary changes. Returns when the
 /// reconciler is gone.

@@ -82,6 +82,18 @@ pub enum Condition {
     },
 }
 
+/// Whether what runs was launched as the config says now (docs/ARCHITECTURE.md,
+/// "Reloading the config").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launch {
+    Current,
+    /// A reload changed these launch keys (`command`, `env`, `container`...) since it
+    /// started: it is stopped, drained like any stop, and started again the new way.
+    Outdated {
+        keys: Vec<&'static str>,
+    },
+}
+
 /// What the planner needs to know of one service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceView {
@@ -96,6 +108,7 @@ pub struct ServiceView {
     pub learned_residual_mb: Option<u64>,
     pub gate: StartGate,
     pub condition: Condition,
+    pub launch: Launch,
 }
 
 impl ServiceView {
@@ -111,6 +124,7 @@ impl ServiceView {
             learned_residual_mb: None,
             gate: StartGate::Open,
             condition: Condition::Healthy,
+            launch: Launch::Current,
         }
     }
 }
@@ -173,6 +187,10 @@ pub enum Cause {
     Unhealthy,
     /// Stop: a start that a newer desired state no longer wants, cancelled.
     Superseded,
+    /// Stop: a reload changed how it is launched; it is started again the new way.
+    ConfigChanged,
+    /// Stop: a reload removed it from the config; it is forgotten once stopped.
+    Removed,
 }
 
 impl From<WantReason> for Cause {
@@ -359,6 +377,7 @@ fn may_park(spec: &ServiceSpec, view: &ServiceView, desired: &DesiredState) -> b
     spec.park.is_some()
         && !desired.held.contains(&spec.name)
         && view.condition == Condition::Healthy
+        && view.launch == Launch::Current
         && matches!(
             view.presence,
             Presence::Running | Presence::Parking | Presence::Parked
@@ -509,7 +528,9 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
         let view = view_of(&spec.name);
         let (op, need) = match view.presence {
             Presence::Stopped => (Op::Start, *need),
-            Presence::Parked => (Op::Resume, need.saturating_sub(held(spec, view))),
+            Presence::Parked if view.launch == Launch::Current => {
+                (Op::Resume, need.saturating_sub(held(spec, view)))
+            }
             _ => continue,
         };
         while room < need as i128 {
@@ -528,6 +549,26 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
             reason: start_reason(wanted[&spec.name]),
             after: after.clone(),
         });
+    }
+    // Last, so that no start counts on their memory: what keeps running (or is kept
+    // parked) but was launched the old way is restarted; its start is planned once it
+    // is stopped.
+    for spec in &lowest_first {
+        let view = view_of(&spec.name);
+        let Launch::Outdated { keys } = &view.launch else {
+            continue;
+        };
+        let idle = matches!(view.presence, Presence::Running | Presence::Parked);
+        if idle && !stuck(view) && verdicts[&spec.name] == Verdict::Run {
+            actions.push(Action {
+                op: Op::Stop,
+                service: spec.name.clone(),
+                vram_mb: held(spec, view),
+                cause: Cause::ConfigChanged,
+                reason: format!("config changed ({}): restarting it", keys.join(", ")),
+                after: Vec::new(),
+            });
+        }
     }
     let protected = desired
         .claims
@@ -749,6 +790,58 @@ pub(crate) mod tests {
             .iter()
             .map(|a| format!("{} {} {}", a.op, a.service, a.vram_mb))
             .collect()
+    }
+
+    fn outdated(mut observation: Observation, name_: &str, presence: Presence) -> Observation {
+        let view = ServiceView {
+            launch: Launch::Outdated {
+                keys: vec!["command"],
+            },
+            ..ServiceView::new(presence)
+        };
+        observation.services.insert(name(name_), view);
+        observation
+    }
+
+    #[test]
+    fn a_wanted_service_launched_the_old_way_is_stopped_to_restart_it() {
+        let running = outdated(rtx4090(&["cosyvoice"]), "vidi", Presence::Running);
+        let p = plan(&mcn(), &phase(2), &running);
+        let stop = p.actions.iter().find(|a| a.service == name("vidi"));
+        let stop = stop.expect("a stop of vidi");
+        assert_eq!((stop.op, stop.cause), (Op::Stop, Cause::ConfigChanged));
+        assert!(stop.reason.contains("command"), "{}", stop.reason);
+        assert_eq!(p.verdict(&name("vidi")), Some(&Verdict::Run));
+        // Once stopped, it starts (the new way): a plain start.
+        let stopped = rtx4090(&["cosyvoice"]);
+        let p = plan(&mcn(), &phase(2), &stopped);
+        assert!(
+            ops(&p).contains(&"start vidi 4096".to_owned()),
+            "{:?}",
+            ops(&p)
+        );
+    }
+
+    #[test]
+    fn a_parked_service_launched_the_old_way_is_stopped_not_resumed_nor_parked() {
+        let parked = outdated(rtx4090(&[]), "vidi", Presence::Parked);
+        let p = plan(&parking_mcn(), &phase(2), &parked);
+        assert_eq!(
+            p.actions
+                .iter()
+                .map(|a| (a.op, a.cause))
+                .collect::<Vec<_>>(),
+            [(Op::Stop, Cause::ConfigChanged)]
+        );
+        // Not wanted, it is stopped rather than parked: a park keeps the old launch.
+        let running = outdated(rtx4090(&[]), "vidi", Presence::Running);
+        let p = plan(&parking_mcn(), &phase(3), &running);
+        let vidi = p
+            .actions
+            .iter()
+            .find(|a| a.service == name("vidi"))
+            .unwrap();
+        assert_eq!(vidi.op, Op::Stop);
     }
 
     #[test]
@@ -1120,6 +1213,7 @@ pub(crate) mod tests {
                                     }
                                 },
                                 condition: Condition::Healthy,
+                                launch: Launch::Current,
                             },
                         );
                     }

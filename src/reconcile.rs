@@ -11,6 +11,7 @@ mod learned;
 mod observe;
 mod parked;
 mod records;
+mod reload;
 mod requests;
 mod snapshot;
 mod tasks;
@@ -35,6 +36,7 @@ use crate::footprints::{Footprints, Forgotten};
 use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
 use crate::observe::gpu::SharedGpu;
 use crate::plan::{self, Action, Cause, Op, Plan};
+use crate::reload::{ConfigStatus, ReloadReport, ReloadTrigger, RemovedServices};
 use crate::schedule::{self, Wait};
 use crate::status::{ActionRecord, DaemonEvent, FailureKind, Status, TransitionStats};
 use crate::transition::{RoundEnd, TransitionError, TransitionReply, Waiters};
@@ -90,6 +92,20 @@ pub enum Command {
         service: ServiceName,
         reply: oneshot::Sender<Result<Forgotten, TransitionError>>,
     },
+    /// Re-read the config file and apply what changed (docs/ARCHITECTURE.md,
+    /// "Reloading the config"); answered once the difference is in force.
+    Reload {
+        removed: RemovedServices,
+        trigger: ReloadTrigger,
+        reply: oneshot::Sender<Result<ReloadReport, TransitionError>>,
+    },
+}
+
+/// Whether the loop re-reads the config file when it changes (`serve --watch-config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigWatch {
+    Off,
+    On,
 }
 
 /// What else wakes the loop: the file watch, exit watchers, health monitors, and action
@@ -97,6 +113,8 @@ pub enum Command {
 #[derive(Debug)]
 pub(crate) enum Wake<I> {
     DesiredFileChanged,
+    /// The config file changed, with `--watch-config`.
+    ConfigFileChanged,
     Exited {
         service: ServiceName,
         pid: u32,
@@ -157,6 +175,9 @@ enum Lifecycle {
 
 pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     config: Arc<Config>,
+    /// Where the config in force came from, and how the last reload went.
+    config_status: ConfigStatus,
+    config_watch: ConfigWatch,
     gpu: GpuSource,
     effects: Arc<E>,
     lease: L,
@@ -209,8 +230,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let records = Records::new(&config.inventory);
         let footprints = Footprints::load_or_empty(&config.state_dir, &config.inventory);
         let parked_notes = parked::ParkedNotes::new(config.state_dir.clone());
+        let config_status = ConfigStatus::at_start(&config.path, now_ms());
         let mut reconciler = Self {
             config,
+            config_status,
+            config_watch: ConfigWatch::Off,
             gpu,
             effects: Arc::new(effects),
             lease,
@@ -250,6 +274,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         reconciler
     }
 
+    /// Re-reads the config file whenever it changes, after a debounce.
+    pub fn watching_config(mut self, watch: ConfigWatch) -> Self {
+        self.config_watch = watch;
+        self
+    }
+
     pub fn handle(&self) -> ReconcilerHandle {
         ReconcilerHandle {
             commands: self.commands_tx.clone(),
@@ -264,9 +294,20 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// are released. GPU services keep running: the next daemon adopts them.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let _watch = self.watch_desired_file();
+        let _config_watch = match self.config_watch {
+            ConfigWatch::On => {
+                self.watch_file(&self.config.path.clone(), || Wake::ConfigFileChanged)
+            }
+            ConfigWatch::Off => None,
+        };
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            if resync.period() != self.config.resync {
+                // A reload changed `resync_ms`.
+                resync = tokio::time::interval(self.config.resync);
+                resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            }
             if let Lifecycle::ShuttingDown { .. } = self.lifecycle {
                 if self.actions.is_empty() {
                     break;
@@ -335,11 +376,27 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
     /// Watches the desired-state file's folder; edits wake the loop after a debounce.
     fn watch_desired_file(&self) -> Option<desired::FileWatch> {
+        let watch = self.watch_file(&self.config.desired_state.clone(), || {
+            Wake::DesiredFileChanged
+        });
+        if watch.is_none() {
+            tracing::error!("hand edits of the desired state will only be seen at each resync");
+        }
+        watch
+    }
+
+    /// Watches `path`'s folder: each edit of it sends `wake` (a copy of it) after a
+    /// debounce.
+    fn watch_file(
+        &self,
+        path: &std::path::Path,
+        wake: fn() -> Wake<E::Instance>,
+    ) -> Option<desired::FileWatch> {
         let (file_tx, mut file_rx) = mpsc::channel(1);
-        let watch = match desired::watch(&self.config.desired_state, file_tx) {
+        let watch = match desired::watch(path, file_tx) {
             Ok(watch) => watch,
             Err(error) => {
-                tracing::error!(%error, "hand edits will only be seen at each resync");
+                tracing::error!(%error, path = %path.display(), "cannot watch the file");
                 return None;
             }
         };
@@ -348,7 +405,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             while file_rx.recv().await.is_some() {
                 tokio::time::sleep(desired::DEBOUNCE).await;
                 while file_rx.try_recv().is_ok() {}
-                if forward.send(Wake::DesiredFileChanged).await.is_err() {
+                if forward.send(wake()).await.is_err() {
                     break;
                 }
             }
@@ -442,6 +499,12 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         self.dirty = true;
         match wake {
             Wake::DesiredFileChanged => self.reload_desired(),
+            Wake::ConfigFileChanged => {
+                // Refusals are in the log, status and the event stream.
+                let _ = self
+                    .reload_config(RemovedServices::Stop, ReloadTrigger::FileWatch)
+                    .await;
+            }
             Wake::Exited { service, pid, exit } => self.on_exit(&service, pid, exit).await,
             Wake::Unhealthy {
                 service,
@@ -524,7 +587,8 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             self.settle();
             return;
         };
-        let plan = plan::plan(&self.config.inventory, &desired, &observation);
+        let mut plan = plan::plan(&self.config.inventory, &desired, &observation);
+        plan.actions.extend(self.removal_stops());
         self.apply_verdicts(&plan);
         if plan.is_empty() {
             if self.actions.is_empty() {
@@ -874,10 +938,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 (service, event)
             }
         };
-        let Some(ended) = self.apply(&service, event) else {
-            return;
-        };
-        self.keep_action(&service, ended);
+        let ended = self.apply(&service, event);
+        if let Some(ended) = ended {
+            self.keep_action(&service, ended);
+        }
+        self.forget_left();
     }
 
     /// Tells a service's record what happened and runs the follow-ups; the end of its

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Phase;
 use crate::desired::claims::{Claim, ClaimChange, ClaimEnd};
 use crate::plan::Cause;
+use crate::reload::{ConfigStatus, ReloadReport, ReloadTrigger};
 use crate::utc::UtcTime;
 
 pub use crate::clock::now_ms;
@@ -60,6 +61,9 @@ pub struct Status {
     /// when it leads) is done: it is ready (systemd's READY=1, see src/notify.rs).
     #[serde(default)]
     pub first_round_done: bool,
+    /// The config in force, and why the last reload was refused.
+    #[serde(default)]
+    pub config: ConfigStatus,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -300,6 +304,17 @@ pub enum DaemonEvent {
         holder: String,
         until: UtcTime,
         why: ClaimEnd,
+    },
+    /// A reload applied the config file's difference (docs/ARCHITECTURE.md, "Reloading
+    /// the config").
+    ConfigReloaded {
+        trigger: ReloadTrigger,
+        report: ReloadReport,
+    },
+    /// A reload was refused: the config in force stays.
+    ConfigRefused {
+        trigger: ReloadTrigger,
+        error: String,
     },
     /// Sent to a stream client that fell behind: this many events were dropped for it.
     Lagged {

@@ -248,6 +248,13 @@ pub enum TransitionError {
     /// The daemon is shutting down (SIGTERM, SIGINT): send the request to the next one.
     #[error("{detail}")]
     ShuttingDown { detail: String },
+    /// A reload of a config that does not read, parse or validate: the detail names
+    /// file:line:col and the key; the config in force stays.
+    #[error("{detail}")]
+    InvalidConfig { detail: String },
+    /// A reload that changes keys only a restart applies (`api.listen`, `state_dir`...).
+    #[error("{detail}")]
+    NeedsRestart { keys: Vec<String>, detail: String },
 }
 
 impl From<LeaseError> for TransitionError {
@@ -297,7 +304,9 @@ impl TransitionError {
             TransitionError::CannotFit { .. }
             | TransitionError::Claimed { .. }
             | TransitionError::Superseded { .. }
-            | TransitionError::Busy { .. } => 409,
+            | TransitionError::Busy { .. }
+            | TransitionError::NeedsRestart { .. } => 409,
+            TransitionError::InvalidConfig { .. } => 422,
             TransitionError::LeaseHeld { .. } => 423,
             TransitionError::BackendDown { .. } | TransitionError::ShuttingDown { .. } => 503,
             TransitionError::TimedOut { .. } => 504,

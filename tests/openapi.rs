@@ -90,6 +90,7 @@ fn the_document_is_served_and_covers_every_route() {
             "/gpu/history",
             "/gpu/plan",
             "/gpu/prepare-phase/{n}",
+            "/gpu/reload",
             "/gpu/service/{name}/claim",
             "/gpu/service/{name}/forget",
             "/gpu/service/{name}/release",
@@ -483,5 +484,44 @@ fn promtool_accepts_the_metrics() {
         output.status.success() && said.trim().is_empty(),
         "promtool check metrics: {said}\n{}",
         metrics.body
+    );
+}
+
+#[test]
+fn reload_answers_status_and_events_match_the_document() {
+    let doc = document();
+    let mut h = Harness::new(mcn_inventory());
+    let api = h.serve("");
+    let mut events = api.events();
+    h.services[2].priority = 45;
+    h.write_config(&format!("api: {{ listen: \"127.0.0.1:{}\" }}\n", api.port));
+    let report = conforms(&doc, "post", "/gpu/reload", &api.post("/gpu/reload"));
+    assert_eq!(report["changed"][0]["service"], "vidi", "{report}");
+    let good = std::fs::read_to_string(h.config_path()).unwrap();
+    std::fs::write(h.config_path(), format!("{good}  broken: [\n")).unwrap();
+    let refused = api.post("/gpu/reload");
+    assert_eq!(refused.code, 422, "{}", refused.body);
+    conforms(&doc, "post", "/gpu/reload", &refused);
+    let moved = good.replace(&format!("127.0.0.1:{}", api.port), "127.0.0.1:1");
+    std::fs::write(h.config_path(), moved).unwrap();
+    let restart = api.post("/gpu/reload");
+    assert_eq!(restart.code, 409, "{}", restart.body);
+    assert_eq!(restart.json()["keys"][0], "api.listen", "{}", restart.body);
+    conforms(&doc, "post", "/gpu/reload", &restart);
+    let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+    assert!(status["config"]["error"].is_string(), "{status}");
+    let event_schema = &doc["components"]["schemas"]["DaemonEvent"];
+    let mut types = std::collections::BTreeSet::new();
+    while types.len() < 2 {
+        let event = events.next_event();
+        validate(&doc, event_schema, &event, "an event of GET /gpu/events");
+        let kind = event["type"].as_str().unwrap();
+        if kind.starts_with("config_") {
+            types.insert(kind.to_owned());
+        }
+    }
+    assert_eq!(
+        types.into_iter().collect::<Vec<_>>(),
+        ["config_refused", "config_reloaded"]
     );
 }

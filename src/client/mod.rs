@@ -6,8 +6,11 @@
 //! Exit codes: 0 done, 1 refused or failed (the daemon's message is printed), 2 the
 //! daemon cannot be reached.
 
+mod reload;
 mod render;
 mod sse;
+
+pub use reload::run_reload;
 
 use std::path::Path;
 use std::process::ExitCode;

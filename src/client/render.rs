@@ -202,6 +202,12 @@ pub fn event_line(event: &DaemonEvent) -> String {
             why,
             ..
         } => format!("{service}: claim by {holder:?} ended ({why:?})"),
+        DaemonEvent::ConfigReloaded { report, .. } => {
+            format!("config reloaded: {}", report.summary())
+        }
+        DaemonEvent::ConfigRefused { error, .. } => {
+            format!("config reload refused: {}", first_line(error))
+        }
         DaemonEvent::Lagged { missed } => {
             format!("(fell behind the event stream: {missed} events not shown)")
         }

@@ -185,6 +185,12 @@ function applyEvent(event) {
       });
       progress(`desired state accepted (generation ${event.generation}): phase ${event.phase ?? "none"}`);
       break;
+    case "config_reloaded":
+      progress(`config reloaded (generation ${event.report.generation})`);
+      break;
+    case "config_refused":
+      progress(`config reload refused: ${event.error}`);
+      break;
     case "desired_refused":
       progress(`desired-state file refused: ${event.error}`);
       break;
@@ -272,6 +278,7 @@ function render() {
   if (!status) return;
   renderGpu(status);
   renderDesired(status);
+  renderConfig(status.config);
   renderLease(status.lock);
   renderServices(status);
   renderActions(status.recent_actions);
@@ -328,6 +335,16 @@ function knownPhases(status) {
   const phases = new Set();
   for (const s of Object.values(status.services)) for (const p of s.phases) phases.add(p);
   return [...phases].sort((a, b) => a - b);
+}
+
+// The config in force: when it was loaded, and a refused reload's error.
+function renderConfig(config) {
+  const line = byId("config-line");
+  if (!config) return;
+  const parts = [`config ${config.path}`, `generation ${config.generation}`, `loaded at ${clock(config.loaded_at_ms)}`];
+  if (config.error) parts.push(`last reload refused: ${config.error}`);
+  line.textContent = parts.join(" · ");
+  line.classList.toggle("refused", Boolean(config.error));
 }
 
 function renderDesired(status) {

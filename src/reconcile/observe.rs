@@ -12,7 +12,7 @@ use crate::lease::LeaseBackend;
 use crate::observe::gpu::{GpuSample, SharedGpu};
 use crate::observe::owners::Owners;
 use crate::observe::process::{self, ProcessTable};
-use crate::plan::{Budget, Observation, Op, Presence, ServiceView, StartGate};
+use crate::plan::{Budget, Launch, Observation, Op, Presence, ServiceView, StartGate};
 use crate::status::ServiceState;
 
 use super::effects::ServiceEffects;
@@ -165,6 +165,12 @@ fn view_of<I>(record: &Record<I>, now: Instant, learned: Option<&Footprint>) -> 
         learned_residual_mb: learned.and_then(|f| f.residual_mb),
         gate,
         condition: record.condition().clone(),
+        launch: match record.outdated_keys() {
+            Some(keys) => Launch::Outdated {
+                keys: keys.to_vec(),
+            },
+            None => Launch::Current,
+        },
     }
 }
 

@@ -63,6 +63,13 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             Command::Forget { service, reply } => {
                 let _ = reply.send(self.forget_footprint(&service).await);
             }
+            Command::Reload {
+                removed,
+                trigger,
+                reply,
+            } => {
+                let _ = reply.send(self.reload_config(removed, trigger).await);
+            }
         }
     }
 

@@ -162,6 +162,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             transitions: self.transitions.clone(),
             observed_at_ms,
             first_round_done: self.first_round_done,
+            config: self.config_status.clone(),
         }
     }
 }

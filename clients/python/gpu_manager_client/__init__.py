@@ -44,6 +44,8 @@ __all__ = [
     "BackendDown",
     "ShuttingDown",
     "TimedOut",
+    "InvalidConfig",
+    "NeedsRestart",
     "LockNotAcquired",
     "gpu_lock",
 ]
@@ -141,6 +143,15 @@ class TimedOut(GpuManagerError):
     lines); the failed start was stopped."""
 
 
+class InvalidConfig(GpuManagerError):
+    """A reload of a config that does not parse or validate (422): ``error`` names
+    file:line:col and the key; the config in force stays."""
+
+
+class NeedsRestart(GpuManagerError):
+    """A reload changing keys only a restart applies (409); ``body["keys"]`` names them."""
+
+
 class LockNotAcquired(Exception):
     """``gpu_lock`` could not take the lock within ``blocking_timeout``."""
 
@@ -159,6 +170,8 @@ _KINDS: Dict[str, Type[GpuManagerError]] = {
     "backend_down": BackendDown,
     "shutting_down": ShuttingDown,
     "timed_out": TimedOut,
+    "invalid_config": InvalidConfig,
+    "needs_restart": NeedsRestart,
 }
 
 
@@ -306,6 +319,15 @@ class GpuManager:
     ) -> Dict[str, Any]:
         """``GET /gpu/plan``: what the daemon would do, changing nothing."""
         return self._json("GET", "/gpu/plan", phase=phase, start=start, stop=stop)
+
+    def reload(self, keep_removed: bool = False) -> Dict[str, Any]:
+        """``POST /gpu/reload``: re-reads the daemon's config file and applies what
+        changed; returns the report (``generation``, ``sha256``, ``added``, ``removed``,
+        ``kept_removed``, ``restarted``, ``changed``, ``globals``). ``keep_removed=True``
+        leaves the processes of removed services running, unmanaged. Raises
+        :class:`InvalidConfig` or :class:`NeedsRestart` when refused (nothing changed);
+        ``status()["config"]`` says which config is in force."""
+        return self._json("POST", "/gpu/reload", keep_removed="true" if keep_removed else None)
 
     def events(self) -> Iterator[Dict[str, Any]]:
         """``GET /gpu/events``: each Server-Sent Event as a dict, as it happens, until the

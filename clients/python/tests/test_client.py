@@ -16,6 +16,7 @@ from gpu_manager_client import (
     Claimed,
     GpuManager,
     GpuManagerError,
+    InvalidConfig,
     LeaseHeld,
     NotFound,
     Unreachable,
@@ -205,3 +206,18 @@ def test_a_claim_that_cannot_fit_raises_cannot_fit_with_the_blocking_claims(daem
         assert [c["holder"] for c in refused.value.claims] == ["render-job-42"]
         assert claim_holders(gm, "ollama") == []
     assert claim_holders(gm, "comfyui") == []
+
+
+def test_reload_reports_what_changed_and_a_broken_config_raises_invalid_config(daemon):
+    gm = GpuManager(daemon.url)
+    config = daemon.folder / "gpu-manager.yaml"
+    good = config.read_text()
+    config.write_text(good + "\n")
+    report = gm.reload()
+    assert report["generation"] == 1 and report["changed"] == [], report
+    config.write_text(good + "  broken: [\n")
+    with pytest.raises(InvalidConfig) as refused:
+        gm.reload()
+    assert refused.value.status == 422
+    assert str(config) in str(refused.value)
+    assert gm.status()["config"]["error"], gm.status()["config"]

@@ -7,12 +7,13 @@
 use tokio::time::Instant;
 
 use crate::clock::now_ms;
+use crate::config::ServiceSpec;
 use crate::plan::{Cause, Condition, Op, Verdict};
 use crate::status::{FailureKind, ServiceState};
 
 use super::super::effects::EffectError;
 use super::super::tasks::Outcome;
-use super::{backoff, InFlight, ParkedAt, Record, MAX_CONSECUTIVE_FAILURES};
+use super::{backoff, InFlight, ParkedAt, PendingLaunch, Record, MAX_CONSECUTIVE_FAILURES};
 
 /// What happened to a service, as the loop saw it.
 #[derive(Debug)]
@@ -54,6 +55,21 @@ pub(in crate::reconcile) enum Event<I> {
     RoomTimedOut { message: String },
     /// Another daemon leads now: it keeps running, untracked here.
     LetGo,
+    /// A reload changed its spec (docs/ARCHITECTURE.md, "Reloading the config").
+    Reconfigured(Reconfigure),
+}
+
+/// How a reload changed a service's spec.
+#[derive(Debug)]
+pub(in crate::reconcile) enum Reconfigure {
+    /// Only what the planner and the checks read: in force at once.
+    Live(ServiceSpec),
+    /// How it is launched: a stopped one starts the new way; one that runs (or is
+    /// being acted on) keeps its launch until it is stopped, and is restarted.
+    Relaunch {
+        spec: ServiceSpec,
+        keys: Vec<&'static str>,
+    },
 }
 
 /// What the loop does after an event, for the record (which does no I/O itself).
@@ -157,8 +173,19 @@ pub(in crate::reconcile) fn legal(from: ServiceState, to: ServiceState) -> bool 
 
 impl<I: Clone> Record<I> {
     /// The one way a record changes: the state moves, and the loop learns what the
-    /// event came to.
+    /// event came to. Once it neither runs nor is acted on, a launch a reload left
+    /// waiting is taken.
     pub fn apply(&mut self, event: Event<I>) -> Applied<I> {
+        let applied = self.apply_event(event);
+        if self.instance.is_none() && self.in_flight.is_none() {
+            if let Some(pending) = self.pending_launch.take() {
+                self.spec = pending.spec;
+            }
+        }
+        applied
+    }
+
+    fn apply_event(&mut self, event: Event<I>) -> Applied<I> {
         match event {
             Event::Began {
                 flight,
@@ -253,6 +280,38 @@ impl<I: Clone> Record<I> {
                 self.move_to(ServiceState::Stopped);
                 Applied::default()
             }
+            Event::Reconfigured(change) => self.reconfigured(change),
+        }
+    }
+
+    /// Takes a reload's spec: live fields at once (a health monitor restarts with the
+    /// new check), launch fields at once only if nothing runs the old launch.
+    fn reconfigured(&mut self, change: Reconfigure) -> Applied<I> {
+        let (spec, keys) = match change {
+            Reconfigure::Live(spec) => match self.pending_launch.as_mut() {
+                Some(pending) => (spec, pending.keys.clone()),
+                None => {
+                    self.spec = spec;
+                    return self.rewatch();
+                }
+            },
+            Reconfigure::Relaunch { spec, keys } => (spec, keys),
+        };
+        // What runs keeps its launch (a stop must find the old container) and takes
+        // the rest; the `apply` that follows takes the launch once nothing runs.
+        self.spec = ServiceSpec {
+            runtime: self.spec.runtime.clone(),
+            ..spec.clone()
+        };
+        self.pending_launch = Some(PendingLaunch { spec, keys });
+        self.rewatch()
+    }
+
+    /// A ready service is watched again, with its spec's health check as it is now.
+    fn rewatch(&mut self) -> Applied<I> {
+        match (self.state, self.instance.is_some()) {
+            (ServiceState::Ready, true) => Applied::follow(FollowUp::WatchHealth),
+            _ => Applied::default(),
         }
     }
 

@@ -9,7 +9,7 @@ mod machine;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
@@ -21,7 +21,7 @@ use crate::config::{Inventory, ServiceName, ServiceSpec};
 use crate::plan::{Cause, Condition, Op};
 use crate::status::ServiceState;
 
-pub(super) use machine::{ActionEnd, Event, FollowUp};
+pub(super) use machine::{ActionEnd, Event, FollowUp, Reconfigure};
 
 /// Failed actions back off 1 s, 2 s, 4 s... up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -59,6 +59,13 @@ pub(super) struct ParkedAt {
     pub pids: Vec<u32>,
 }
 
+/// The spec a reload gave a service whose instance runs the old launch: its next start
+/// takes it (docs/ARCHITECTURE.md, "Reloading the config").
+pub(super) struct PendingLaunch {
+    pub spec: ServiceSpec,
+    pub keys: Vec<&'static str>,
+}
+
 /// Since when a planned start has waited for the GPU to show its room.
 pub(super) struct RoomWait {
     pub since: Instant,
@@ -86,6 +93,8 @@ pub(super) struct Record<I> {
     /// What the GPU attributes to it, as last observed.
     pub observed_mb: Option<u64>,
     pub room_wait: Option<RoomWait>,
+    /// A reload changed how it is launched while it ran: the launch to restart with.
+    pending_launch: Option<PendingLaunch>,
 }
 
 impl<I> Record<I> {
@@ -109,6 +118,7 @@ impl<I> Record<I> {
             busy: false,
             observed_mb: None,
             room_wait: None,
+            pending_launch: None,
         }
     }
 
@@ -165,6 +175,11 @@ impl<I> Record<I> {
         self.retry_at
     }
 
+    /// The launch keys a reload changed while it ran, until it is restarted.
+    pub fn outdated_keys(&self) -> Option<&[&'static str]> {
+        self.pending_launch.as_ref().map(|p| p.keys.as_slice())
+    }
+
     /// Its last stop or park found it busy.
     pub fn busy(&self) -> bool {
         self.busy
@@ -207,6 +222,8 @@ pub(super) fn backoff(failures: u32) -> Duration {
 
 pub(super) struct Records<I> {
     by_name: BTreeMap<ServiceName, Record<I>>,
+    /// Removed from the config by a reload, still running: stopped, then forgotten.
+    leaving: BTreeSet<ServiceName>,
 }
 
 impl<I> Records<I> {
@@ -215,7 +232,49 @@ impl<I> Records<I> {
             .iter()
             .map(|spec| (spec.name.clone(), Record::new(spec.clone())))
             .collect();
-        Self { by_name }
+        Self {
+            by_name,
+            leaving: BTreeSet::new(),
+        }
+    }
+
+    /// A service a reload added: managed from now on (stopped until found running).
+    pub fn add(&mut self, spec: ServiceSpec) {
+        self.leaving.remove(&spec.name);
+        self.by_name.insert(spec.name.clone(), Record::new(spec));
+    }
+
+    /// Forgets a service at once, handing back its record (what it tracked).
+    pub fn remove(&mut self, name: &ServiceName) -> Option<Record<I>> {
+        self.leaving.remove(name);
+        self.by_name.remove(name)
+    }
+
+    /// A service a reload removed while it runs: kept until its stop ends.
+    pub fn leave(&mut self, name: &ServiceName) {
+        if self.by_name.contains_key(name) {
+            self.leaving.insert(name.clone());
+        }
+    }
+
+    /// The records of the services that are leaving.
+    pub fn leaving(&self) -> impl Iterator<Item = &Record<I>> {
+        self.leaving
+            .iter()
+            .filter_map(|name| self.by_name.get(name))
+    }
+
+    /// Forgets the leaving services that neither run nor are acted on any more.
+    pub fn forget_left(&mut self) -> Vec<ServiceName> {
+        let gone: Vec<ServiceName> = self
+            .leaving()
+            .filter(|r| r.instance.is_none() && r.in_flight.is_none())
+            .map(|r| r.name().clone())
+            .collect();
+        for name in &gone {
+            self.remove(name);
+        }
+        gone
     }
 
     pub fn get(&self, name: &ServiceName) -> Option<&Record<I>> {

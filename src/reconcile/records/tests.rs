@@ -489,3 +489,61 @@ fn backoff_doubles_and_is_capped() {
     assert_eq!(seconds, [1, 2, 4, 8, 16, 32, 60, 60]);
     assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
 }
+
+fn launching(command: &str) -> crate::config::Runtime {
+    let mut spec = record().spec;
+    if let crate::config::Runtime::Native(native) = &mut spec.runtime {
+        native.command = crate::config::CommandLine::Shell(command.into());
+    }
+    spec.runtime
+}
+
+fn relaunch(command: &str) -> Event<Pid> {
+    let mut spec = record().spec;
+    spec.runtime = launching(command);
+    spec.priority = 45;
+    Event::Reconfigured(Reconfigure::Relaunch {
+        spec,
+        keys: vec!["command", "priority"],
+    })
+}
+
+#[test]
+fn a_stopped_service_takes_a_new_launch_at_once() {
+    let mut record = record();
+    record.apply(relaunch("vidi --fast"));
+    assert_eq!(record.spec.priority, 45);
+    assert_eq!(record.outdated_keys(), None);
+    assert_eq!(record.spec.runtime, launching("vidi --fast"));
+}
+
+#[test]
+fn a_running_service_keeps_its_launch_until_its_stop_ends() {
+    let before = record().spec.runtime;
+    let mut record = after(vec![began(Op::Start, Cause::Pinned, false), started()]);
+    let applied = record.apply(relaunch("vidi --fast"));
+    // Live fields at once, and its health watched again; the launch waits.
+    assert_eq!(record.spec.priority, 45);
+    assert_eq!(record.spec.runtime, before);
+    assert_eq!(record.outdated_keys(), Some(&["command", "priority"][..]));
+    assert_eq!(applied.follow_ups, vec![FollowUp::WatchHealth]);
+    record.apply(began(Op::Stop, Cause::ConfigChanged, true));
+    assert_eq!(record.state(), ServiceState::Draining);
+    assert_eq!(record.spec.runtime, before, "the stop stops the old launch");
+    record.apply(stopped());
+    assert_eq!(record.state(), ServiceState::Stopped);
+    assert_eq!(record.outdated_keys(), None);
+    assert_eq!(record.spec.runtime, launching("vidi --fast"));
+}
+
+#[test]
+fn a_live_change_to_a_service_awaiting_its_restart_keeps_it_outdated() {
+    let mut record = after(vec![began(Op::Start, Cause::Pinned, false), started()]);
+    record.apply(relaunch("vidi --fast"));
+    let mut spec = self::record().spec;
+    spec.runtime = launching("vidi --fast");
+    spec.priority = 50;
+    record.apply(Event::Reconfigured(Reconfigure::Live(spec)));
+    assert_eq!(record.spec.priority, 50);
+    assert_eq!(record.outdated_keys(), Some(&["command", "priority"][..]));
+}
