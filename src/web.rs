@@ -37,7 +37,9 @@ pub fn routes(
 pub fn with_allow_header(path: FullPath, mut response: Response) -> Response {
     if response.status() == StatusCode::METHOD_NOT_ALLOWED {
         let path = path.as_str();
-        let post = path.starts_with("/gpu/prepare-phase/") || path.starts_with("/gpu/service/");
+        let post = path.starts_with("/gpu/prepare-phase/")
+            || path.starts_with("/gpu/service/")
+            || path == "/gpu/reload";
         let allow = HeaderValue::from_static(if post { "POST" } else { "GET" });
         response.headers_mut().insert(ALLOW, allow);
     }
