@@ -763,3 +763,24 @@ fn ws_echoes_text_and_binary_until_the_client_closes() {
     while socket.read().is_ok() {}
     assert_eq!(http(address, "GET", "/ws", "").0, 426, "not an upgrade");
 }
+
+#[test]
+fn a_request_body_in_chunks_is_read_whole() {
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = chat_standin(&dir, &["--tokens", "2", "--token-ms", "0"]);
+    let mut stream = TcpStream::connect(address).unwrap();
+    let (first, second) = (r#"{"model": "#, r#""qwen", "stream": false}"#);
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{:x};ext=1\r\n{first}\r\n",
+        first.len()
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(50));
+    write!(stream, "{:x}\r\n{second}\r\n0\r\n\r\n", second.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let body: Value = serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["model"], "qwen");
+}

@@ -38,7 +38,7 @@ mod websocket;
 
 use std::collections::VecDeque;
 use std::fmt::Display;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,12 +66,13 @@ usage: gpu-standin --vram-mb N [--sim-dir DIR] [--port P | --listen ADDR:PORT] [
   --residual-mb N      what it still holds while parked (default 0)
   --wake-ms MS         how long a resume, reloading its weights, takes (default 0)
   --park-delay-ms MS   how long after a park request its memory goes down (default 0)
-  --ollama MODEL       also serve Ollama's /api/ps and /api/generate for MODEL
+  --ollama MODEL       also serve Ollama's /api/ps, /api/generate and /api/chat for MODEL
   --unload-delay-ms MS how long an Ollama unload takes to free the memory (default 0)
   --tokens N           how many tokens a chat answer has: \"tok1 \", \"tok2 \", ... (default 5)
   --token-ms MS        how long each token takes, streamed or not (default 50)
 
-endpoints, with --port or --listen (answers are JSON unless said otherwise):
+endpoints, with --port or --listen (answers are JSON unless said otherwise; request bodies
+by Content-Length or chunked, up to 64 KiB; each connection serves one request):
   POST /job?ms=N             202 {\"job\": id}: queues a job of N ms; jobs run one at a time
   GET  /queue                200 {\"queue_running\": [[id, ms]], \"queue_pending\": [[id, ms], ...]}
   POST /park, /free, /sleep  200 {\"parked\": true, \"residual_mb\": N} at once; the memory goes
@@ -97,7 +98,8 @@ endpoints, with --port or --listen (answers are JSON unless said otherwise):
                              client closes; 426 without Upgrade: websocket
   GET  any other path        health: 503 until --start-delay-ms has passed, then 200, parked too
 With --ollama MODEL (a MODEL without a tag is MODEL:latest, as Ollama names it):
-  GET  /api/ps               200 {\"models\": [{\"name\", \"model\", \"size_vram\"}]}: MODEL while it holds memory
+  GET  /api/ps               200 {\"models\": [{\"name\", \"model\", \"size_vram\"}]}: MODEL while it
+                             holds memory
   POST /api/generate         {\"model\": MODEL, \"keep_alive\": 0} unloads it, frees its memory after
                              --unload-delay-ms; without keep_alive 0 loads it; 404 for another model
   POST /api/chat             Ollama's chat, loading MODEL first if unloaded (404 for another): by
@@ -761,7 +763,7 @@ struct Request {
 }
 
 impl Request {
-    /// The value of the first header called `name`, which is lowercase.
+    /// The value of the first header called `name`, whatever the case of either.
     fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -790,7 +792,8 @@ impl Request {
     }
 }
 
-/// Reads up to the blank line that ends a request head, then the body it announces.
+/// Reads up to the blank line that ends a request head, then the body it announces: as
+/// long as its Content-Length says, or in chunks, as a proxy may forward a body it streams.
 fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
     let mut data = Vec::new();
     let mut buffer = [0u8; 1024];
@@ -814,32 +817,61 @@ fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
         .filter_map(|line| line.split_once(':'))
         .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
         .collect();
-    let length = headers
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, value)| value.parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(MAX_BODY_BYTES);
-    let mut body = data[head_end..].to_vec();
-    while body.len() < length {
-        let read = stream.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        body.extend_from_slice(&buffer[..read]);
-    }
-    body.truncate(length);
     let mut words = head.lines().next().unwrap_or_default().split_whitespace();
     let method = words.next().unwrap_or_default().to_owned();
     let target = words.next().unwrap_or_default();
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request {
+    let mut request = Request {
         method,
         path: path.to_owned(),
         query: query.to_owned(),
         headers,
-        body,
-    })
+        body: Vec::new(),
+    };
+    let rest = io::Cursor::new(data[head_end..].to_vec()).chain(&mut *stream);
+    let chunked = request
+        .header("transfer-encoding")
+        .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        request.body = read_chunks(&mut BufReader::new(rest))?;
+    } else {
+        let length = request
+            .header("content-length")
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(MAX_BODY_BYTES as u64);
+        rest.take(length).read_to_end(&mut request.body)?;
+    }
+    Ok(request)
+}
+
+/// A body in chunked transfer encoding, up to its last chunk; what trailers follow are
+/// left unread, as the connection closes after the answer.
+fn read_chunks(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidData, message);
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        // A size may come with extensions after a ';', which mean nothing here.
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16)
+            .map_err(|_| invalid(format!("not a chunk size: {line:?}")))?;
+        if size == 0 {
+            return Ok(body);
+        }
+        if body.len() + size > MAX_BODY_BYTES {
+            return Err(invalid(format!("a body over {MAX_BODY_BYTES} bytes")));
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..])?;
+        let mut end = [0; 2];
+        reader.read_exact(&mut end)?;
+        if &end != b"\r\n" {
+            return Err(invalid("a chunk longer than its size".into()));
+        }
+    }
 }
 
 /// The endpoints listed in USAGE; any other GET path is the health endpoint.
