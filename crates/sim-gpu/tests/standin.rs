@@ -553,3 +553,234 @@ fn alloc_takes_more_than_it_started_with_and_a_resume_brings_that_back() {
         "what it held last, not --vram-mb"
     );
 }
+
+/// A streamed answer: its head, and each chunk of its chunked body with when it came.
+struct Chunked {
+    head: String,
+    chunks: Vec<(Instant, String)>,
+}
+
+impl Chunked {
+    fn text(&self) -> String {
+        self.chunks
+            .iter()
+            .map(|(_, chunk)| chunk.as_str())
+            .collect()
+    }
+
+    /// How long after the first chunk the last came.
+    fn spread(&self) -> Duration {
+        let (first, last) = (self.chunks[0].0, self.chunks.last().unwrap().0);
+        last - first
+    }
+}
+
+/// One request whose answer is in chunked transfer encoding, read a chunk at a time.
+fn chunked(address: SocketAddr, method: &str, path: &str, body: &str) -> Chunked {
+    let mut stream = TcpStream::connect(address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert_ne!(reader.read_line(&mut head).unwrap(), 0, "{head}");
+    }
+    assert!(head.contains("Transfer-Encoding: chunked"), "{head}");
+    let mut chunks = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).unwrap();
+        let size = usize::from_str_radix(size.trim_end(), 16).unwrap();
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk).unwrap();
+        assert!(chunk.ends_with(b"\r\n"));
+        if size == 0 {
+            return Chunked { head, chunks };
+        }
+        chunk.truncate(size);
+        chunks.push((Instant::now(), String::from_utf8(chunk).unwrap()));
+    }
+}
+
+fn chat_standin(dir: &SimGpuDir, extra: &[&str]) -> (Standin, SocketAddr) {
+    let mut args = vec!["--vram-mb", "2048", "--port", "0", "--token-ms", "100"];
+    args.extend_from_slice(extra);
+    let standin = Standin::spawn(dir.path(), &args);
+    let address = standin.listening_on();
+    (standin, address)
+}
+
+#[test]
+fn an_ollama_chat_streams_a_line_per_token_at_the_pace_then_the_done_line() {
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = chat_standin(&dir, &["--ollama", "llama3", "--tokens", "4"]);
+    let asked = r#"{"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}"#;
+    let answer = chunked(address, "POST", "/api/chat", asked);
+    assert!(
+        answer.head.starts_with("HTTP/1.1 200 OK"),
+        "{}",
+        answer.head
+    );
+    assert!(
+        answer.head.contains("application/x-ndjson"),
+        "{}",
+        answer.head
+    );
+    assert_eq!(answer.chunks.len(), 5, "a chunk per line");
+    let lines: Vec<Value> = answer
+        .chunks
+        .iter()
+        .map(|(_, line)| serde_json::from_str(line.strip_suffix('\n').unwrap()).unwrap())
+        .collect();
+    let content: String = lines
+        .iter()
+        .map(|line| line["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(content, "tok1 tok2 tok3 tok4 ");
+    assert_eq!(lines[0]["model"], "llama3:latest");
+    assert_eq!(lines[3]["done"], false);
+    assert_eq!(lines[4]["done"], true);
+    assert_eq!(lines[4]["done_reason"], "stop");
+    assert!(
+        lines[4]["total_duration"].as_u64().unwrap() >= 400_000_000,
+        "{}",
+        lines[4]
+    );
+    let spread = answer.spread();
+    assert!(
+        spread >= Duration::from_millis(250),
+        "{spread:?}: not paced"
+    );
+
+    let (code, whole) = http_json(
+        address,
+        "POST",
+        "/api/chat",
+        r#"{"model": "llama3:latest", "stream": false}"#,
+    );
+    assert_eq!(code, 200, "{whole}");
+    assert_eq!(whole["message"]["content"], "tok1 tok2 tok3 tok4 ");
+    assert_eq!(whole["done"], true);
+    let (code, _) = http(address, "POST", "/api/chat", r#"{"model": "mistral"}"#);
+    assert_eq!(code, 404, "another model");
+}
+
+#[test]
+fn a_chat_loads_an_unloaded_model_first() {
+    let (_temp, dir) = folder(24_576);
+    let (standin, address) = chat_standin(&dir, &["--ollama", "llama3:8b", "--tokens", "2"]);
+    let unload = r#"{"model": "llama3:8b", "keep_alive": 0}"#;
+    assert_eq!(http(address, "POST", "/api/generate", unload).0, 200);
+    standin.wait_for_line("unloaded");
+    assert_eq!(held(&dir, standin.pid()), None);
+    let asked = r#"{"model": "llama3:8b", "stream": true}"#;
+    let answer = chunked(address, "POST", "/v1/chat/completions", asked);
+    assert!(
+        answer.text().ends_with("data: [DONE]\n\n"),
+        "{}",
+        answer.text()
+    );
+    assert_eq!(held(&dir, standin.pid()), Some(2048));
+}
+
+#[test]
+fn an_openai_chat_streams_an_event_per_token_then_done() {
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = chat_standin(&dir, &["--tokens", "3", "--name", "vllm"]);
+    let asked = r#"{"model": "qwen", "stream": true, "messages": []}"#;
+    let answer = chunked(address, "POST", "/v1/chat/completions", asked);
+    assert!(answer.head.contains("text/event-stream"), "{}", answer.head);
+    let events: Vec<&str> = answer.chunks.iter().map(|(_, e)| e.as_str()).collect();
+    assert_eq!(events.len(), 5, "3 tokens, the stop, [DONE]: {events:?}");
+    assert_eq!(events[4], "data: [DONE]\n\n");
+    let chunks: Vec<Value> = events[..4]
+        .iter()
+        .map(|event| {
+            let data = event.strip_prefix("data: ").unwrap();
+            serde_json::from_str(data.strip_suffix("\n\n").unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(chunks[0]["model"], "qwen");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks[2]["choices"][0]["delta"]["content"], "tok3 ");
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+    let spread = answer.spread();
+    assert!(
+        spread >= Duration::from_millis(150),
+        "{spread:?}: not paced"
+    );
+
+    let asked = Instant::now();
+    let (code, whole) = http_json(address, "POST", "/v1/chat/completions", "{}");
+    assert_eq!(code, 200, "{whole}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "it takes the tokens' time"
+    );
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(
+        whole["model"], "vllm",
+        "the stand-in's name without a model asked"
+    );
+    assert_eq!(whole["choices"][0]["message"]["content"], "tok1 tok2 tok3 ");
+}
+
+#[test]
+fn stream_sends_a_line_every_ms() {
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = chat_standin(&dir, &[]);
+    let answer = chunked(address, "GET", "/stream?chunks=3&ms=150", "");
+    assert!(answer.head.contains("text/plain"), "{}", answer.head);
+    assert_eq!(answer.text(), "chunk 1 of 3\nchunk 2 of 3\nchunk 3 of 3\n");
+    let spread = answer.spread();
+    assert!(spread >= Duration::from_millis(250), "{spread:?}");
+    assert_eq!(http(address, "GET", "/stream?chunks=3", "").0, 400);
+}
+
+#[test]
+fn ws_echoes_text_and_binary_until_the_client_closes() {
+    use tungstenite::Message;
+
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = chat_standin(&dir, &[]);
+    let stream = TcpStream::connect(address).unwrap();
+    let (mut socket, response) = tungstenite::client(format!("ws://{address}/ws"), stream).unwrap();
+    assert_eq!(response.status(), 101);
+    let sent = [
+        Message::text("hello"),
+        Message::binary(vec![0, 1, 255]),
+        Message::text("again"),
+    ];
+    for message in sent {
+        socket.send(message.clone()).unwrap();
+        assert_eq!(socket.read().unwrap(), message);
+    }
+    socket.close(None).unwrap();
+    while socket.read().is_ok() {}
+    assert_eq!(http(address, "GET", "/ws", "").0, 426, "not an upgrade");
+}
+
+#[test]
+fn a_request_body_in_chunks_is_read_whole() {
+    let (_temp, dir) = folder(24_576);
+    let (_standin, address) = chat_standin(&dir, &["--tokens", "2", "--token-ms", "0"]);
+    let mut stream = TcpStream::connect(address).unwrap();
+    let (first, second) = (r#"{"model": "#, r#""qwen", "stream": false}"#);
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n{:x};ext=1\r\n{first}\r\n",
+        first.len()
+    )
+    .unwrap();
+    thread::sleep(Duration::from_millis(50));
+    write!(stream, "{:x}\r\n{second}\r\n0\r\n\r\n", second.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let body: Value = serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["model"], "qwen");
+}

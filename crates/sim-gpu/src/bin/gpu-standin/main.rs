@@ -5,8 +5,9 @@
 //! answers health checks (503 until it has "loaded", 200 after), and stops on SIGTERM
 //! after a delay. It never frees its memory itself: as with a CUDA process, the memory
 //! goes back when the folder's reclaim rule sees the process dead, which is what the
-//! daemon's "confirm VRAM reclaimed" step must wait for. Only std, libc, serde_json and
-//! the folder library, so that it builds static and runs in a bare container.
+//! daemon's "confirm VRAM reclaimed" step must wait for. Only std, libc, serde_json,
+//! tungstenite (pure Rust, for `/ws`) and the folder library, so that it builds static
+//! and runs in a bare container.
 //!
 //! Over HTTP it also models a service that gives its VRAM back without exiting, and the
 //! work a stop could cut short:
@@ -25,10 +26,19 @@
 //! `POST /api/generate {"model": MODEL, "keep_alive": 0}` unloads it, freeing the memory
 //! `--unload-delay-ms` later as Ollama's runner does when it exits; a generate request
 //! without `keep_alive: 0` loads it again.
+//!
+//! For a proxy in front of it, it also answers as the services' clients expect a stream
+//! to come: chat answers token by token (`POST /api/chat` with `--ollama`, and
+//! `POST /v1/chat/completions`; chat.rs), a plain chunked stream (`GET /stream`;
+//! stream.rs) and a WebSocket echo (`GET /ws`; websocket.rs).
+
+mod chat;
+mod stream;
+mod websocket;
 
 use std::collections::VecDeque;
 use std::fmt::Display;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,7 +54,7 @@ const USAGE: &str = "\
 usage: gpu-standin --vram-mb N [--sim-dir DIR] [--port P | --listen ADDR:PORT] [--name NAME]
          [--start-delay-ms MS] [--stop-delay-ms MS] [--ignore-sigterm] [--exit-after-ms MS]
          [--residual-mb N] [--wake-ms MS] [--park-delay-ms MS]
-         [--ollama MODEL [--unload-delay-ms MS]]
+         [--ollama MODEL [--unload-delay-ms MS]] [--tokens N] [--token-ms MS]
 
   --vram-mb N          MB it allocates at start on the simulated GPU folder (--sim-dir, else
                        $FAKE_NVML_DIR), whatever vram_mb the daemon declares for it: declare
@@ -56,10 +66,13 @@ usage: gpu-standin --vram-mb N [--sim-dir DIR] [--port P | --listen ADDR:PORT] [
   --residual-mb N      what it still holds while parked (default 0)
   --wake-ms MS         how long a resume, reloading its weights, takes (default 0)
   --park-delay-ms MS   how long after a park request its memory goes down (default 0)
-  --ollama MODEL       also serve Ollama's /api/ps and /api/generate for MODEL
+  --ollama MODEL       also serve Ollama's /api/ps, /api/generate and /api/chat for MODEL
   --unload-delay-ms MS how long an Ollama unload takes to free the memory (default 0)
+  --tokens N           how many tokens a chat answer has: \"tok1 \", \"tok2 \", ... (default 5)
+  --token-ms MS        how long each token takes, streamed or not (default 50)
 
-endpoints, with --port or --listen (answers are JSON):
+endpoints, with --port or --listen (answers are JSON unless said otherwise; request bodies
+by Content-Length or chunked, up to 64 KiB; each connection serves one request):
   POST /job?ms=N             202 {\"job\": id}: queues a job of N ms; jobs run one at a time
   GET  /queue                200 {\"queue_running\": [[id, ms]], \"queue_pending\": [[id, ms], ...]}
   POST /park, /free, /sleep  200 {\"parked\": true, \"residual_mb\": N} at once; the memory goes
@@ -73,7 +86,28 @@ endpoints, with --port or --listen (answers are JSON):
                              grow does not fit, 409 while parked
   GET  /state                200 {\"parked\", \"parking\", \"waking\", \"jobs_running\", \"jobs_pending\",
                              \"vram_mb\"}, vram_mb being what the folder shows it holding
+  POST /v1/chat/completions  OpenAI's chat: with \"stream\": true, text/event-stream, chunked: one
+                             `data: {chat.completion.chunk}` per token every --token-ms (the first
+                             with role assistant), one with finish_reason stop, then
+                             `data: [DONE]`; else one chat.completion after --tokens x --token-ms.
+                             model: the one asked for, else NAME; with --ollama, MODEL only (404
+                             for another), loaded first if unloaded
+  GET  /stream?chunks=N&ms=M text/plain, chunked: N lines \"chunk I of N\", the first at once, then
+                             one every M ms: a request that stays in flight
+  GET  /ws                   a WebSocket (101) that echoes each text and binary message until the
+                             client closes; 426 without Upgrade: websocket
   GET  any other path        health: 503 until --start-delay-ms has passed, then 200, parked too
+With --ollama MODEL (a MODEL without a tag is MODEL:latest, as Ollama names it):
+  GET  /api/ps               200 {\"models\": [{\"name\", \"model\", \"size_vram\"}]}: MODEL while it
+                             holds memory
+  POST /api/generate         {\"model\": MODEL, \"keep_alive\": 0} unloads it, frees its memory after
+                             --unload-delay-ms; without keep_alive 0 loads it; 404 for another model
+  POST /api/chat             Ollama's chat, loading MODEL first if unloaded (404 for another): by
+                             default application/x-ndjson, chunked: a line per token every
+                             --token-ms ({\"model\", \"created_at\", \"message\": {\"role\": \"assistant\",
+                             \"content\": \"tok1 \"}, \"done\": false}), then one with done true,
+                             done_reason stop and the stats (total_duration, eval_count...);
+                             with \"stream\": false that last line alone, with all the content
 A stop signal while a job runs or waits appends a line to lost.log in the folder:
   EPOCH_MS NAME pid PID: job ID lost after DONE of MS ms[; job ID lost after 0 of MS ms ...]";
 
@@ -115,6 +149,7 @@ struct Options {
     park_delay: Duration,
     ollama_model: Option<String>,
     unload_delay: Duration,
+    tokens: chat::Tokens,
 }
 
 /// What the HTTP endpoints report.
@@ -124,6 +159,7 @@ struct Service {
     ready_at: Instant,
     engine: Arc<Engine>,
     ollama: Option<Ollama>,
+    tokens: chat::Tokens,
 }
 
 /// The stand-in's weights and its jobs: what parks, resumes and runs work. Shared by the
@@ -243,8 +279,9 @@ fn run(options: &Options) -> ExitCode {
             vram_mb: options.vram_mb,
             ready_at: started + options.start_delay,
             engine: Arc::clone(&engine),
+            tokens: options.tokens,
             ollama: options.ollama_model.as_ref().map(|model| Ollama {
-                model: model.clone(),
+                model: full_model_name(model),
                 dir: dir.clone(),
                 unload_delay: options.unload_delay,
                 state: Arc::new(Mutex::new(ModelState::Loaded)),
@@ -273,6 +310,10 @@ fn parse_options(args: Vec<String>) -> Result<Options, String> {
         park_delay: Duration::ZERO,
         ollama_model: None,
         unload_delay: Duration::ZERO,
+        tokens: chat::Tokens {
+            count: 5,
+            pace: Duration::from_millis(50),
+        },
     };
     let mut vram_mb = None;
     let mut args = args.into_iter();
@@ -313,6 +354,8 @@ fn parse_options(args: Vec<String>) -> Result<Options, String> {
             "--park-delay-ms" => options.park_delay = millis(&flag, &value()?)?,
             "--ollama" => options.ollama_model = Some(value()?),
             "--unload-delay-ms" => options.unload_delay = millis(&flag, &value()?)?,
+            "--tokens" => options.tokens.count = number(&flag, &value()?)?,
+            "--token-ms" => options.tokens.pace = millis(&flag, &value()?)?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -633,11 +676,39 @@ fn start_http(address: SocketAddr, service: Service) -> io::Result<()> {
     Ok(())
 }
 
-/// An HTTP status line's reason and a JSON body.
-type Reply = (&'static str, String);
+/// An HTTP status line's reason and what follows it.
+struct Reply {
+    status: &'static str,
+    body: Body,
+}
+
+enum Body {
+    /// Written whole.
+    Json(String),
+    /// Written a piece at a time as it is produced.
+    Streamed(stream::Stream),
+    /// A WebSocket upgrade with its `Sec-WebSocket-Accept`: the connection then echoes.
+    WebSocket { accept: String },
+}
+
+impl Reply {
+    fn json(status: &'static str, body: &Value) -> Self {
+        Self {
+            status,
+            body: Body::Json(body.to_string()),
+        }
+    }
+
+    fn streamed(stream: stream::Stream) -> Self {
+        Self {
+            status: OK,
+            body: Body::Streamed(stream),
+        }
+    }
+}
 
 fn reply(status: &'static str, body: &Value) -> Reply {
-    (status, body.to_string())
+    Reply::json(status, body)
 }
 
 fn error(status: &'static str, message: impl Display) -> Reply {
@@ -667,24 +738,38 @@ fn alloc_refusal(refusal: &AllocError) -> Reply {
 fn answer(mut stream: TcpStream, service: &Service) -> io::Result<()> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     let request = read_request(&mut stream)?;
-    let (status, body) = route(&request, service).unwrap_or_else(|refusal| refusal);
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes())
+    let Reply { status, body } = route(&request, service).unwrap_or_else(|refusal| refusal);
+    match body {
+        Body::Json(body) => {
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(response.as_bytes())
+        }
+        Body::Streamed(body) => body.send(status, stream),
+        Body::WebSocket { accept } => websocket::echo(status, &accept, stream),
+    }
 }
 
-/// A request's method, path and query, and its body (as long as its Content-Length
-/// says).
+/// A request's method, path and query, its headers, and its body (as long as its
+/// Content-Length says).
 struct Request {
     method: String,
     path: String,
     query: String,
+    headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
 
 impl Request {
+    /// The value of the first header called `name`, whatever the case of either.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find_map(|(key, value)| key.eq_ignore_ascii_case(name).then_some(value.as_str()))
+    }
+
     /// The whole-number query parameter `name`, which the endpoint requires.
     fn number(&self, name: &str) -> Result<u64, Reply> {
         let text = self
@@ -707,7 +792,8 @@ impl Request {
     }
 }
 
-/// Reads up to the blank line that ends a request head, then the body it announces.
+/// Reads up to the blank line that ends a request head, then the body it announces: as
+/// long as its Content-Length says, or in chunks, as a proxy may forward a body it streams.
 fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
     let mut data = Vec::new();
     let mut buffer = [0u8; 1024];
@@ -725,32 +811,67 @@ fn read_request(stream: &mut TcpStream) -> io::Result<Request> {
         data.extend_from_slice(&buffer[..read]);
     };
     let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let length = head
+    let headers: Vec<(String, String)> = head
         .lines()
+        .skip(1)
         .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(MAX_BODY_BYTES);
-    let mut body = data[head_end..].to_vec();
-    while body.len() < length {
-        let read = stream.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        body.extend_from_slice(&buffer[..read]);
-    }
-    body.truncate(length);
+        .map(|(name, value)| (name.trim().to_owned(), value.trim().to_owned()))
+        .collect();
     let mut words = head.lines().next().unwrap_or_default().split_whitespace();
     let method = words.next().unwrap_or_default().to_owned();
     let target = words.next().unwrap_or_default();
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Ok(Request {
+    let mut request = Request {
         method,
         path: path.to_owned(),
         query: query.to_owned(),
-        body,
-    })
+        headers,
+        body: Vec::new(),
+    };
+    let rest = io::Cursor::new(data[head_end..].to_vec()).chain(&mut *stream);
+    let chunked = request
+        .header("transfer-encoding")
+        .is_some_and(|coding| coding.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        request.body = read_chunks(&mut BufReader::new(rest))?;
+    } else {
+        let length = request
+            .header("content-length")
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(MAX_BODY_BYTES as u64);
+        rest.take(length).read_to_end(&mut request.body)?;
+    }
+    Ok(request)
+}
+
+/// A body in chunked transfer encoding, up to its last chunk; what trailers follow are
+/// left unread, as the connection closes after the answer.
+fn read_chunks(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let invalid = |message: String| io::Error::new(io::ErrorKind::InvalidData, message);
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        // A size may come with extensions after a ';', which mean nothing here.
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16)
+            .map_err(|_| invalid(format!("not a chunk size: {line:?}")))?;
+        if size == 0 {
+            return Ok(body);
+        }
+        if body.len() + size > MAX_BODY_BYTES {
+            return Err(invalid(format!("a body over {MAX_BODY_BYTES} bytes")));
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..])?;
+        let mut end = [0; 2];
+        reader.read_exact(&mut end)?;
+        if &end != b"\r\n" {
+            return Err(invalid("a chunk longer than its size".into()));
+        }
+    }
 }
 
 /// The endpoints listed in USAGE; any other GET path is the health endpoint.
@@ -761,6 +882,16 @@ fn route(request: &Request, service: &Service) -> Result<Reply, Reply> {
         match endpoint {
             ("GET", "/api/ps") => return Ok(ollama.ps(service.vram_mb)),
             ("POST", "/api/generate") => return ollama.generate(request, service),
+            ("POST", "/api/chat") => {
+                let asked = request.json()?;
+                ollama.serve(&asked, service)?;
+                return Ok(chat::ollama(&ollama.model, &asked, service.tokens));
+            }
+            ("POST", "/v1/chat/completions") => {
+                let asked = request.json()?;
+                ollama.serve(&asked, service)?;
+                return Ok(chat::openai(&asked, &ollama.model, service.tokens));
+            }
             _ => {}
         }
     }
@@ -777,6 +908,19 @@ fn route(request: &Request, service: &Service) -> Result<Reply, Reply> {
             Ok(reply(OK, &json!({ "parked": false, "took_ms": took_ms })))
         }
         ("POST", "/alloc") => engine.reallocate(request.number("mb")?),
+        ("POST", "/v1/chat/completions") => Ok(chat::openai(
+            &request.json()?,
+            &service.name,
+            service.tokens,
+        )),
+        ("GET", "/stream") => {
+            let pace = Duration::from_millis(request.number("ms")?);
+            Ok(Reply::streamed(stream::lines(
+                request.number("chunks")?,
+                pace,
+            )))
+        }
+        ("GET", "/ws") => websocket::upgrade(request),
         ("GET", "/state") => engine
             .state()
             .map(|state| reply(OK, &state))
@@ -839,16 +983,29 @@ impl Ollama {
         reply(OK, &json!({ "models": models }))
     }
 
+    /// Ollama's 404 unless the request names this model.
+    fn check_model(&self, asked: &Value) -> Result<(), Reply> {
+        let model = asked["model"].as_str().unwrap_or_default();
+        if full_model_name(model) == self.model {
+            return Ok(());
+        }
+        Err(error(
+            "404 Not Found",
+            format!("model \"{model}\" not found, try pulling it first"),
+        ))
+    }
+
+    /// Before a chat: the model asked for, loaded as Ollama loads it for any request.
+    fn serve(&self, asked: &Value, service: &Service) -> Result<(), Reply> {
+        self.check_model(asked)?;
+        self.load(service)
+            .map_err(|message| error(INTERNAL, message))
+    }
+
     /// `POST /api/generate`: with `keep_alive: 0` unloads the model, else loads it.
     fn generate(&self, request: &Request, service: &Service) -> Result<Reply, Reply> {
         let asked = request.json()?;
-        let model = asked["model"].as_str().unwrap_or_default();
-        if model != self.model {
-            return Err(error(
-                "404 Not Found",
-                format!("model \"{model}\" not found, try pulling it first"),
-            ));
-        }
+        self.check_model(&asked)?;
         let done_reason = if unloads(&asked["keep_alive"]) {
             self.unload(service);
             "unload"
@@ -916,6 +1073,15 @@ impl Ollama {
             }
             Err(error) => Err(format!("cannot load model {}: {error}", self.model)),
         }
+    }
+}
+
+/// A model's name as Ollama keeps it: `llama3` is `llama3:latest`.
+fn full_model_name(model: &str) -> String {
+    if model.contains(':') {
+        model.to_owned()
+    } else {
+        format!("{model}:latest")
     }
 }
 
