@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 pub mod diff;
 mod park;
+mod proxy;
 
 pub use park::{DrainSpec, HttpRequest, ParkMethod, ParkSpec};
+pub use proxy::ProxySpec;
 
 /// A pipeline phase number (the requirements' `prepare_for_phase(n)`).
 pub type Phase = u32;
@@ -206,6 +208,20 @@ pub struct ServiceSpec {
     pub park: Option<ParkSpec>,
     /// How to tell it has work in flight, waited for before a stop or a park.
     pub drain: Option<DrainSpec>,
+    /// Where its consumers connect through the daemon, which starts it on demand.
+    pub proxy: Option<ProxySpec>,
+}
+
+impl ServiceSpec {
+    /// How long a stop or park waits for its work in flight: the `drain:` probe's
+    /// timeout, else its proxy's; None: it has no way to tell, and does not wait.
+    pub fn drain_timeout(&self) -> Option<Duration> {
+        match (&self.drain, &self.proxy) {
+            (Some(drain), _) => Some(drain.timeout),
+            (None, Some(proxy)) => Some(proxy.drain_timeout),
+            (None, None) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -383,6 +399,7 @@ struct RawService {
     evict_url: Option<String>,
     park: Option<park::RawPark>,
     drain: Option<park::RawDrain>,
+    proxy: Option<proxy::RawProxy>,
     vram_mb: u64,
     #[serde(default)]
     priority: i64,
@@ -459,6 +476,7 @@ impl Config {
             ));
         }
         check_unique_priorities(&source, &services)?;
+        check_proxy_listens(&source, listen, &services)?;
 
         let lease_key = raw
             .lease
@@ -703,6 +721,21 @@ fn parse_service(
         }
         None => None,
     };
+    let proxy = raw
+        .proxy
+        .map(|p| proxy::parse_proxy(name.as_str(), p, health.as_ref().map(|h| h.url.as_str())))
+        .transpose()
+        .map_err(|e| {
+            source.invalid_owned(
+                &[
+                    "services".into(),
+                    name.to_string(),
+                    "proxy".into(),
+                    e.key.into(),
+                ],
+                e.message,
+            )
+        })?;
     let timeout = |field: &str, value: Option<u64>, default: u64| {
         let ms = value.unwrap_or(default);
         if ms == 0 {
@@ -733,6 +766,7 @@ fn parse_service(
         health,
         park,
         drain,
+        proxy,
     })
 }
 
@@ -826,6 +860,42 @@ fn check_unique_priorities(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Each proxy listens on its own address, not the API's: a second bind would fail at
+/// startup, or one service's consumers would reach another.
+fn check_proxy_listens(
+    source: &Source<'_>,
+    api_listen: SocketAddr,
+    services: &[ServiceSpec],
+) -> Result<(), ConfigError> {
+    let mut seen: BTreeMap<SocketAddr, &ServiceName> = BTreeMap::new();
+    for service in services {
+        let Some(proxy) = &service.proxy else {
+            continue;
+        };
+        let at = ["services", service.name.as_str(), "proxy", "listen"];
+        let overlaps = |other: SocketAddr| {
+            other.port() == proxy.listen.port()
+                && (other.ip() == proxy.listen.ip()
+                    || other.ip().is_unspecified()
+                    || proxy.listen.ip().is_unspecified())
+        };
+        if overlaps(api_listen) {
+            return Err(source.invalid(
+                &at,
+                format!("services.{}.proxy.listen {} is where the API listens (api.listen {api_listen}): give the proxy the port the service's consumers use, and the API another", service.name, proxy.listen),
+            ));
+        }
+        if let Some((_, first)) = seen.iter().find(|(addr, _)| overlaps(**addr)) {
+            return Err(source.invalid(
+                &at,
+                format!("services.{}.proxy.listen {} is also services.{first}.proxy.listen: each proxied service needs its own port", service.name, proxy.listen),
+            ));
+        }
+        seen.insert(proxy.listen, &service.name);
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! atomically, people edit it by hand, and the daemon watches its folder. A broken edit,
 //! or a deleted file, is refused and the last good state stays in force.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ pub enum WantReason {
     Pinned,
     /// A live claim protects it.
     Claimed,
+    /// Its proxy sees it used (src/demand.rs).
+    Demanded,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +145,17 @@ impl DesiredState {
     /// wanted. A claim outweighs a hold: it is what someone needs now. Claims are taken
     /// as live: the loop prunes expired ones before planning ([`Self::prune_expired`]).
     pub fn wanted(&self, inventory: &Inventory) -> BTreeMap<ServiceName, WantReason> {
+        self.wanted_with(inventory, &BTreeSet::new())
+    }
+
+    /// [`Self::wanted`] with the services the proxy sees used: phase + pinned +
+    /// demanded - held + claimed (docs/ARCHITECTURE.md, "The demand proxy"). A hold
+    /// outweighs demand: a held service's proxy refuses its requests.
+    pub fn wanted_with(
+        &self,
+        inventory: &Inventory,
+        demanded: &BTreeSet<ServiceName>,
+    ) -> BTreeMap<ServiceName, WantReason> {
         let mut wanted = BTreeMap::new();
         if let Some(phase) = self.phase {
             for service in inventory.in_phase(phase) {
@@ -151,6 +164,9 @@ impl DesiredState {
         }
         for name in &self.pinned {
             wanted.entry(name.clone()).or_insert(WantReason::Pinned);
+        }
+        for name in demanded {
+            wanted.entry(name.clone()).or_insert(WantReason::Demanded);
         }
         for name in &self.held {
             wanted.remove(name);

@@ -8,7 +8,7 @@
 //! stops it must wait for (`after`), the fewest whose memory makes room for it, so the
 //! plan is a dependency graph that runs concurrently and never exceeds the budget.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
@@ -134,6 +134,9 @@ pub struct Observation {
     pub budget: Budget,
     /// Services missing here are taken as stopped.
     pub services: BTreeMap<ServiceName, ServiceView>,
+    /// The services the demand proxy sees used (src/demand.rs): wanted beside the phase
+    /// and the pins, at their own priority.
+    pub demanded: BTreeSet<ServiceName>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -175,6 +178,8 @@ pub enum Cause {
     Pinned,
     /// Start: a live claim protects it.
     Claimed,
+    /// Start: a request came for it through its proxy.
+    Demanded,
     /// Start: an instance left running by an earlier daemon, adopted and checked ready.
     Adopted,
     /// Stop: neither the phase nor a pin wants it.
@@ -199,6 +204,7 @@ impl From<WantReason> for Cause {
             WantReason::Phase(phase) => Cause::Phase { phase },
             WantReason::Pinned => Cause::Pinned,
             WantReason::Claimed => Cause::Claimed,
+            WantReason::Demanded => Cause::Demanded,
         }
     }
 }
@@ -386,7 +392,7 @@ fn may_park(spec: &ServiceSpec, view: &ServiceView, desired: &DesiredState) -> b
 
 /// Computes the plan. Pure: no I/O, no clock.
 pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observation) -> Plan {
-    let wanted = desired.wanted(inventory);
+    let wanted = desired.wanted_with(inventory, &observed.demanded);
     let stopped = ServiceView::stopped();
     let view_of = |name: &ServiceName| observed.services.get(name).unwrap_or(&stopped);
     let usable = observed.budget.usable_mb();
@@ -733,6 +739,7 @@ pub(crate) mod tests {
             stop_timeout: Duration::from_secs(1),
             park: None,
             drain: None,
+            proxy: None,
         }
     }
 
@@ -761,6 +768,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|n| (name(n), ServiceView::new(Presence::Running)))
                 .collect(),
+            demanded: BTreeSet::new(),
         }
     }
 
@@ -986,6 +994,34 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn a_demanded_service_starts_at_its_own_priority_and_never_preempts_a_higher_one() {
+        let demanding = |mut observed: Observation| {
+            observed.demanded.insert(name("ollama"));
+            observed
+        };
+        // Nothing else wanted: the demand starts it, and says why.
+        let idle = plan(&mcn(), &DesiredState::default(), &demanding(rtx4090(&[])));
+        assert_eq!(steps(&idle), ["start ollama"]);
+        assert_eq!(idle.actions[0].cause, Cause::Demanded);
+        // Phase 4's ComfyUI (p100) holds the memory: Ollama (p10) waits, preempted.
+        let busy = plan(&mcn(), &phase(4), &demanding(rtx4090(&["comfyui"])));
+        assert!(busy.is_empty(), "{:?}", steps(&busy));
+        assert!(matches!(
+            busy.verdict(&name("ollama")),
+            Some(Verdict::Preempted { .. })
+        ));
+        // A demand beside phase 3's CosyVoice (4 GB) fits: both run.
+        let beside = plan(&mcn(), &phase(3), &demanding(rtx4090(&["cosyvoice"])));
+        assert_eq!(steps(&beside), ["start ollama"]);
+        // A hold outweighs demand.
+        let held = DesiredState {
+            held: vec![name("ollama")],
+            ..Default::default()
+        };
+        assert!(plan(&mcn(), &held, &demanding(rtx4090(&[]))).is_empty());
+    }
+
     fn steps(plan: &Plan) -> Vec<String> {
         plan.actions
             .iter()
@@ -1108,6 +1144,7 @@ pub(crate) mod tests {
                 external_mb: 0,
             },
             services: BTreeMap::new(),
+            demanded: BTreeSet::new(),
         };
         let before = plan(&inv, &phase(2), &observed);
         assert_eq!(steps(&before), ["start big", "start vidi"]);
@@ -1244,6 +1281,7 @@ pub(crate) mod tests {
                             external_mb: external,
                         },
                         services: views,
+                        demanded: BTreeSet::new(),
                     };
                     (Inventory::new(specs), desired, observed)
                 },

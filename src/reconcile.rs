@@ -6,6 +6,7 @@
 //! a shutdown while a 2-minute model load runs.
 
 mod backend;
+mod demanded;
 mod effects;
 mod learned;
 mod observe;
@@ -31,6 +32,7 @@ use crate::act::instance::Effects;
 use crate::act::ExitInfo;
 use crate::clock::now_ms;
 use crate::config::{Config, ServiceName, ServiceSpec};
+use crate::demand::Demand;
 use crate::desired::{self, claims, ClaimEnd, DesiredState};
 use crate::footprints::{Footprints, Forgotten};
 use crate::lease::{Leadership, Lease, LeaseBackend, LeaseError};
@@ -39,6 +41,7 @@ use crate::plan::{self, Action, Cause, Op, Plan};
 use crate::reload::{ConfigStatus, ReloadReport, ReloadTrigger, RemovedServices};
 use crate::schedule::{self, Wait};
 use crate::status::{ActionRecord, DaemonEvent, FailureKind, Status, TransitionStats};
+use crate::traffic::TrafficBoard;
 use crate::transition::{RoundEnd, TransitionError, TransitionReply, Waiters};
 use crate::utc::UtcTime;
 
@@ -92,6 +95,9 @@ pub enum Command {
         service: ServiceName,
         reply: oneshot::Sender<Result<Forgotten, TransitionError>>,
     },
+    /// A request came for a proxied service (docs/ARCHITECTURE.md, "The demand proxy"):
+    /// it is demanded from now until its traffic has been idle for `idle_ms`.
+    Demand { service: ServiceName },
     /// Re-read the config file and apply what changed (docs/ARCHITECTURE.md,
     /// "Reloading the config"); answered once the difference is in force.
     Reload {
@@ -164,6 +170,8 @@ pub struct ReconcilerHandle {
     pub status: watch::Receiver<Status>,
     /// Every state change and action, for the event stream.
     pub feed: broadcast::Sender<DaemonEvent>,
+    /// What the demand proxy sees of each service's requests: it writes, the loop reads.
+    pub traffic: TrafficBoard,
 }
 
 /// Whether the daemon is shutting down, and until when it waits for actions.
@@ -184,6 +192,9 @@ pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     lease_held: bool,
     desired: Option<DesiredState>,
     desired_error: Option<String>,
+    /// The services the proxy sees used (src/demand.rs), and its counts.
+    demand: Demand,
+    traffic: TrafficBoard,
     generation: u64,
     converged_generation: u64,
     records: Records<E::Instance>,
@@ -241,6 +252,8 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             lease_held: false,
             desired: None,
             desired_error: None,
+            demand: Demand::default(),
+            traffic: TrafficBoard::default(),
             generation: 0,
             converged_generation: 0,
             records,
@@ -285,6 +298,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             commands: self.commands_tx.clone(),
             status: self.status_tx.subscribe(),
             feed: self.feed.clone(),
+            traffic: self.traffic.clone(),
         }
     }
 
@@ -570,7 +584,10 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         // alone), and lets go of what it tracked when another daemon takes over.
         let leadership = self.lease.refresh().await;
         match leadership {
-            Leadership::Gained => self.adopt_running().await,
+            Leadership::Gained => {
+                self.adopt_running().await;
+                self.demand_what_runs();
+            }
             Leadership::Lost => self.let_go(),
             Leadership::Leading | Leadership::Standby => {}
         }
@@ -582,6 +599,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             return;
         }
         self.recheck_unknown().await;
+        self.review_demand();
         let observation = self.observe().await;
         let Some(desired) = self.desired.clone() else {
             self.settle();
@@ -622,6 +640,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         if let Some(until) = self.desired.as_ref().and_then(DesiredState::next_expiry) {
             let left = until.epoch_ms().saturating_sub(now_ms());
             self.wake_at(now + Duration::from_millis(left));
+        }
+        if let Some(end) = self.demand.next_end() {
+            self.wake_at(end);
         }
         self.save_footprints();
         self.publish();
@@ -851,6 +872,10 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             supersede: CancellationToken::new(),
             abandon: self.abandon.child_token(),
             skip_drain: self.skip_drain.clone(),
+            traffic: spec
+                .proxy
+                .is_some()
+                .then(|| self.traffic.of(&spec.name).subscribe()),
         }
     }
 
@@ -880,8 +905,9 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             return;
         };
         // A stop or park waits for the work in flight to end, unless told not to.
-        let drains =
-            action.op.frees() && record.spec.drain.is_some() && !self.skip_drain.is_cancelled();
+        let drains = action.op.frees()
+            && record.spec.drain_timeout().is_some()
+            && !self.skip_drain.is_cancelled();
         let started_at_ms = now_ms();
         let flight = InFlight {
             op: action.op,

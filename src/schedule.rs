@@ -88,6 +88,7 @@ mod tests {
             Observation {
                 budget: self.budget,
                 services: self.services.clone(),
+                demanded: BTreeSet::new(),
             }
         }
 

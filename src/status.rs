@@ -17,9 +17,10 @@ pub use crate::clock::now_ms;
 pub use crate::lease::{LeaseRefusal, LeaseRole, LockStatus};
 
 /// A service's lifecycle state, as the contract names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServiceState {
+    #[default]
     Stopped,
     Starting,
     Ready,
@@ -78,7 +79,7 @@ pub struct Vram {
     pub reserve_mb: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub state: ServiceState,
     pub kind: String,
@@ -125,6 +126,28 @@ pub struct ServiceStatus {
     /// never stopped, parked or preempted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub claims: Vec<ClaimStatus>,
+    /// Its demand proxy, if it has one (docs/ARCHITECTURE.md, "The demand proxy").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyStatus>,
+}
+
+/// A proxied service's traffic and demand, as of the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    pub listen: String,
+    pub upstream: String,
+    /// Requests forwarded and not yet answered in full.
+    pub in_flight: usize,
+    /// Requests waiting for the service to be ready (or for a concurrency slot).
+    pub waiting: usize,
+    /// Upgraded connections (WebSocket) open.
+    pub upgraded: usize,
+    /// Wanted because it is used, beside the phase and the pins.
+    pub demanded: bool,
+    /// When the demand ends if no request comes, milliseconds since the epoch; None
+    /// while in use, or when it never ends by itself (`idle_ms: null`).
+    pub demanded_until_ms: Option<u64>,
+    pub last_request_ms: Option<u64>,
 }
 
 /// A live claim as status shows it.
@@ -315,6 +338,15 @@ pub enum DaemonEvent {
     ConfigRefused {
         trigger: ReloadTrigger,
         error: String,
+    },
+    /// A request through its proxy made a service wanted (docs/ARCHITECTURE.md, "The
+    /// demand proxy").
+    DemandStarted {
+        service: String,
+    },
+    /// No request for `idle_ms`: wanted again only as the phase, pins and claims say.
+    DemandEnded {
+        service: String,
     },
     /// Sent to a stream client that fell behind: this many events were dropped for it.
     Lagged {

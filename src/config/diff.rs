@@ -66,6 +66,8 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
             old.gpu.cuda_library == new.gpu.cuda_library,
         ),
         ("gpu.simulated", old.gpu.simulated == new.gpu.simulated),
+        // The proxies' listeners are bound at startup.
+        ("services.*.proxy", proxies(old) == proxies(new)),
     ]);
     if !fixed.is_empty() {
         return Err(NeedsRestart { keys: fixed });
@@ -99,6 +101,15 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
         }
     }
     Ok(ConfigDiff { services, globals })
+}
+
+/// Every service's `proxy:`, by name.
+fn proxies(config: &Config) -> BTreeMap<&ServiceName, &super::ProxySpec> {
+    config
+        .inventory
+        .iter()
+        .filter_map(|s| Some((&s.name, s.proxy.as_ref()?)))
+        .collect()
 }
 
 /// How a service kept by the new config differs, if it does.

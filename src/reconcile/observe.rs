@@ -83,6 +83,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         Observation {
             budget: self.budget(),
             services,
+            demanded: self.demand.names(),
         }
     }
 

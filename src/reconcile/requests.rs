@@ -63,6 +63,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             Command::Forget { service, reply } => {
                 let _ = reply.send(self.forget_footprint(&service).await);
             }
+            Command::Demand { service } => self.on_demand(&service),
             Command::Reload {
                 removed,
                 trigger,

@@ -1,11 +1,13 @@
 //! Publishing status: the snapshot the API, metrics and CLI read, and a state-changed
 //! event for every service whose state moved since the last one.
 
-use crate::config::Runtime;
+use tokio::time::Instant;
+
+use crate::config::{Runtime, ServiceSpec};
 use crate::lease::LeaseBackend;
 use crate::status::{
-    now_ms, ClaimStatus, DaemonEvent, DesiredStatus, GpuProcessStatus, GpuStatus, ServiceState,
-    ServiceStatus, Status, Vram,
+    now_ms, ClaimStatus, DaemonEvent, DesiredStatus, GpuProcessStatus, GpuStatus, ProxyStatus,
+    ServiceState, ServiceStatus, Status, Vram,
 };
 use crate::utc::UtcTime;
 
@@ -29,6 +31,30 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 });
             }
         }
+    }
+
+    /// A proxied service's traffic as the proxy counts it, and its demand.
+    fn proxy_status(&self, spec: &ServiceSpec) -> Option<ProxyStatus> {
+        let proxy = spec.proxy.as_ref()?;
+        let idle = proxy.idle.unwrap_or_default();
+        let traffic = self.traffic.current(&spec.name).unwrap_or_default();
+        let (now, now_at_ms) = (Instant::now(), now_ms());
+        Some(ProxyStatus {
+            listen: proxy.listen.to_string(),
+            upstream: proxy.upstream.clone(),
+            in_flight: traffic.in_flight,
+            waiting: traffic.waiting,
+            upgraded: traffic.upgraded,
+            demanded: self.demand.is_demanded(&spec.name),
+            // The review at the next round moves the end to the last request's idle_ms.
+            demanded_until_ms: self
+                .demand
+                .until(&spec.name)
+                .filter(|_| !traffic.in_use())
+                .map(|until| until.max(traffic.last_active.map_or(until, |t| t + idle)))
+                .map(|until| now_at_ms + until.saturating_duration_since(now).as_millis() as u64),
+            last_request_ms: traffic.last_request_ms,
+        })
     }
 
     fn snapshot(&self) -> Status {
@@ -62,7 +88,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let wanted = self
             .desired
             .as_ref()
-            .map(|d| d.wanted(&self.config.inventory))
+            .map(|d| d.wanted_with(&self.config.inventory, &self.demand.names()))
             .unwrap_or_default();
         let desired = self.desired.clone().unwrap_or_default();
         let observed_at_ms = now_ms();
@@ -116,6 +142,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     parked_at_ms: record.parked_at_ms(),
                     resumed_at_ms: record.resumed_at_ms(),
                     claims: claims_on(&spec.name),
+                    proxy: self.proxy_status(spec),
                 };
                 (spec.name.to_string(), status)
             })

@@ -15,12 +15,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::mpsc;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ParkSpec, ServiceName, ServiceSpec};
 use crate::observe::gpu::{GpuProcess, SharedGpu};
 use crate::status::FailureKind;
+use crate::traffic::Traffic;
 
 use super::effects::{DrainProbe, EffectError, ServiceEffects, StopHow};
 use super::observe::{gpu_pids_of, process_name, sample_gpu};
@@ -46,6 +48,9 @@ pub(super) struct TaskContext<E: ServiceEffects> {
     pub abandon: CancellationToken,
     /// Cancelled by a forced transition (`?force=true`): drains end at once.
     pub skip_drain: CancellationToken,
+    /// The proxy's counts of its requests, when it has a proxy: a drain waits for none
+    /// in flight.
+    pub traffic: Option<watch::Receiver<Traffic>>,
 }
 
 /// How an action ended.
@@ -326,34 +331,30 @@ pub(super) async fn resume<E: ServiceEffects>(
 }
 
 /// Waits until the service has no work in flight (docs/ARCHITECTURE.md, "Parking and
-/// draining"). Err: the outcome to report instead of acting (busy at the timeout,
-/// wanted again, or shutdown).
+/// draining"): its `drain:` probe and its proxy's count, when it has them, must both say
+/// idle. Err: the outcome to report instead of acting (busy at the timeout, wanted
+/// again, or shutdown).
 async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E::Instance>> {
-    let Some(drain) = &ctx.spec.drain else {
+    let Some(timeout) = ctx.spec.drain_timeout() else {
         return Ok(());
     };
-    let deadline = Instant::now() + drain.timeout;
+    let deadline = Instant::now() + timeout;
     let mut logged = false;
     let result = loop {
-        let probe = tokio::select! {
+        let busy = tokio::select! {
             biased;
             () = ctx.abandon.cancelled() => break Err(Outcome::Abandoned),
             () = ctx.skip_drain.cancelled() => break Ok(()),
             () = ctx.supersede.cancelled() => break Err(Outcome::Kept),
-            probe = ctx.effects.drain_probe(drain) => probe,
+            busy = work_in_flight(ctx) => busy,
         };
-        let answer = match probe {
-            DrainProbe::Idle => break Ok(()),
-            DrainProbe::Unanswered { error } => {
-                tracing::warn!(service = %ctx.spec.name, %error, "the drain probe got no answer: a service that cannot answer has no work left; going on");
-                break Ok(());
-            }
-            DrainProbe::Busy { answer } => answer,
+        let Some(answer) = busy else {
+            break Ok(());
         };
         if Instant::now() >= deadline {
             break Err(Outcome::Busy {
                 answer,
-                waited: drain.timeout,
+                waited: timeout,
             });
         }
         if !logged {
@@ -365,6 +366,7 @@ async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E:
             () = ctx.abandon.cancelled() => break Err(Outcome::Abandoned),
             () = ctx.skip_drain.cancelled() => break Ok(()),
             () = ctx.supersede.cancelled() => break Err(Outcome::Kept),
+            () = proxy_idle(ctx) => {}
             () = tokio::time::sleep(DRAIN_POLL.min(deadline - Instant::now())) => {}
         }
     };
@@ -376,6 +378,44 @@ async fn drain<E: ServiceEffects>(ctx: &TaskContext<E>) -> Result<(), Outcome<E:
         let _ = ctx.wake.send(drained).await;
     }
     result
+}
+
+/// What is still in flight, as one JSON object: the parts of the drain probe's answer
+/// that say busy, and `proxy_in_flight`; None when nothing is.
+async fn work_in_flight<E: ServiceEffects>(ctx: &TaskContext<E>) -> Option<Value> {
+    let mut busy = serde_json::Map::new();
+    if let Some(drain) = &ctx.spec.drain {
+        match ctx.effects.drain_probe(drain).await {
+            DrainProbe::Idle => {}
+            DrainProbe::Unanswered { error } => {
+                tracing::warn!(service = %ctx.spec.name, %error, "the drain probe got no answer: a service that cannot answer has no work left; going on");
+            }
+            DrainProbe::Busy {
+                answer: Value::Object(parts),
+            } => busy.extend(parts),
+            DrainProbe::Busy { answer } => {
+                busy.insert("probe".into(), answer);
+            }
+        }
+    }
+    let in_flight = ctx.traffic.as_ref().map_or(0, |t| t.borrow().in_flight);
+    if in_flight > 0 {
+        busy.insert("proxy_in_flight".into(), in_flight.into());
+    }
+    (!busy.is_empty()).then_some(Value::Object(busy))
+}
+
+/// Returns once the proxy has no request in flight for the service; never without a
+/// proxy (the drain probe is polled instead).
+async fn proxy_idle<E: ServiceEffects>(ctx: &TaskContext<E>) {
+    match ctx.traffic.clone() {
+        Some(mut traffic) => {
+            if traffic.wait_for(|t| t.in_flight == 0).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits until the GPU shows `pids` down to the residual (within the tolerance), for at
