@@ -28,7 +28,10 @@ pub(super) async fn accept_loop<G: Gate>(listener: TcpListener, forwarder: Arc<F
         match accepted {
             Ok((stream, peer)) => {
                 let forwarder = forwarder.clone();
-                forwarder.tasks().clone().spawn(serve(stream, peer, forwarder));
+                forwarder
+                    .tasks()
+                    .clone()
+                    .spawn(serve(stream, peer, forwarder));
             }
             Err(err) => {
                 tracing::warn!(service = %forwarder.service(), error = %err, "proxy: accept failed");

@@ -107,7 +107,11 @@ impl<G: Gate> Forwarder<G> {
         request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
-        match self.client.request(self.to_upstream(peer, request, false)).await {
+        match self
+            .client
+            .request(self.to_upstream(peer, request, false))
+            .await
+        {
             Ok(response) => streamed_back(response, pass),
             Err(err) => answer::bad_gateway(&self.route, &err),
         }
@@ -123,7 +127,10 @@ impl<G: Gate> Forwarder<G> {
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
         let consumer = hyper::upgrade::on(&mut request);
-        let mut response = match self.client.request(self.to_upstream(peer, request, true)).await
+        let mut response = match self
+            .client
+            .request(self.to_upstream(peer, request, true))
+            .await
         {
             Ok(response) => response,
             Err(err) => return answer::bad_gateway(&self.route, &err),
@@ -162,7 +169,8 @@ impl<G: Gate> Forwarder<G> {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/")),
         );
-        parts.uri = Uri::from_parts(uri).expect("check_upstream: the upstream has a scheme and an authority");
+        parts.uri = Uri::from_parts(uri)
+            .expect("check_upstream: the upstream has a scheme and an authority");
         // HTTP/1.1 upstream whatever the consumer spoke: keep-alive to the upstream.
         parts.version = Version::HTTP_11;
         headers::for_upstream(&mut parts.headers, peer.ip(), upgrade);

@@ -110,13 +110,14 @@ pub async fn bind(routes: &[Route]) -> Result<Listeners, ProxyError> {
     let mut bound = Vec::with_capacity(routes.len());
     for route in routes {
         forward::check_upstream(route)?;
-        let listener = TcpListener::bind(route.listen)
-            .await
-            .map_err(|source| ProxyError::Bind {
-                service: route.service.clone(),
-                addr: route.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(route.listen)
+                .await
+                .map_err(|source| ProxyError::Bind {
+                    service: route.service.clone(),
+                    addr: route.listen,
+                    source,
+                })?;
         bound.push((route.clone(), listener));
     }
     Ok(Listeners { bound })

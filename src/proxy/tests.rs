@@ -215,7 +215,9 @@ async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
-        let read = within("response headers", stream.read(&mut byte)).await.unwrap();
+        let read = within("response headers", stream.read(&mut byte))
+            .await
+            .unwrap();
         assert_eq!(read, 1, "connection closed mid-headers: {head:?}");
         head.push(byte[0]);
     }
@@ -284,7 +286,10 @@ async fn a_request_is_forwarded_and_its_pass_ends_with_the_body() {
     assert_eq!(seen.method, "POST");
     assert_eq!(seen.uri, "/api/chat?model=llama&x=1");
     assert_eq!(seen.header.as_deref(), Some("hello"));
-    assert!(!seen.hop_header, "a header named in Connection is hop-by-hop");
+    assert!(
+        !seen.hop_header,
+        "a header named in Connection is hop-by-hop"
+    );
     assert_eq!(seen.forwarded_for.as_deref(), Some("127.0.0.1"));
     assert_eq!(seen.forwarded_host, Some(proxy.addr.to_string()));
     assert_eq!(seen.body, "the question");
@@ -376,7 +381,9 @@ async fn an_upstream_that_refuses_the_connection_is_a_502_naming_the_service() {
     assert_eq!(body["service"], "ollama");
     let error = body["error"].as_str().unwrap();
     assert!(
-        error.starts_with(&format!("ollama at http://{upstream}/ could not be reached")),
+        error.starts_with(&format!(
+            "ollama at http://{upstream}/ could not be reached"
+        )),
         "{error}"
     );
     assert!(error.contains("refused"), "{error}");
