@@ -31,7 +31,11 @@ pub(super) fn bad_gateway<P>(
     err: &hyper_util::client::legacy::Error,
 ) -> Response<ProxyBody<P>> {
     let service = &route.service;
-    let upstream = &route.upstream;
+    // As the config writes it: a `Uri` prints a trailing `/`.
+    let upstream = match (route.upstream.scheme_str(), route.upstream.authority()) {
+        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}"),
+        _ => route.upstream.to_string(),
+    };
     let cause = causes(err);
     let error = if err.is_connect() {
         format!(

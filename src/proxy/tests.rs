@@ -164,6 +164,7 @@ struct Proxy {
     addr: SocketAddr,
     gate: Arc<TestGate>,
     shutdown: CancellationToken,
+    served: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
@@ -177,11 +178,12 @@ impl Proxy {
         let addr = listeners.local_addr(&ollama()).unwrap();
         let gate = Arc::new(TestGate::new(admission));
         let shutdown = CancellationToken::new();
-        tokio::spawn(listeners.serve(gate.clone(), shutdown.clone()));
+        let served = tokio::spawn(listeners.serve(gate.clone(), shutdown.clone()));
         Self {
             addr,
             gate,
             shutdown,
+            served,
         }
     }
 
@@ -298,12 +300,10 @@ async fn a_request_is_forwarded_and_its_pass_ends_with_the_body() {
     assert_eq!(proxy.gate.answered(), [StatusCode::CREATED]);
 }
 
-#[tokio::test]
-async fn a_streamed_answer_reaches_the_client_chunk_by_chunk() {
-    let go = Arc::new(Notify::new());
-    let upstream_go = go.clone();
-    let upstream = upstream(move |_request| {
-        let go = upstream_go.clone();
+/// An upstream that answers "one", waits for `go`, then answers "two" and ends.
+async fn two_chunks(go: Arc<Notify>) -> SocketAddr {
+    upstream(move |_request| {
+        let go = go.clone();
         async move {
             let (chunks, body) = mpsc::channel::<Bytes>(2);
             tokio::spawn(async move {
@@ -315,7 +315,13 @@ async fn a_streamed_answer_reaches_the_client_chunk_by_chunk() {
             Response::new(StreamBody::new(frames).boxed())
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_streamed_answer_reaches_the_client_chunk_by_chunk() {
+    let go = Arc::new(Notify::new());
+    let upstream = two_chunks(go.clone()).await;
     let proxy = Proxy::start(upstream, Admission::Now).await;
 
     let mut response = reqwest::get(proxy.url("/api/generate")).await.unwrap();
@@ -381,9 +387,7 @@ async fn an_upstream_that_refuses_the_connection_is_a_502_naming_the_service() {
     assert_eq!(body["service"], "ollama");
     let error = body["error"].as_str().unwrap();
     assert!(
-        error.starts_with(&format!(
-            "ollama at http://{upstream}/ could not be reached"
-        )),
+        error.starts_with(&format!("ollama at http://{upstream} could not be reached")),
         "{error}"
     );
     assert!(error.contains("refused"), "{error}");
@@ -498,6 +502,29 @@ async fn bytes_that_are_not_http_are_a_400() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(proxy.gate.kinds().is_empty(), "never admitted");
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_a_stream_under_way_finish() {
+    let go = Arc::new(Notify::new());
+    let mut proxy = Proxy::start(two_chunks(go.clone()).await, Admission::Now).await;
+
+    let mut response = reqwest::get(proxy.url("/api/generate")).await.unwrap();
+    let first = within("the first chunk", response.chunk()).await.unwrap();
+    assert_eq!(first.as_deref(), Some(&b"one"[..]));
+    proxy.shutdown.cancel();
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect(proxy.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after shutdown");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!proxy.served.is_finished(), "a stream is under way");
+    go.notify_one();
+    let second = within("the second chunk", response.chunk()).await.unwrap();
+    assert_eq!(second.as_deref(), Some(&b"two"[..]));
+    assert_eq!(within("the end", response.chunk()).await.unwrap(), None);
+    within("serve to return", &mut proxy.served).await.unwrap();
+    assert_eq!(proxy.gate.live(), 0);
 }
 
 /// Sends `request`, goes away while the gate has not answered, and checks that the admit
