@@ -27,6 +27,7 @@ pub mod notify;
 pub mod observe;
 pub mod plan;
 pub mod process_exit;
+pub mod proxy;
 pub mod reconcile;
 pub mod reload;
 pub mod schedule;

@@ -1,0 +1,212 @@
+//! One request: admitted by the gate, then forwarded to the upstream and its answer
+//! streamed back; an upgrade (WebSocket) becomes a byte tunnel that holds its pass.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::{Bytes, Incoming};
+use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::upgrade::OnUpgrade;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::body::ProxyBody;
+use super::{answer, headers, Gate, ProxyError, RequestKind, Route};
+use crate::config::ServiceName;
+
+/// One pool of keep-alive connections to every upstream, shared by all routes.
+pub(super) type UpstreamClient = Client<HttpConnector, Incoming>;
+
+pub(super) fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Only `http://host:port` can be forwarded (the connector speaks no TLS); said at startup.
+pub(super) fn check_upstream(route: &Route) -> Result<(), ProxyError> {
+    let upstream = &route.upstream;
+    if upstream.scheme() == Some(&Scheme::HTTP) && upstream.authority().is_some() {
+        Ok(())
+    } else {
+        Err(ProxyError::Upstream {
+            service: route.service.clone(),
+            upstream: upstream.clone(),
+        })
+    }
+}
+
+/// What every request of one route needs.
+pub(super) struct Forwarder<G> {
+    route: Route,
+    gate: Arc<G>,
+    client: UpstreamClient,
+    /// Connections and tunnels, so that shutdown can wait for them.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl<G: Gate> Forwarder<G> {
+    pub(super) fn new(
+        route: Route,
+        gate: Arc<G>,
+        client: UpstreamClient,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            route,
+            gate,
+            client,
+            tasks,
+            shutdown,
+        }
+    }
+
+    pub(super) fn service(&self) -> &ServiceName {
+        &self.route.service
+    }
+
+    pub(super) fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    pub(super) fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Admit, forward, answer; every answer is reported to the gate.
+    pub(super) async fn handle(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Response<ProxyBody<G::Pass>> {
+        let kind = if headers::wants_upgrade(request.headers()) {
+            RequestKind::Upgrade
+        } else {
+            RequestKind::Plain
+        };
+        let response = match self.gate.admit(self.service(), kind).await {
+            Err(refusal) => answer::refusal(self.service(), refusal),
+            Ok(pass) => match kind {
+                RequestKind::Plain => self.forward(peer, request, pass).await,
+                RequestKind::Upgrade => self.upgrade(peer, request, pass).await,
+            },
+        };
+        self.gate.answered(self.service(), response.status());
+        response
+    }
+
+    async fn forward(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+        pass: G::Pass,
+    ) -> Response<ProxyBody<G::Pass>> {
+        match self
+            .client
+            .request(self.to_upstream(peer, request, false))
+            .await
+        {
+            Ok(response) => streamed_back(response, pass),
+            Err(err) => answer::bad_gateway(&self.route, &err),
+        }
+    }
+
+    /// The upgrade request goes upstream as it is; a 101 from there becomes a 101 to the
+    /// consumer and a tunnel between the two upgraded connections. Any other answer is
+    /// passed back like a plain one.
+    async fn upgrade(
+        &self,
+        peer: SocketAddr,
+        mut request: Request<Incoming>,
+        pass: G::Pass,
+    ) -> Response<ProxyBody<G::Pass>> {
+        let consumer = hyper::upgrade::on(&mut request);
+        let mut response = match self
+            .client
+            .request(self.to_upstream(peer, request, true))
+            .await
+        {
+            Ok(response) => response,
+            Err(err) => return answer::bad_gateway(&self.route, &err),
+        };
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return streamed_back(response, pass);
+        }
+        let upstream = hyper::upgrade::on(&mut response);
+        self.tasks.spawn(tunnel(
+            self.route.service.clone(),
+            consumer,
+            upstream,
+            pass,
+            self.shutdown.clone(),
+        ));
+        // The 101's own `Connection`, `Upgrade` and `Sec-WebSocket-*` are the consumer's
+        // answer: passed back untouched.
+        let (parts, _empty) = response.into_parts();
+        Response::from_parts(parts, ProxyBody::full(Bytes::new()))
+    }
+
+    /// The consumer's request, addressed to the upstream: same method, path, query and
+    /// body (streamed), headers fit for the next hop.
+    fn to_upstream(
+        &self,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+        upgrade: bool,
+    ) -> Request<Incoming> {
+        let (mut parts, body) = request.into_parts();
+        let mut uri = self.route.upstream.clone().into_parts();
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri)
+            .expect("check_upstream: the upstream has a scheme and an authority");
+        // HTTP/1.1 upstream whatever the consumer spoke: keep-alive to the upstream.
+        parts.version = Version::HTTP_11;
+        headers::for_upstream(&mut parts.headers, peer.ip(), upgrade);
+        Request::from_parts(parts, body)
+    }
+}
+
+fn streamed_back<P>(response: Response<Incoming>, pass: P) -> Response<ProxyBody<P>> {
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ProxyBody::streamed(body, pass))
+}
+
+/// Bytes both ways until either side closes (or the daemon shuts down); the pass, and so
+/// the demand the tunnel stands for, lasts as long.
+async fn tunnel<P>(
+    service: ServiceName,
+    consumer: OnUpgrade,
+    upstream: OnUpgrade,
+    _pass: P,
+    shutdown: CancellationToken,
+) {
+    let (consumer, upstream) = match tokio::try_join!(consumer, upstream) {
+        Ok(both) => both,
+        Err(err) => {
+            tracing::debug!(%service, error = %err, "proxy: upgrade did not complete");
+            return;
+        }
+    };
+    let (mut consumer, mut upstream) = (TokioIo::new(consumer), TokioIo::new(upstream));
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut consumer, &mut upstream) => {
+            if let Err(err) = copied {
+                tracing::debug!(%service, error = %err, "proxy: tunnel ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {}
+    }
+}

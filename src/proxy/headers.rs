@@ -1,0 +1,73 @@
+//! Headers across the proxy: hop-by-hop ones stay on their own hop (RFC 9110 7.6.1), and
+//! the upstream learns who really asked (`X-Forwarded-*`).
+
+use std::net::IpAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, not the message, and so are never forwarded.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Does the request ask to switch protocols (`Connection: upgrade`, a WebSocket as a rule)?
+pub(super) fn wants_upgrade(headers: &HeaderMap) -> bool {
+    connection_tokens(headers).any(|token| token.eq_ignore_ascii_case("upgrade"))
+        && headers.contains_key(header::UPGRADE)
+}
+
+/// Removes the hop-by-hop headers, and those the `Connection` header names as such.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+}
+
+/// A request for the upstream: hop-by-hop headers gone (an upgrade keeps its `Upgrade` and
+/// says so in `Connection`), `Host` left for the client to set to the upstream's
+/// authority, and the consumer's address, scheme and host in `X-Forwarded-*`.
+pub(super) fn for_upstream(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    if let (true, Some(protocol)) = (upgrade, upgrade_to) {
+        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::to_str) {
+        Some(Ok(earlier)) => format!("{earlier}, {peer}"),
+        _ => peer.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    // A TLS terminator in front of us knows the scheme and host better than we do.
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.entry(X_FORWARDED_HOST.clone()).or_insert(host);
+    }
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
