@@ -279,7 +279,8 @@ pub fn routes(
         .map(move |handle: ReconcilerHandle| {
             // A copy, so that the loop's next snapshot never waits for the rendering.
             let status = handle.status.borrow().clone();
-            let text = crate::metrics::render(&status, &metrics_counters);
+            let mut text = crate::metrics::render(&status, &metrics_counters);
+            text.push_str(&crate::metrics::render_proxy(&handle.traffic));
             warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                 .into_response()
         });
@@ -503,6 +504,7 @@ mod tests {
             commands,
             status,
             feed: tokio::sync::broadcast::channel(1).0,
+            traffic: Default::default(),
         };
         let routes = routes(handle, Auth { token: None });
         let get = || async {
@@ -538,6 +540,7 @@ mod tests {
             commands,
             status: watch::channel(Status::default()).1,
             feed: tokio::sync::broadcast::channel(1).0,
+            traffic: Default::default(),
         };
         let token = Some(Arc::new(b"s3cret".to_vec()));
         let routes = routes(handle, Auth { token });

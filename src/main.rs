@@ -21,7 +21,7 @@ use gpu_manager::reconcile::{
     Command as ReconcilerCommand, ConfigWatch, GpuSource, ReconcilerHandle,
 };
 use gpu_manager::reload::{ReloadTrigger, RemovedServices};
-use gpu_manager::{api, daemon, demo, desired, doctor, notify, plan};
+use gpu_manager::{api, daemon, demo, desired, doctor, notify, plan, proxy};
 
 #[derive(Parser)]
 #[command(
@@ -287,13 +287,20 @@ async fn run_daemon(config: &Path, mode: Mode, watch: ConfigWatch) -> anyhow::Re
         }
         Mode::WatchOnly => None,
     };
+    // The demand proxies listen from startup (docs/ARCHITECTURE.md, "The demand proxy").
+    let proxy_stop = CancellationToken::new();
+    let proxies = proxy::start(&config, &reconciler.handle(), proxy_stop.clone()).await?;
     tokio::spawn(forward_signals(shutdown.clone()));
     reconciler.run(shutdown).await;
     // The answers owed to waiting callers are on their way out: let the server finish
     // them (event streams never finish: they are cut after a moment).
     api_stop.cancel();
+    proxy_stop.cancel();
     if let Some(api) = api {
         let _ = tokio::time::timeout(API_DRAIN, api).await;
+    }
+    if let Some(proxies) = proxies {
+        let _ = tokio::time::timeout(API_DRAIN, proxies).await;
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::broadcast;
 
+use crate::traffic::TrafficBoard;
 use crate::status::{
     ActionRecord, DaemonEvent, FailureKind, ServiceState, ServiceStatus, Status, TransitionStats,
 };
@@ -296,6 +297,55 @@ pub fn render(status: &Status, counters: &Counters) -> String {
             f64::from(u8::from(status.lock.holder.is_some())),
         )],
     );
+    out
+}
+
+/// The demand proxy's series (docs/ARCHITECTURE.md, "The demand proxy"), read live from
+/// its counters; empty when no service has a proxy.
+pub fn render_proxy(traffic: &TrafficBoard) -> String {
+    let services = traffic.all();
+    let mut out = String::new();
+    if services.is_empty() {
+        return out;
+    }
+    let in_flight: Vec<(String, f64)> = services
+        .iter()
+        .map(|(name, t)| (format!("service=\"{name}\""), t.current().in_flight as f64))
+        .collect();
+    gauge(
+        &mut out,
+        "gpu_manager_proxy_in_flight",
+        "Requests forwarded through the proxy and not yet answered in full",
+        &in_flight,
+    );
+    let metrics: Vec<_> = services.iter().map(|(name, t)| (name, t.metrics())).collect();
+    let answered: Vec<(String, f64)> = metrics
+        .iter()
+        .flat_map(|(name, m)| {
+            m.answered
+                .iter()
+                .map(move |(code, n)| (format!("service=\"{name}\",code=\"{code}\""), *n as f64))
+        })
+        .collect();
+    counter(
+        &mut out,
+        "gpu_manager_proxy_requests_total",
+        "Requests answered through the proxy, by service and HTTP status",
+        &answered,
+    );
+    histogram_header(
+        &mut out,
+        "gpu_manager_proxy_wait_seconds",
+        "How long requests waited for their service to be ready",
+    );
+    for (name, m) in &metrics {
+        histogram(
+            &mut out,
+            "gpu_manager_proxy_wait_seconds",
+            &format!("service=\"{name}\","),
+            &m.waits,
+        );
+    }
     out
 }
 

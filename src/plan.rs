@@ -680,6 +680,7 @@ fn start_reason(why: WantReason) -> String {
         WantReason::Phase(phase) => format!("wanted by phase {phase}"),
         WantReason::Pinned => "pinned".to_owned(),
         WantReason::Claimed => "claimed".to_owned(),
+        WantReason::Demanded => "demanded: a request came through its proxy".to_owned(),
     }
 }
 

@@ -863,6 +863,10 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
 
     /// What an action task gets at launch, with tokens of its own.
     fn task_context(&self, spec: ServiceSpec) -> TaskContext<E> {
+        let traffic = spec
+            .proxy
+            .is_some()
+            .then(|| self.traffic.of(&spec.name).subscribe());
         TaskContext {
             effects: self.effects.clone(),
             spec,
@@ -872,10 +876,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             supersede: CancellationToken::new(),
             abandon: self.abandon.child_token(),
             skip_drain: self.skip_drain.clone(),
-            traffic: spec
-                .proxy
-                .is_some()
-                .then(|| self.traffic.of(&spec.name).subscribe()),
+            traffic,
         }
     }
 

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio::sync::watch;
 
 use crate::config::ServiceName;
+use crate::status::TransitionStats;
 
 /// One service's requests now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,32 +36,12 @@ impl Traffic {
     }
 }
 
-/// The upper bounds of the wait histogram's buckets, in seconds (Prometheus' `le`).
-pub const WAIT_BUCKETS_S: [f64; 12] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
-
-/// Counters for `/metrics`: answers by HTTP status, and how long requests waited.
+/// Counters for `/metrics`: answers by HTTP status, and how long requests waited for
+/// their service (the histogram's buckets are the transitions').
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestMetrics {
     pub answered: BTreeMap<u16, u64>,
-    /// Cumulative counts per bucket of [`WAIT_BUCKETS_S`].
-    pub wait_buckets: [u64; WAIT_BUCKETS_S.len()],
-    pub wait_count: u64,
-    pub wait_sum_s: f64,
-}
-
-impl RequestMetrics {
-    fn waited(&mut self, waited: Duration) {
-        let seconds = waited.as_secs_f64();
-        for (bound, count) in WAIT_BUCKETS_S.iter().zip(self.wait_buckets.iter_mut()) {
-            if seconds <= *bound {
-                *count += 1;
-            }
-        }
-        self.wait_count += 1;
-        self.wait_sum_s += seconds;
-    }
+    pub waits: TransitionStats,
 }
 
 /// One proxied service's shared counters.
@@ -96,7 +77,7 @@ impl ServiceTraffic {
     }
 
     pub fn waited(&self, waited: Duration) {
-        self.lock().waited(waited);
+        self.lock().waits.observe(waited.as_millis() as u64);
     }
 
     pub fn metrics(&self) -> RequestMetrics {
@@ -142,17 +123,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn waits_fill_every_bucket_at_or_above_them() {
+    fn answers_and_waits_are_counted() {
         let traffic = ServiceTraffic::default();
-        traffic.waited(Duration::from_millis(3));
+        traffic.answered(200);
+        traffic.answered(200);
+        traffic.answered(503);
+        traffic.waited(Duration::from_millis(30));
         traffic.waited(Duration::from_secs(2));
         let metrics = traffic.metrics();
-        assert_eq!(metrics.wait_count, 2);
-        assert_eq!(metrics.wait_buckets[0], 0, "le 0.001");
-        assert_eq!(metrics.wait_buckets[1], 1, "le 0.005");
-        assert_eq!(metrics.wait_buckets[6], 1, "le 1");
-        assert_eq!(metrics.wait_buckets[7], 2, "le 5");
-        assert!((metrics.wait_sum_s - 2.003).abs() < 1e-9);
+        assert_eq!(metrics.answered, BTreeMap::from([(200, 2), (503, 1)]));
+        assert_eq!(metrics.waits.count, 2);
+        assert_eq!(metrics.waits.bucket_counts[0], 1, "le 100 ms");
+        assert_eq!(metrics.waits.sum_ms, 2030);
     }
 
     #[test]

@@ -208,6 +208,12 @@ pub fn event_line(event: &DaemonEvent) -> String {
         DaemonEvent::ConfigRefused { error, .. } => {
             format!("config reload refused: {}", first_line(error))
         }
+        DaemonEvent::DemandStarted { service } => {
+            format!("{service}: demanded (a request came through its proxy)")
+        }
+        DaemonEvent::DemandEnded { service } => {
+            format!("{service}: demand ended (no request for its idle_ms)")
+        }
         DaemonEvent::Lagged { missed } => {
             format!("(fell behind the event stream: {missed} events not shown)")
         }

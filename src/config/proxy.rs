@@ -87,7 +87,7 @@ pub(super) fn parse_proxy(
             invalid(
                 "upstream",
                 format!(
-                    "{} {url:?} is not an http URL with a host and port, such as \"http://127.0.0.1:11435\"",
+                    "{} {url:?} is not a plain http URL with a host, such as \"http://127.0.0.1:11435\" (the proxy forwards plain HTTP)",
                     at("upstream")
                 ),
             )
@@ -95,7 +95,7 @@ pub(super) fn parse_proxy(
         (None, Some(health)) => origin(health).ok_or_else(|| {
             invalid(
                 "upstream",
-                format!("{} is not given and health.url {health:?} has no host: write where the service listens, e.g. upstream: \"http://127.0.0.1:11435\"", at("upstream")),
+                format!("{} is not given and health.url {health:?} is not a plain http URL to take it from: write where the service listens, e.g. upstream: \"http://127.0.0.1:11435\"", at("upstream")),
             )
         })?,
         (None, None) => {
@@ -154,15 +154,18 @@ pub(super) fn parse_proxy(
     })
 }
 
-/// `scheme://host:port` of an http(s) URL, the port made explicit.
+/// `http://host:port` of a plain http URL, the port made explicit: the proxy forwards
+/// plain HTTP on the host (a TLS upstream is not supported).
 fn origin(url: &str) -> Option<String> {
     let parsed = reqwest::Url::parse(url).ok()?;
-    if !matches!(parsed.scheme(), "http" | "https") {
+    if parsed.scheme() != "http" {
         return None;
     }
     let host = parsed.host_str()?;
     let port = parsed.port_or_known_default()?;
-    Some(format!("{}://{host}:{port}", parsed.scheme()))
+    let origin = format!("http://{host}:{port}");
+    origin.parse::<hyper::Uri>().ok()?;
+    Some(origin)
 }
 
 /// Whether an upstream origin points back at the proxy's listen address (the proxy

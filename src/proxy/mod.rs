@@ -7,6 +7,7 @@ mod answer;
 mod body;
 mod connection;
 mod forward;
+pub mod gate;
 mod headers;
 
 use std::io;
@@ -18,7 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ServiceName;
+use crate::config::{Config, ServiceName};
+use crate::reconcile::ReconcilerHandle;
 
 /// One proxied service: where consumers connect and where the service really listens.
 #[derive(Debug, Clone)]
@@ -103,6 +105,44 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Listeners {
     bound: Vec<(Route, TcpListener)>,
+}
+
+/// Every service with a `proxy:` key, as a route.
+pub fn routes(config: &Config) -> Vec<Route> {
+    config
+        .inventory
+        .iter()
+        .filter_map(|spec| {
+            let proxy = spec.proxy.as_ref()?;
+            Some(Route {
+                service: spec.name.clone(),
+                listen: proxy.listen,
+                upstream: proxy
+                    .upstream
+                    .parse()
+                    .expect("the config checked that proxy.upstream is an http origin"),
+            })
+        })
+        .collect()
+}
+
+/// Binds every proxied service's listener and serves them, admitted by the loop's
+/// gate, until `shutdown`; None when no service has a proxy.
+pub async fn start(
+    config: &Config,
+    handle: &ReconcilerHandle,
+    shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ProxyError> {
+    let routes = routes(config);
+    if routes.is_empty() {
+        return Ok(None);
+    }
+    let listeners = bind(&routes).await?;
+    for route in &routes {
+        tracing::info!(service = %route.service, listen = %route.listen, upstream = %route.upstream, "proxy listening");
+    }
+    let gate = Arc::new(gate::DemandGate::new(config, handle));
+    Ok(Some(tokio::spawn(listeners.serve(gate, shutdown))))
 }
 
 /// Binds every route's listen address; the first that cannot be bound is the error.

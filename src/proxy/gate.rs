@@ -1,0 +1,383 @@
+//! The loop's side of the demand proxy (docs/ARCHITECTURE.md, "The demand proxy"): when
+//! a request may go. It says "used" to the loop through the reconciler's handle, waits
+//! on the status snapshot for its service to be ready, counts the request as waiting,
+//! then in flight, and refuses with a reason when the service is held or does not
+//! become ready in time. It never touches the loop's records.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Config, ProxySpec, ServiceName};
+use crate::reconcile::{Command, ReconcilerHandle};
+use crate::status::{ServiceState, ServiceStatus, Status};
+use crate::traffic::{ServiceTraffic, Traffic};
+
+use super::{Gate, Refusal, RequestKind};
+
+/// How long a client refused for a full queue or a shutdown should wait, in seconds.
+const RETRY_SOON_S: u64 = 1;
+
+/// One proxied service's limits and counters.
+struct GateRoute {
+    spec: ProxySpec,
+    traffic: Arc<ServiceTraffic>,
+    /// `concurrency`: the slots for requests in flight upstream.
+    slots: Option<Arc<Semaphore>>,
+}
+
+pub struct DemandGate {
+    routes: BTreeMap<ServiceName, GateRoute>,
+    commands: mpsc::Sender<Command>,
+    status: watch::Receiver<Status>,
+}
+
+impl DemandGate {
+    pub fn new(config: &Config, handle: &ReconcilerHandle) -> Self {
+        let routes = config
+            .inventory
+            .iter()
+            .filter_map(|spec| Some((spec.name.clone(), spec.proxy.clone()?)))
+            .map(|(name, proxy)| {
+                let route = GateRoute {
+                    slots: proxy
+                        .concurrency
+                        .map(|n| Arc::new(Semaphore::new(n.get()))),
+                    traffic: handle.traffic.of(&name),
+                    spec: proxy,
+                };
+                (name, route)
+            })
+            .collect();
+        Self {
+            routes,
+            commands: handle.commands.clone(),
+            status: handle.status.clone(),
+        }
+    }
+
+    /// Waits until the service is ready and, with `concurrency`, a slot is free.
+    async fn until_ready(
+        &self,
+        service: &ServiceName,
+        route: &GateRoute,
+    ) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
+        let mut status = self.status.clone();
+        loop {
+            let readiness = readiness(&status.borrow_and_update(), service);
+            if !readiness.demanded {
+                self.say_used(service).await;
+            }
+            match readiness.now {
+                Now::Held => return Err(held(service)),
+                Now::Ready => match &route.slots {
+                    None => return Ok(None),
+                    Some(slots) => {
+                        let slot = slots.clone().acquire_owned().await.map_err(|_| {
+                            refusal(service, "shutting_down", "the proxy is shutting down")
+                        })?;
+                        // It may have begun to stop while the request queued for a slot.
+                        if readiness_of(&self.status, service) == Now::Ready {
+                            return Ok(Some(slot));
+                        }
+                    }
+                },
+                Now::NotYet => {}
+            }
+            if status.changed().await.is_err() {
+                return Err(refusal(
+                    service,
+                    "shutting_down",
+                    "gpu-manager is shutting down",
+                ));
+            }
+        }
+    }
+
+    async fn say_used(&self, service: &ServiceName) {
+        let used = Command::Demand {
+            service: service.clone(),
+        };
+        // Only fails when the loop is gone: the wait then ends as a shutdown.
+        let _ = self.commands.send(used).await;
+    }
+
+    /// The answer once `max_wait_ms` has passed: why it is not ready.
+    fn timed_out(&self, service: &ServiceName, route: &GateRoute) -> Refusal {
+        let status = self.status.borrow();
+        let waited_ms = route.spec.max_wait.as_millis() as u64;
+        let Some(service_status) = status.services.get(service.as_str()) else {
+            return refusal(service, "timed_out", "it is no longer managed");
+        };
+        let state = service_status.state;
+        let why = service_status
+            .reason
+            .clone()
+            .or_else(|| service_status.last_error.clone())
+            .unwrap_or_default();
+        let mut detail = Map::new();
+        detail.insert("state".into(), json!(state));
+        detail.insert("waited_ms".into(), json!(waited_ms));
+        let (kind, error) = if state == ServiceState::Preempted {
+            detail.insert("holders".into(), holders(&status, service));
+            (
+                "cannot_fit",
+                format!("{service} cannot fit in VRAM now: {why}; it starts when the memory is free (a lower phase, a released claim), retry later"),
+            )
+        } else {
+            (
+                "timed_out",
+                format!("{service} was not ready within max_wait_ms ({waited_ms} ms): it is {state}{}", match why.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({why})"),
+                }),
+            )
+        };
+        Refusal {
+            retry_after_s: Some(route.spec.max_wait.as_secs().max(RETRY_SOON_S)),
+            detail,
+            ..refusal(service, kind, &error)
+        }
+    }
+}
+
+impl Gate for DemandGate {
+    type Pass = Pass;
+
+    async fn admit(&self, service: &ServiceName, kind: RequestKind) -> Result<Pass, Refusal> {
+        let Some(route) = self.routes.get(service) else {
+            return Err(refusal(service, "timed_out", "it has no proxy route"));
+        };
+        let waiting = Waiting::enter(route)?;
+        let asked = Instant::now();
+        let ready = tokio::time::timeout(route.spec.max_wait, self.until_ready(service, route));
+        let outcome = ready.await;
+        route.traffic.waited(asked.elapsed());
+        match outcome {
+            Ok(Ok(slot)) => Ok(waiting.into_pass(kind, slot)),
+            Ok(Err(refusal)) => Err(refusal),
+            Err(_) => Err(self.timed_out(service, route)),
+        }
+    }
+
+    fn answered(&self, service: &ServiceName, status: hyper::StatusCode) {
+        if let Some(route) = self.routes.get(service) {
+            route.traffic.answered(status.as_u16());
+        }
+    }
+}
+
+/// A request waiting for its service: counted until it goes in flight or is dropped
+/// (a refusal, or the client gone).
+struct Waiting {
+    traffic: Arc<ServiceTraffic>,
+}
+
+impl Waiting {
+    fn enter(route: &GateRoute) -> Result<Self, Refusal> {
+        let max_queue = route.spec.max_queue;
+        let mut full = false;
+        route.traffic.change(|t| {
+            full = t.waiting >= max_queue;
+            if !full {
+                t.waiting += 1;
+                t.arrived();
+            }
+        });
+        if full {
+            return Err(Refusal {
+                status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+                kind: "queue_full",
+                error: format!("{max_queue} requests are already waiting (proxy.max_queue): retry in a moment"),
+                retry_after_s: Some(RETRY_SOON_S),
+                detail: Map::new(),
+            });
+        }
+        Ok(Self {
+            traffic: route.traffic.clone(),
+        })
+    }
+
+    /// In flight from now: counted there before it leaves the queue, so the service is
+    /// never seen unused in between.
+    fn into_pass(self, kind: RequestKind, slot: Option<OwnedSemaphorePermit>) -> Pass {
+        self.traffic.change(|t| match kind {
+            RequestKind::Plain => t.in_flight += 1,
+            RequestKind::Upgrade => t.upgraded += 1,
+        });
+        Pass {
+            traffic: self.traffic.clone(),
+            kind,
+            _slot: slot,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.traffic.change(|t| {
+            t.waiting -= 1;
+            t.ended();
+        });
+    }
+}
+
+/// Held while a request is in flight (or an upgraded connection open).
+pub struct Pass {
+    traffic: Arc<ServiceTraffic>,
+    kind: RequestKind,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.traffic.change(|t| {
+            match self.kind {
+                RequestKind::Plain => t.in_flight -= 1,
+                RequestKind::Upgrade => t.upgraded -= 1,
+            }
+            t.ended();
+        });
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Now {
+    Ready,
+    Held,
+    NotYet,
+}
+
+struct Readiness {
+    now: Now,
+    /// Whether the loop already counts it as demanded (else the gate says "used").
+    demanded: bool,
+}
+
+fn readiness(status: &Status, service: &ServiceName) -> Readiness {
+    let Some(service_status) = status.services.get(service.as_str()) else {
+        return Readiness {
+            now: Now::NotYet,
+            demanded: true,
+        };
+    };
+    let held = status.desired.held.iter().any(|h| h == service.as_str())
+        && service_status.claims.is_empty();
+    let now = match (held, service_status.state) {
+        (true, _) => Now::Held,
+        (false, ServiceState::Ready) => Now::Ready,
+        (false, _) => Now::NotYet,
+    };
+    let demanded = service_status.proxy.as_ref().is_none_or(|p| p.demanded);
+    Readiness { now, demanded }
+}
+
+fn readiness_of(status: &watch::Receiver<Status>, service: &ServiceName) -> Now {
+    readiness(&status.borrow(), service).now
+}
+
+/// The services holding memory now, for a `cannot_fit` answer.
+fn holders(status: &Status, except: &ServiceName) -> Value {
+    let holding = |s: &ServiceStatus| {
+        matches!(
+            s.state,
+            ServiceState::Ready
+                | ServiceState::Starting
+                | ServiceState::Unhealthy
+                | ServiceState::Draining
+                | ServiceState::Stopping
+                | ServiceState::Parked
+        )
+    };
+    let list: Vec<Value> = status
+        .services
+        .iter()
+        .filter(|(name, s)| name.as_str() != except.as_str() && holding(s))
+        .map(|(name, s)| {
+            json!({
+                "service": name,
+                "state": s.state,
+                "priority": s.priority,
+                "vram_mb": s.observed_vram_mb.unwrap_or(s.declared_vram_mb),
+                "claims": s.claims,
+            })
+        })
+        .collect();
+    Value::Array(list)
+}
+
+fn held(service: &ServiceName) -> Refusal {
+    refusal(
+        service,
+        "held",
+        &format!("{service} is held stopped (desired state `held`): nothing starts it until it is released; start it with POST /gpu/service/{service}/start, or remove it from held in the desired-state file"),
+    )
+}
+
+fn refusal(service: &ServiceName, kind: &'static str, error: &str) -> Refusal {
+    let error = match error.starts_with(service.as_str()) {
+        true => error.to_owned(),
+        false => format!("{service}: {error}"),
+    };
+    Refusal {
+        status: hyper::StatusCode::SERVICE_UNAVAILABLE,
+        kind,
+        error,
+        retry_after_s: None,
+        detail: Map::new(),
+    }
+}
+
+impl Traffic {
+    fn arrived(&mut self) {
+        self.last_request_ms = Some(crate::clock::now_ms());
+        self.last_active = Some(Instant::now());
+    }
+
+    fn ended(&mut self) {
+        self.last_active = Some(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::ProxyStatus;
+
+    fn name(s: &str) -> ServiceName {
+        ServiceName::parse(s).unwrap()
+    }
+
+    fn status_with(state: ServiceState, demanded: bool, held: bool) -> Status {
+        let mut status = Status::default();
+        let service = ServiceStatus {
+            state,
+            proxy: Some(ProxyStatus {
+                demanded,
+                ..ProxyStatus::default()
+            }),
+            ..ServiceStatus::default()
+        };
+        status.services.insert("ollama".into(), service);
+        if held {
+            status.desired.held.push("ollama".into());
+        }
+        status
+    }
+
+    #[test]
+    fn ready_held_or_not_yet_as_the_snapshot_says() {
+        let ollama = name("ollama");
+        let ready = readiness(&status_with(ServiceState::Ready, true, false), &ollama);
+        assert_eq!((ready.now, ready.demanded), (Now::Ready, true));
+        let stopped = readiness(&status_with(ServiceState::Stopped, false, false), &ollama);
+        assert_eq!((stopped.now, stopped.demanded), (Now::NotYet, false));
+        let held = readiness(&status_with(ServiceState::Stopped, false, true), &ollama);
+        assert_eq!(held.now, Now::Held);
+        let draining = readiness(&status_with(ServiceState::Draining, true, false), &ollama);
+        assert_eq!(draining.now, Now::NotYet, "requests wait out a drain");
+    }
+}
