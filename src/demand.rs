@@ -158,9 +158,7 @@ mod tests {
         assert!(demand.review(at(4), |_| Activity::InUse).is_empty());
         assert_eq!(demand.until(&name("a")), Some(at(9)));
         // Idle since 6 s: it ends at 11 s, not before.
-        let idle = |_: &ServiceName| Activity::Idle {
-            since: Some(at(6)),
-        };
+        let idle = |_: &ServiceName| Activity::Idle { since: Some(at(6)) };
         assert!(demand.review(at(10), idle).is_empty());
         assert_eq!(demand.next_end(), Some(at(11)));
         assert_eq!(demand.review(at(11), idle), vec![name("a")]);

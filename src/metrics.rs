@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::broadcast;
 
-use crate::traffic::TrafficBoard;
 use crate::status::{
     ActionRecord, DaemonEvent, FailureKind, ServiceState, ServiceStatus, Status, TransitionStats,
 };
+use crate::traffic::TrafficBoard;
 
 const STATES: [ServiceState; 10] = [
     ServiceState::Stopped,
@@ -318,7 +318,10 @@ pub fn render_proxy(traffic: &TrafficBoard) -> String {
         "Requests forwarded through the proxy and not yet answered in full",
         &in_flight,
     );
-    let metrics: Vec<_> = services.iter().map(|(name, t)| (name, t.metrics())).collect();
+    let metrics: Vec<_> = services
+        .iter()
+        .map(|(name, t)| (name, t.metrics()))
+        .collect();
     let answered: Vec<(String, f64)> = metrics
         .iter()
         .flat_map(|(name, m)| {

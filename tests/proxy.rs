@@ -73,7 +73,10 @@ fn get(port: u16, path: &str) -> Answer {
 
 fn starts_of(api: &Api, service: &str) -> Vec<Value> {
     let status = api.status();
-    let actions = status["recent_actions"].as_array().cloned().unwrap_or_default();
+    let actions = status["recent_actions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     actions
         .into_iter()
         .filter(|a| a["op"] == "start" && a["service"] == service)
@@ -160,7 +163,10 @@ fn a_demand_that_cannot_fit_beside_a_higher_phase_gets_503_with_retry_after() {
     let asked = Instant::now();
     let refused = get(listen, "/state");
     assert_eq!(refused.code, 503, "{}", refused.body);
-    assert!(asked.elapsed() >= Duration::from_millis(1400), "waited max_wait_ms");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1400),
+        "waited max_wait_ms"
+    );
     assert!(refused.header("retry-after").is_some(), "{}", refused.head);
     let body = refused.json();
     assert_eq!(body["kind"], "cannot_fit", "{body}");
@@ -226,7 +232,9 @@ fn a_phase_change_waits_for_a_streaming_request_and_cuts_nothing() {
     let mut first = String::new();
     while !first.contains("chunk 1 of 10") {
         first.clear();
-        reader.read_line(&mut first).expect("the first line streams");
+        reader
+            .read_line(&mut first)
+            .expect("the first line streams");
     }
     let cosyvoice = pid(&api, "cosyvoice");
 

@@ -131,12 +131,13 @@ pub(super) fn parse_proxy(
         idle => idle.map(Duration::from_millis),
     };
     let concurrency = match raw.concurrency {
-        Some(0) => {
-            return Err(invalid(
-                "concurrency",
-                format!("{} is 0: no request could ever go through; give at least 1, or null for no limit", at("concurrency")),
-            ))
-        }
+        Some(0) => return Err(invalid(
+            "concurrency",
+            format!(
+                "{} is 0: no request could ever go through; give at least 1, or null for no limit",
+                at("concurrency")
+            ),
+        )),
         limit => limit.and_then(NonZeroUsize::new),
     };
     Ok(ProxySpec {
@@ -226,7 +227,10 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             ("{listen: nowhere, upstream: 'http://h:1'}", "listen"),
-            ("{listen: 127.0.0.1:9000, upstream: 'ftp://h:1'}", "upstream"),
+            (
+                "{listen: 127.0.0.1:9000, upstream: 'ftp://h:1'}",
+                "upstream",
+            ),
             ("{listen: 127.0.0.1:9000}", "upstream"),
             (
                 "{listen: 127.0.0.1:9000, upstream: 'http://localhost:9000'}",

@@ -43,9 +43,7 @@ impl DemandGate {
             .filter_map(|spec| Some((spec.name.clone(), spec.proxy.clone()?)))
             .map(|(name, proxy)| {
                 let route = GateRoute {
-                    slots: proxy
-                        .concurrency
-                        .map(|n| Arc::new(Semaphore::new(n.get()))),
+                    slots: proxy.concurrency.map(|n| Arc::new(Semaphore::new(n.get()))),
                     traffic: handle.traffic.of(&name),
                     spec: proxy,
                 };
@@ -130,10 +128,13 @@ impl DemandGate {
         } else {
             (
                 "timed_out",
-                format!("{service} was not ready within max_wait_ms ({waited_ms} ms): it is {state}{}", match why.is_empty() {
-                    true => String::new(),
-                    false => format!(" ({why})"),
-                }),
+                format!(
+                    "{service} was not ready within max_wait_ms ({waited_ms} ms): it is {state}{}",
+                    match why.is_empty() {
+                        true => String::new(),
+                        false => format!(" ({why})"),
+                    }
+                ),
             )
         };
         Refusal {
@@ -191,7 +192,9 @@ impl Waiting {
             return Err(Refusal {
                 status: hyper::StatusCode::SERVICE_UNAVAILABLE,
                 kind: "queue_full",
-                error: format!("{max_queue} requests are already waiting (proxy.max_queue): retry in a moment"),
+                error: format!(
+                    "{max_queue} requests are already waiting (proxy.max_queue): retry in a moment"
+                ),
                 retry_after_s: Some(RETRY_SOON_S),
                 detail: Map::new(),
             });

@@ -16,7 +16,11 @@ use super::Reconciler;
 impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     /// A request came for `service` and found it not demanded.
     pub(super) fn on_demand(&mut self, service: &ServiceName) {
-        let Some(proxy) = self.config.inventory.get(service).and_then(|s| s.proxy.as_ref())
+        let Some(proxy) = self
+            .config
+            .inventory
+            .get(service)
+            .and_then(|s| s.proxy.as_ref())
         else {
             return;
         };
