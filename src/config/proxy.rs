@@ -131,13 +131,15 @@ pub(super) fn parse_proxy(
         idle => idle.map(Duration::from_millis),
     };
     let concurrency = match raw.concurrency {
-        Some(0) => return Err(invalid(
-            "concurrency",
-            format!(
+        Some(0) => {
+            return Err(invalid(
+                "concurrency",
+                format!(
                 "{} is 0: no request could ever go through; give at least 1, or null for no limit",
                 at("concurrency")
             ),
-        )),
+            ))
+        }
         limit => limit.and_then(NonZeroUsize::new),
     };
     Ok(ProxySpec {
