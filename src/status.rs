@@ -405,6 +405,7 @@ impl ServiceStatus {
             parked_at_ms: None,
             resumed_at_ms: None,
             claims: Vec::new(),
+            proxy: None,
         }
     }
 }

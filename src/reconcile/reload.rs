@@ -124,11 +124,11 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                     let keys = keys.clone();
                     self.apply(
                         name,
-                        Event::Reconfigured(Reconfigure::Relaunch { spec, keys }),
+                        Event::Reconfigured(Box::new(Reconfigure::Relaunch { spec, keys })),
                     );
                 }
                 (ServiceChange::Live { .. }, Some(spec)) => {
-                    self.apply(name, Event::Reconfigured(Reconfigure::Live(spec)));
+                    self.apply(name, Event::Reconfigured(Box::new(Reconfigure::Live(spec))));
                 }
                 (_, None) => {}
             }

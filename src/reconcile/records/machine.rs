@@ -55,8 +55,9 @@ pub(in crate::reconcile) enum Event<I> {
     RoomTimedOut { message: String },
     /// Another daemon leads now: it keeps running, untracked here.
     LetGo,
-    /// A reload changed its spec (docs/ARCHITECTURE.md, "Reloading the config").
-    Reconfigured(Reconfigure),
+    /// A reload changed its spec (docs/ARCHITECTURE.md, "Reloading the config"). Boxed:
+    /// a spec is large beside the other events, which the loop sends far more often.
+    Reconfigured(Box<Reconfigure>),
 }
 
 /// How a reload changed a service's spec.
@@ -280,7 +281,7 @@ impl<I: Clone> Record<I> {
                 self.move_to(ServiceState::Stopped);
                 Applied::default()
             }
-            Event::Reconfigured(change) => self.reconfigured(change),
+            Event::Reconfigured(change) => self.reconfigured(*change),
         }
     }
 

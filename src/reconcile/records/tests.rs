@@ -502,10 +502,10 @@ fn relaunch(command: &str) -> Event<Pid> {
     let mut spec = record().spec;
     spec.runtime = launching(command);
     spec.priority = 45;
-    Event::Reconfigured(Reconfigure::Relaunch {
+    Event::Reconfigured(Box::new(Reconfigure::Relaunch {
         spec,
         keys: vec!["command", "priority"],
-    })
+    }))
 }
 
 #[test]
@@ -543,7 +543,7 @@ fn a_live_change_to_a_service_awaiting_its_restart_keeps_it_outdated() {
     let mut spec = self::record().spec;
     spec.runtime = launching("vidi --fast");
     spec.priority = 50;
-    record.apply(Event::Reconfigured(Reconfigure::Live(spec)));
+    record.apply(Event::Reconfigured(Box::new(Reconfigure::Live(spec))));
     assert_eq!(record.spec.priority, 50);
     assert_eq!(record.outdated_keys(), Some(&["command", "priority"][..]));
 }
