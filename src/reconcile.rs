@@ -74,6 +74,10 @@ fn room_poll(waited: Duration) -> Duration {
 /// (redis-py's default sleep).
 const LEASE_POLL: Duration = Duration::from_millis(100);
 
+/// How often, at most, the proxy's counts moving republishes the status between rounds:
+/// fresh enough for a person watching, never once per request under load.
+const TRAFFIC_REFRESH: Duration = Duration::from_millis(100);
+
 /// What the API asks of the reconciler.
 #[derive(Debug)]
 pub enum Command {
@@ -316,6 +320,10 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         };
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let traffic_moved = self.traffic.moved();
+        let mut traffic_refresh = tokio::time::interval(TRAFFIC_REFRESH);
+        traffic_refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut traffic_unpublished = false;
         loop {
             if resync.period() != self.config.resync {
                 // A reload changed `resync_ms`.
@@ -361,6 +369,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 () = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
                     self.next_wake = None;
                     self.dirty = true;
+                }
+                // The proxy's counts only need a new snapshot, not a round.
+                () = traffic_moved.notified(), if !traffic_unpublished => {
+                    traffic_unpublished = true;
+                }
+                _ = traffic_refresh.tick(), if traffic_unpublished => {
+                    traffic_unpublished = false;
+                    self.publish();
                 }
             }
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::config::ServiceName;
 use crate::status::TransitionStats;
@@ -49,6 +49,8 @@ pub struct RequestMetrics {
 pub struct ServiceTraffic {
     now: watch::Sender<Traffic>,
     metrics: Mutex<RequestMetrics>,
+    /// The board's: told of every change (see [`TrafficBoard::moved`]).
+    moved: Arc<Notify>,
 }
 
 impl ServiceTraffic {
@@ -65,6 +67,7 @@ impl ServiceTraffic {
             edit(traffic);
             after = *traffic;
         });
+        self.moved.notify_one();
         (before, after)
     }
 
@@ -94,12 +97,26 @@ impl ServiceTraffic {
 #[derive(Debug, Clone, Default)]
 pub struct TrafficBoard {
     services: Arc<Mutex<BTreeMap<ServiceName, Arc<ServiceTraffic>>>>,
+    moved: Arc<Notify>,
 }
 
 impl TrafficBoard {
     pub fn of(&self, service: &ServiceName) -> Arc<ServiceTraffic> {
         let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-        services.entry(service.clone()).or_default().clone()
+        let traffic = services.entry(service.clone()).or_insert_with(|| {
+            Arc::new(ServiceTraffic {
+                moved: self.moved.clone(),
+                ..ServiceTraffic::default()
+            })
+        });
+        traffic.clone()
+    }
+
+    /// Whose `notified()` ends once any service's counts changed since it was last
+    /// awaited: one wake for a burst of changes, which the loop turns into a status
+    /// refresh at most every tenth of a second.
+    pub fn moved(&self) -> Arc<Notify> {
+        self.moved.clone()
     }
 
     /// The counts now, if the proxy has a route for it.
@@ -148,5 +165,27 @@ mod tests {
         assert_eq!(board.current(&name), None);
         board.of(&name).change(|t| t.in_flight = 2);
         assert_eq!(board.current(&name).map(|t| t.in_flight), Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_change_tells_the_board_once_for_a_burst() {
+        let board = TrafficBoard::default();
+        let moved = board.moved();
+        let name = ServiceName::parse("a").unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), moved.notified())
+                .await
+                .is_err(),
+            "nothing changed yet"
+        );
+        board.of(&name).change(|t| t.waiting += 1);
+        board.of(&name).change(|t| t.waiting -= 1);
+        moved.notified().await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), moved.notified())
+                .await
+                .is_err(),
+            "the burst was told once"
+        );
     }
 }

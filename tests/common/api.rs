@@ -102,12 +102,22 @@ impl Api {
 
     /// Polls status until `service` is in `state`.
     pub fn wait_state(&self, service: &str, state: &str) {
+        self.wait_status(&format!("{service} to become {state}"), |status| {
+            status["services"][service]["state"] == state
+        });
+    }
+
+    /// The first status for which `done` holds, polled until `CONVERGE` has passed.
+    pub fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + CONVERGE;
-        while self.state(service) != state {
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
             assert!(
                 Instant::now() < deadline,
-                "{service} never became {state}: {}",
-                self.status()
+                "waited in vain for {what}: {status}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
