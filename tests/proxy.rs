@@ -213,16 +213,45 @@ fn a_held_service_is_refused_at_once_and_a_dead_upstream_is_a_502() {
 
 #[test]
 fn a_phase_change_waits_for_a_streaming_request_and_cuts_nothing() {
-    let listen = free_port();
+    let (listen, comfyui_listen) = (free_port(), free_port());
     let services = vec![
-        Standin::new("comfyui", 20480, 100, "[4]"),
+        proxied(
+            Standin::new("comfyui", 20480, 100, "[4]"),
+            comfyui_listen,
+            "",
+        ),
         proxied(Standin::new("cosyvoice", 4096, 50, "[3]"), listen, ""),
     ];
     let mut h = Harness::new(services);
     let api = h.serve("");
     assert_eq!(api.post("/gpu/prepare-phase/3").code, 200);
 
-    // Ten lines, 300 ms apart: in flight for about 3 s.
+    let mut reader = stream_under_way(listen);
+    let cosyvoice = pid(&api, "cosyvoice");
+
+    // Phase 4 needs CosyVoice's memory: it drains until the stream has ended.
+    let phase = std::thread::spawn({
+        let api = api.clone();
+        move || api.post("/gpu/prepare-phase/4")
+    });
+    api.wait_state("cosyvoice", "draining");
+    let proxy = api.status()["services"]["cosyvoice"]["proxy"].clone();
+    assert_eq!(proxy["in_flight"], 1, "{proxy}");
+    // A request for the phase's service meanwhile waits for the swap, and is served.
+    let new_request = std::thread::spawn(move || (get(comfyui_listen, "/state"), Instant::now()));
+    assert_stream_ends_whole(reader);
+    let stream_ended = Instant::now();
+    let (answer, answered) = new_request.join().unwrap();
+    assert_eq!(answer.code, 200, "{}", answer.body);
+    assert!(answered >= stream_ended, "served only after the swap");
+    assert_eq!(phase.join().unwrap().code, 200);
+    assert_eq!(api.state("comfyui"), "ready");
+    assert!(!common::pid_is_alive(cosyvoice as u32));
+    assert_nothing_lost(&h);
+}
+
+/// A stream of ten lines, 300 ms apart (in flight for about 3 s), read to its first line.
+fn stream_under_way(listen: u16) -> BufReader<TcpStream> {
     let mut stream = TcpStream::connect(("127.0.0.1", listen)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -240,22 +269,17 @@ fn a_phase_change_waits_for_a_streaming_request_and_cuts_nothing() {
             .read_line(&mut first)
             .expect("the first line streams");
     }
-    let cosyvoice = pid(&api, "cosyvoice");
+    reader
+}
 
-    // Phase 4 needs CosyVoice's memory: it drains until the stream has ended.
-    let phase = std::thread::spawn({
-        let api = api.clone();
-        move || api.post("/gpu/prepare-phase/4")
-    });
-    api.wait_state("cosyvoice", "draining");
-    let proxy = api.status()["services"]["cosyvoice"]["proxy"].clone();
-    assert_eq!(proxy["in_flight"], 1, "{proxy}");
+fn assert_stream_ends_whole(mut reader: BufReader<TcpStream>) {
     let mut rest = String::new();
     reader.read_to_string(&mut rest).expect("the stream ends");
     assert!(rest.contains("chunk 10 of 10"), "cut: {rest}");
-    assert_eq!(phase.join().unwrap().code, 200);
-    assert_eq!(api.state("comfyui"), "ready");
-    assert!(!common::pid_is_alive(cosyvoice as u32));
+}
+
+/// No allocation refused (OOM), no stand-in killed during a job.
+fn assert_nothing_lost(h: &Harness) {
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
     let lost = std::fs::read_to_string(h.gpu.path().join("lost.log")).unwrap_or_default();
     assert!(lost.is_empty(), "{lost}");
