@@ -3,7 +3,7 @@
 //! do. Nothing is started, stopped or written outside a probe file in `state_dir`.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use crate::act::cuda_checkpoint::{cuda_release, CudaCheckpoint};
 use crate::act::docker::DockerDriver;
 use crate::act::native::recorded_pid;
 use crate::api::Auth;
-use crate::config::{Config, DrainSpec, ParkMethod, Runtime, ServiceSpec};
+use crate::config::{Config, DrainSpec, ParkMethod, ProxySpec, Runtime, ServiceSpec};
 use crate::daemon;
 use crate::footprints::Footprints;
 use crate::observe::process::ProcessTable;
@@ -146,6 +146,7 @@ pub async fn run(path: &Path) -> Report {
     check_parking(&mut report, &config).await;
     check_redis(&mut report, &config).await;
     check_api(&mut report, &config).await;
+    check_proxies(&mut report, &config).await;
     check_phases_fit(&mut report, &config, gpu_total);
     check_writable(&mut report, "state_dir", &config.state_dir);
     if let Some(folder) = config.desired_state.parent() {
@@ -625,6 +626,13 @@ fn listening_pid(port: u16) -> Option<u32> {
         })
 }
 
+/// `pid 1234 (its command line)` of the process listening on TCP `port`, when visible.
+fn port_holder(port: u16) -> Option<String> {
+    let pid = listening_pid(port)?;
+    let command = command_of(ProcessTable::read().ok().as_ref(), pid);
+    Some(format!("pid {pid} ({command})"))
+}
+
 fn command_of(table: Option<&ProcessTable>, pid: u32) -> String {
     table
         .and_then(|t| t.get(pid))
@@ -692,13 +700,8 @@ async fn check_api(report: &mut Report, config: &Config) {
                     "this is the running daemon, or another one: stop it before starting this config, or give this one another api.listen".into(),
                 );
             } else {
-                let holder = listening_pid(addr.port())
-                    .map(|pid| {
-                        format!(
-                            " by pid {pid} ({})",
-                            command_of(ProcessTable::read().ok().as_ref(), pid)
-                        )
-                    })
+                let holder = port_holder(addr.port())
+                    .map(|holder| format!(" by {holder}"))
                     .unwrap_or_default();
                 report.fail(
                     "api",
@@ -716,25 +719,170 @@ async fn check_api(report: &mut Report, config: &Config) {
 }
 
 async fn answers_healthz(addr: SocketAddr) -> bool {
-    let Ok(client) = reqwest::Client::builder()
+    api_get(addr, "/healthz")
+        .await
+        .is_some_and(|body| body["ok"] == true)
+}
+
+/// GETs `path` from the API listening on `addr` (a daemon that runs now): its JSON
+/// answer, or None when nothing answers there with JSON.
+async fn api_get(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(PROBE_TIMEOUT)
         .build()
-    else {
-        return false;
-    };
+        .ok()?;
     let host = if addr.ip().is_unspecified() {
         SocketAddr::new(IpAddr::from([127, 0, 0, 1]), addr.port())
     } else {
         addr
     };
-    match client.get(format!("http://{host}/healthz")).send().await {
-        Ok(response) => response
-            .json::<serde_json::Value>()
-            .await
-            .is_ok_and(|body| body["ok"] == true),
-        Err(_) => false,
+    let response = client
+        .get(format!("http://{host}{path}"))
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+/// Each `proxy:` (docs/ARCHITECTURE.md, "The demand proxy"): its upstream, resolved
+/// here, is not the proxy's own address (the config check compares addresses as
+/// written; a host name is only resolved now), and its `listen` can be bound, as the
+/// daemon binds every one at startup and refuses to start otherwise. A running daemon
+/// holds the listen addresses of its own config: taken by it is a PASS.
+async fn check_proxies(report: &mut Report, config: &Config) {
+    let proxied: Vec<(&ServiceSpec, &ProxySpec)> = config
+        .inventory
+        .iter()
+        .filter_map(|spec| Some((spec, spec.proxy.as_ref()?)))
+        .collect();
+    if proxied.is_empty() {
+        return;
     }
+    // Asked once, and only when a listen address is taken.
+    let mut running: Option<Option<serde_json::Value>> = None;
+    for (spec, proxy) in proxied {
+        check_proxy_upstream(report, spec, proxy).await;
+        let name = &spec.name;
+        let key = format!("services.{name}.proxy.listen");
+        let listen = proxy.listen;
+        let error = match TcpListener::bind(listen) {
+            Ok(_) => {
+                report.pass("proxy", format!("{name}: {key} {listen} can be bound"));
+                continue;
+            }
+            Err(error) => error,
+        };
+        let detail = format!("{name}: {key} {listen} cannot be bound: {error}");
+        match error.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                if running.is_none() {
+                    running = Some(api_get(config.api.listen, "/gpu/status").await);
+                }
+                let status = running.as_ref().and_then(Option::as_ref);
+                if let Some(owner) = status.and_then(|s| proxy_owner(s, listen)) {
+                    report.pass(
+                        "proxy",
+                        format!(
+                            "{name}: {key} {listen} is held by the running daemon (its API at {} lists it as {owner}'s proxy)",
+                            config.api.listen
+                        ),
+                    );
+                    continue;
+                }
+                let holder = port_holder(listen.port())
+                    .map(|holder| format!("; held by {holder}"))
+                    .unwrap_or_default();
+                report.fail(
+                    "proxy",
+                    format!("{detail}{holder}"),
+                    format!(
+                        "if that is {name} itself on its old port, move it to the port of proxy.upstream ({}) so that the daemon can take {listen}; otherwise stop that process or give {key} another port",
+                        proxy.upstream
+                    ),
+                );
+            }
+            std::io::ErrorKind::PermissionDenied => report.fail(
+                "proxy",
+                detail,
+                format!("a port below 1024 needs privilege: give {key} a higher port, or the daemon CAP_NET_BIND_SERVICE (AmbientCapabilities= in its systemd unit)"),
+            ),
+            _ => report.fail(
+                "proxy",
+                detail,
+                format!("give {key} an address of this host (127.0.0.1, 0.0.0.0, or one of its interfaces)"),
+            ),
+        }
+    }
+}
+
+/// The service whose proxy listens on `listen`, by a running daemon's `/gpu/status`.
+fn proxy_owner(status: &serde_json::Value, listen: SocketAddr) -> Option<String> {
+    status["services"]
+        .as_object()?
+        .iter()
+        .find_map(|(name, service)| {
+            let theirs: SocketAddr = service["proxy"]["listen"].as_str()?.parse().ok()?;
+            (theirs == listen).then(|| name.clone())
+        })
+}
+
+/// The upstream's host resolved as the daemon would resolve it: none of its addresses
+/// may be the proxy's own listen address, or each request would be forwarded back to
+/// the proxy until the queue fills.
+async fn check_proxy_upstream(report: &mut Report, spec: &ServiceSpec, proxy: &ProxySpec) {
+    let name = &spec.name;
+    let (upstream, listen) = (&proxy.upstream, proxy.listen);
+    // The config made it `http://host:port`.
+    let authority = upstream.trim_start_matches("http://");
+    let resolved = match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::lookup_host(authority))
+        .await
+    {
+        Ok(Ok(addresses)) => addresses.collect::<Vec<_>>(),
+        Ok(Err(error)) => {
+            report.warn(
+                "proxy",
+                format!("{name}: proxy.upstream {upstream} does not resolve here: {error}"),
+                format!("requests through {listen} will get 502 until it does: fix services.{name}.proxy.upstream"),
+            );
+            return;
+        }
+        Err(_) => {
+            report.warn(
+                "proxy",
+                format!(
+                    "{name}: proxy.upstream {upstream} did not resolve within {PROBE_TIMEOUT:?}"
+                ),
+                "check this host's resolver (/etc/hosts, DNS)".into(),
+            );
+            return;
+        }
+    };
+    match resolved.iter().find(|to| reaches(listen, **to)) {
+        Some(to) => report.fail(
+            "proxy",
+            format!("{name}: proxy.upstream {upstream} is {to}, the proxy's own listen address {listen}: every request would be forwarded back to the proxy"),
+            format!("move {name} to another port and name that port in services.{name}.proxy.upstream"),
+        ),
+        None => report.pass(
+            "proxy",
+            format!("{name}: proxy.upstream {upstream} is not the proxy's own address {listen}"),
+        ),
+    }
+}
+
+/// Whether a connection to `to` lands on a socket listening on `listen`: the same port,
+/// and the same address, or any address of this host when `listen` is 0.0.0.0 or `::`.
+/// An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) reaches the IPv4 socket.
+fn reaches(listen: SocketAddr, to: SocketAddr) -> bool {
+    let (ip, listen_ip) = (to.ip().to_canonical(), listen.ip().to_canonical());
+    to.port() == listen.port()
+        && (ip == listen_ip || listen_ip.is_unspecified() && (ip.is_loopback() || is_this_host(ip)))
+}
+
+/// Whether `ip` is one of this host's addresses: only those can be bound.
+fn is_this_host(ip: IpAddr) -> bool {
+    UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// Every phase's services fit the budget together, each at its declared size or, when
@@ -827,5 +975,36 @@ fn check_writable(report: &mut Report, check: &str, folder: &Path) {
             format!("cannot write in {}: {error}", existing.display()),
             format!("create {} and give the daemon's user write access to it, or point the config elsewhere", folder.display()),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_reaches_the_proxy_only_on_its_port_and_address() {
+        let at = |text: &str| -> SocketAddr { text.parse().unwrap() };
+        assert!(reaches(at("127.0.0.1:9000"), at("127.0.0.1:9000")));
+        assert!(reaches(at("127.0.0.1:9000"), at("[::ffff:127.0.0.1]:9000")));
+        assert!(!reaches(at("127.0.0.1:9000"), at("127.0.0.1:9001")));
+        assert!(!reaches(at("127.0.0.1:9000"), at("127.0.0.2:9000")));
+        // A listen on every address is reached through any of this host's.
+        assert!(reaches(at("0.0.0.0:9000"), at("127.0.0.5:9000")));
+        assert!(reaches(at("[::]:9000"), at("[::1]:9000")));
+        // 192.0.2.1 is TEST-NET-1, never an address of this host.
+        assert!(!reaches(at("0.0.0.0:9000"), at("192.0.2.1:9000")));
+    }
+
+    #[test]
+    fn the_running_daemon_owns_a_listen_address_its_status_lists() {
+        let status = serde_json::json!({"services": {
+            "vidi": {"state": "stopped"},
+            "ollama": {"state": "ready", "proxy": {"listen": "127.0.0.1:11434"}},
+        }});
+        let owner = |text: &str| proxy_owner(&status, text.parse().unwrap());
+        assert_eq!(owner("127.0.0.1:11434").as_deref(), Some("ollama"));
+        assert_eq!(owner("127.0.0.1:11435"), None);
+        assert_eq!(owner("0.0.0.0:11434"), None);
     }
 }

@@ -134,3 +134,35 @@ fn the_dashboard_shows_parked_and_draining_services_and_their_residual() {
     );
     assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
 }
+
+#[test]
+fn the_dashboard_shows_a_proxied_service_traffic_and_its_demand_counting_down() {
+    if !browser_or_skip() {
+        return;
+    }
+    let listen = common::free_port();
+    let services = mcn_inventory()
+        .into_iter()
+        .map(|mut s| {
+            if s.name == "ollama" {
+                // A slow start, so that the page sees the first request waiting for it.
+                s.start_delay_ms = 4000;
+                s.config_extra.push_str(&format!(
+                    "    proxy: {{ listen: \"127.0.0.1:{listen}\", idle_ms: 120000 }}\n"
+                ));
+            }
+            s
+        })
+        .collect();
+    let mut h = Harness::new(services);
+    let api = h.serve("");
+    run_browser(
+        &mut h,
+        &api,
+        "dashboard-proxy",
+        &["--proxy".into(), format!("http://127.0.0.1:{listen}")],
+    );
+    let proxy = &api.status()["services"]["ollama"]["proxy"];
+    assert_eq!(proxy["demanded"], true, "{proxy}");
+    assert!(h.oom_log().is_empty(), "OOM: {:?}", h.oom_log());
+}

@@ -564,3 +564,112 @@ fn doctor_checks_the_cuda_checkpoint_api_drain_probes_and_park_urls() {
         "{parks:?}"
     );
 }
+
+/// `proxy:` keys (docs/ARCHITECTURE.md, "The demand proxy"): a listen address another
+/// process holds is a FAIL naming the key, the address, the OS error and the holder; an
+/// upstream that is the proxy's own address in a form the config check cannot see (an
+/// IPv4-mapped IPv6 address) is a FAIL; with the daemon running, the listen addresses it
+/// holds itself pass.
+#[test]
+fn doctor_checks_that_each_proxy_listen_can_be_bound_and_its_upstream_is_elsewhere() {
+    let proxied = |name, vram_mb, priority, phases, keys: String| {
+        let mut standin = Standin::new(name, vram_mb, priority, phases);
+        standin
+            .config_extra
+            .push_str(&format!("    proxy: {{ {keys} }}\n"));
+        standin
+    };
+    // A port this test holds: a foreign process to the daemon.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap().port();
+    let (free, looped) = (free_port(), free_port());
+    let h = Harness::new(vec![
+        proxied(
+            "ollama",
+            18432,
+            10,
+            "[]",
+            format!("listen: \"127.0.0.1:{taken}\""),
+        ),
+        proxied(
+            "vidi",
+            4096,
+            40,
+            "[2]",
+            format!("listen: \"127.0.0.1:{free}\""),
+        ),
+        proxied(
+            "cosyvoice",
+            4096,
+            50,
+            "[3]",
+            format!(
+                "listen: \"127.0.0.1:{looped}\", upstream: \"http://[::ffff:127.0.0.1]:{looped}\""
+            ),
+        ),
+    ]);
+    h.write_config(&format!("api: {{ listen: \"127.0.0.1:{}\" }}", free_port()));
+    let fake = [("FAKE_NVML_DIR", h.gpu.path().to_str().unwrap())];
+    let (code, checks) = doctor(&h.config_path(), &fake);
+    assert_eq!(code, 1, "{checks:#?}");
+    let proxy = findings(&checks, "proxy");
+    let about = |service: &str| -> Vec<(String, String)> {
+        proxy
+            .iter()
+            .filter(|(_, detail)| detail.starts_with(&format!("{service}: ")))
+            .cloned()
+            .collect()
+    };
+    let ollama = about("ollama");
+    assert!(
+        ollama.iter().any(|(status, detail)| status == "FAIL"
+            && detail.contains(&format!(
+                "services.ollama.proxy.listen 127.0.0.1:{taken} cannot be bound: "
+            ))
+            && detail.contains("in use")
+            && detail.contains(&format!("pid {}", std::process::id()))),
+        "{ollama:?}"
+    );
+    let vidi = about("vidi");
+    assert_eq!(vidi.len(), 2, "its upstream and its listen: {vidi:?}");
+    assert!(vidi.iter().all(|(status, _)| status == "PASS"), "{vidi:?}");
+    assert!(
+        vidi.iter().any(|(_, detail)| detail
+            == &format!("vidi: services.vidi.proxy.listen 127.0.0.1:{free} can be bound")),
+        "{vidi:?}"
+    );
+    let cosyvoice = about("cosyvoice");
+    assert!(
+        cosyvoice.iter().any(|(status, detail)| status == "FAIL"
+            && detail.contains(&format!(
+                "the proxy's own listen address 127.0.0.1:{looped}"
+            ))),
+        "{cosyvoice:?}"
+    );
+
+    drop(holder);
+
+    // The daemon runs and holds its proxy's listen address: that is no failure.
+    let listen = free_port();
+    let mut h = Harness::new(vec![proxied(
+        "vidi",
+        4096,
+        40,
+        "[2]",
+        format!("listen: \"127.0.0.1:{listen}\""),
+    )]);
+    let _api = h.serve("");
+    let fake = [("FAKE_NVML_DIR", h.gpu.path().to_str().unwrap())];
+    let (_, checks) = doctor(&h.config_path(), &fake);
+    let proxy = findings(&checks, "proxy");
+    assert!(
+        proxy.iter().all(|(status, _)| status == "PASS"),
+        "{proxy:?}"
+    );
+    assert!(
+        proxy.iter().any(|(_, detail)| detail.contains(&format!(
+            "services.vidi.proxy.listen 127.0.0.1:{listen} is held by the running daemon"
+        ))),
+        "{proxy:?}"
+    );
+}

@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
-use common::api::{Api, Reply};
+use common::api::{Api, EventStream, Reply};
 use common::lease::require;
 use common::{mcn_inventory, Harness, Standin};
 
@@ -46,6 +46,22 @@ fn validate(doc: &Value, schema: &Value, instance: &Value, what: &str) {
         errors.is_empty(),
         "{what} does not match the document: {errors:#?}\n{instance:#}"
     );
+}
+
+/// The types of the next `count` events whose type starts with `prefix`, in order, every
+/// event read on the way validated against the document.
+fn events_of(doc: &Value, events: &mut EventStream, prefix: &str, count: usize) -> Vec<String> {
+    let schema = &doc["components"]["schemas"]["DaemonEvent"];
+    let mut kinds = Vec::new();
+    while kinds.len() < count {
+        let event = events.next_event();
+        validate(doc, schema, &event, "an event of GET /gpu/events");
+        let kind = event["type"].as_str().unwrap();
+        if kind.starts_with(prefix) {
+            kinds.push(kind.to_owned());
+        }
+    }
+    kinds
 }
 
 /// Checks a JSON answer against the document's response for this operation and status.
@@ -324,19 +340,9 @@ fn claim_answers_match_the_document() {
         assert_eq!(reply.code, code, "{path}: {}", reply.body);
         conforms(&doc, "post", template, &reply);
     }
-    let event_schema = &doc["components"]["schemas"]["DaemonEvent"];
-    let mut types = std::collections::BTreeSet::new();
-    while types.len() < 3 {
-        let event = events.next_event();
-        validate(&doc, event_schema, &event, "an event of GET /gpu/events");
-        let kind = event["type"].as_str().unwrap();
-        if kind.starts_with("claim_") {
-            types.insert(kind.to_owned());
-        }
-    }
     assert_eq!(
-        types.into_iter().collect::<Vec<_>>(),
-        ["claim_ended", "claim_renewed", "claim_taken"]
+        events_of(&doc, &mut events, "claim_", 3),
+        ["claim_taken", "claim_renewed", "claim_ended"]
     );
 }
 
@@ -523,5 +529,55 @@ fn reload_answers_status_and_events_match_the_document() {
     assert_eq!(
         types.into_iter().collect::<Vec<_>>(),
         ["config_refused", "config_reloaded"]
+    );
+}
+
+/// A proxied service's status (`proxy`, idle, then demanded with its end), the start its
+/// demand caused, and the demand events (docs/ARCHITECTURE.md, "The demand proxy").
+#[test]
+fn proxy_status_and_demand_events_match_the_document() {
+    let doc = document();
+    let listen = common::free_port();
+    let mut ollama = Standin::new("ollama", 18432, 10, "[]");
+    ollama.config_extra =
+        format!("    proxy: {{ listen: \"127.0.0.1:{listen}\", idle_ms: 1500 }}\n");
+    let mut h = Harness::new(vec![ollama]);
+    let api = h.serve("");
+    let mut events = api.events();
+    let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+    let proxy = &status["services"]["ollama"]["proxy"];
+    assert_eq!(proxy["demanded"], false, "{proxy}");
+    assert_eq!(proxy["demanded_until_ms"], Value::Null, "{proxy}");
+
+    // Through the proxy: it waits while ollama starts.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", listen)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    h.wait_until("the demand's end in the status", |_| {
+        let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+        status["services"]["ollama"]["proxy"]["demanded_until_ms"].is_u64()
+    });
+    let status = conforms(&doc, "get", "/gpu/status", &api.get("/gpu/status"));
+    assert_eq!(status["services"]["ollama"]["proxy"]["demanded"], true);
+    assert!(
+        status["recent_actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["op"] == "start" && a["cause"]["kind"] == "demanded"),
+        "{status}"
+    );
+    assert_eq!(
+        events_of(&doc, &mut events, "demand_", 2),
+        ["demand_started", "demand_ended"]
     );
 }

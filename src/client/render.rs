@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use crate::can_fit::CanFit;
 use crate::footprints::Forgotten;
-use crate::status::{ActionRecord, ClaimStatus, DaemonEvent, Status};
+use crate::status::{ActionRecord, ClaimStatus, DaemonEvent, ProxyStatus, Status};
 use crate::transition::TransitionReport;
+use crate::utc::UtcTime;
 
 const BAR_WIDTH: u64 = 40;
 
@@ -99,6 +100,14 @@ pub fn status_table(status: &Status) -> String {
             service.priority,
         );
         let _ = writeln!(out, "{}", line.trim_end());
+        if let Some(proxy) = &service.proxy {
+            let _ = writeln!(
+                out,
+                "{:12} {}",
+                "",
+                proxy_line(proxy, status.observed_at_ms)
+            );
+        }
     }
     for warning in warnings {
         let _ = writeln!(out, "warning: {warning}");
@@ -108,8 +117,47 @@ pub fn status_table(status: &Status) -> String {
 
 /// `comfyui by "render-job-42", 9m 58s left`.
 fn claim(claim: &ClaimStatus) -> String {
-    let left = humantime::format_duration(Duration::from_secs(claim.seconds_left));
-    format!("{} by {:?}, {left} left", claim.service, claim.holder)
+    format!(
+        "{} by {:?}, {} left",
+        claim.service,
+        claim.holder,
+        time_left(claim.seconds_left)
+    )
+}
+
+/// `9m 58s`: what is left of a claim or a demand, to the second.
+fn time_left(seconds: u64) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(seconds))
+}
+
+/// A proxied service's traffic and demand, under its line of the table:
+/// `proxy 127.0.0.1:11434 -> http://127.0.0.1:11435: 0 in flight, 0 waiting; demanded
+/// until 2026-12-03T10:15:00Z (4m 58s left)`. The time left is counted from the
+/// snapshot's time (`now_ms`), not this machine's clock, so that a client on another
+/// host with a skewed clock shows what the daemon will do.
+fn proxy_line(proxy: &ProxyStatus, now_ms: u64) -> String {
+    let mut line = format!(
+        "proxy {} -> {}: {} in flight, {} waiting",
+        proxy.listen, proxy.upstream, proxy.in_flight, proxy.waiting
+    );
+    if proxy.upgraded > 0 {
+        let _ = write!(line, ", {} upgraded", proxy.upgraded);
+    }
+    let in_use = proxy.in_flight + proxy.waiting + proxy.upgraded > 0;
+    let demand = match (proxy.demanded, proxy.demanded_until_ms) {
+        (false, _) => "not demanded".to_owned(),
+        (true, Some(until_ms)) => format!(
+            "demanded until {} ({} left)",
+            UtcTime::at_or_after_ms(until_ms),
+            time_left(until_ms.saturating_sub(now_ms).div_ceil(1000))
+        ),
+        // The status leaves the end out while requests are under way: it is idle_ms
+        // after the last one ends.
+        (true, None) if in_use => "demanded while in use".to_owned(),
+        (true, None) => "demanded, with no end (idle_ms: null)".to_owned(),
+    };
+    let _ = write!(line, "; {demand}");
+    line
 }
 
 /// `[#####.....]`: the share of `total` that `used` is.
@@ -313,6 +361,76 @@ mod tests {
             "{line}"
         );
         assert!(!table.contains("log line"));
+    }
+
+    #[test]
+    fn a_proxied_service_shows_its_proxy_traffic_and_demand_under_its_line() {
+        let mut status = Status::default();
+        status.observed_at_ms = UtcTime::parse("2026-12-03T10:10:00Z").unwrap().epoch_ms();
+        let proxy = ProxyStatus {
+            listen: "127.0.0.1:11434".into(),
+            upstream: "http://127.0.0.1:11435".into(),
+            demanded: true,
+            demanded_until_ms: Some(status.observed_at_ms + 298_400),
+            last_request_ms: Some(status.observed_at_ms - 1_600),
+            ..ProxyStatus::default()
+        };
+        status.services.insert(
+            "ollama".into(),
+            ServiceStatus {
+                proxy: Some(proxy.clone()),
+                ..ServiceStatus::ready_for_test(18432, 18432, vec![])
+            },
+        );
+        status.services.insert(
+            "vidi".into(),
+            ServiceStatus::ready_for_test(4096, 4096, vec![2]),
+        );
+        let table = status_table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        let at = lines.iter().position(|l| l.starts_with("ollama")).unwrap();
+        assert_eq!(
+            lines[at + 1],
+            format!(
+                "{:12} proxy 127.0.0.1:11434 -> http://127.0.0.1:11435: 0 in flight, 0 waiting; \
+                 demanded until 2026-12-03T10:14:59Z (4m 59s left)",
+                ""
+            ),
+            "{table}"
+        );
+        assert!(
+            lines[at + 2].starts_with("vidi"),
+            "vidi has no proxy line: {table}"
+        );
+        assert_eq!(table.matches("proxy ").count(), 1, "{table}");
+
+        let now = status.observed_at_ms;
+        let busy = ProxyStatus {
+            in_flight: 2,
+            waiting: 1,
+            upgraded: 1,
+            demanded_until_ms: None,
+            ..proxy.clone()
+        };
+        assert!(
+            proxy_line(&busy, now)
+                .ends_with(": 2 in flight, 1 waiting, 1 upgraded; demanded while in use"),
+            "{}",
+            proxy_line(&busy, now)
+        );
+        let forever = ProxyStatus {
+            demanded_until_ms: None,
+            ..proxy.clone()
+        };
+        assert!(proxy_line(&forever, now).ends_with("demanded, with no end (idle_ms: null)"));
+        let idle = ProxyStatus {
+            demanded: false,
+            demanded_until_ms: None,
+            ..proxy.clone()
+        };
+        assert!(proxy_line(&idle, now).ends_with("0 waiting; not demanded"));
+        // A snapshot taken after the end (the loop has not ended it yet): nothing left.
+        assert!(proxy_line(&proxy, now + 400_000).ends_with("(0s left)"));
     }
 
     #[test]

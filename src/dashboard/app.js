@@ -19,6 +19,7 @@ const OTHER_SERIES = [
 
 const model = {
   status: null,
+  clockSkewMs: 0, // the daemon's clock minus this browser's, as of the last status
   samples: [], // timeline samples, oldest first: {at_ms, phase, services, external_mb, reclaiming_mb}
   totalMb: 0,
   request: null, // the change in flight: {label, started, lines}
@@ -49,6 +50,7 @@ function svg(tag, attrs, ...children) {
 }
 
 const byId = (id) => document.getElementById(id);
+const daemonNow = () => Date.now() + model.clockSkewMs;
 const mb = (value) => (value === null || value === undefined ? "-" : `${value} MB`);
 const clock = (ms) => new Date(ms).toLocaleTimeString([], { hour12: false });
 
@@ -97,6 +99,9 @@ function addSample(sample) {
 async function refreshStatus() {
   try {
     model.status = await getJson("/gpu/status");
+    // Claims and demands end on the daemon's clock; the browser's may be off (another
+    // host). The snapshot was taken snapshot_age_ms before the answer.
+    model.clockSkewMs = model.status.observed_at_ms + (model.status.snapshot_age_ms || 0) - Date.now();
     model.totalMb = model.status.vram.total_mb || model.totalMb;
     addSample(sampleOf(model.status));
     render();
@@ -190,6 +195,12 @@ function applyEvent(event) {
       break;
     case "config_refused":
       progress(`config reload refused: ${event.error}`);
+      break;
+    case "demand_started":
+      progress(`${event.service}: demanded (a request came through its proxy)`);
+      break;
+    case "demand_ended":
+      progress(`${event.service}: demand ended (no request for its idle_ms)`);
       break;
     case "desired_refused":
       progress(`desired-state file refused: ${event.error}`);
@@ -396,7 +407,7 @@ function renderLease(lock) {
 }
 
 const SERVICE_CELLS = ["name", "state", "declared", "observed", "learned", "park", "residual", "priority", "phases",
-  "wanted", "reason", "restarts", "where", "error"];
+  "wanted", "proxy", "reason", "restarts", "where", "error"];
 
 // One row per service, built once with its buttons, then updated cell by cell.
 function serviceRow(name) {
@@ -426,7 +437,9 @@ function renderServices(status) {
     const name = row.dataset.service;
     const s = status.services[name];
     const claims = s.claims || [];
-    const wanted = claims.length ? "claimed" : d.pinned.includes(name) ? "pinned" : d.held.includes(name) ? "held" : s.wanted ? "yes" : "no";
+    const demanded = Boolean(s.proxy && s.proxy.demanded);
+    const wanted = claims.length ? "claimed" : d.pinned.includes(name) ? "pinned" : d.held.includes(name) ? "held"
+      : demanded ? "demanded" : s.wanted ? "yes" : "no";
     const text = {
       declared: mb(s.declared_vram_mb),
       observed: mb(s.observed_vram_mb),
@@ -446,6 +459,7 @@ function renderServices(status) {
     const parkTimes = [s.parked_at_ms && `parked at ${clock(s.parked_at_ms)}`, s.resumed_at_ms && `resumed at ${clock(s.resumed_at_ms)}`];
     row.querySelector('[data-cell="park"]').title = s.park_error || parkTimes.filter(Boolean).join(", ");
     renderClaims(row.querySelector('[data-cell="wanted"]'), claims);
+    renderProxy(row.querySelector('[data-cell="proxy"]'), s.proxy);
     const badge = row.querySelector(".state");
     badge.className = `state state-${s.state}`;
     badge.textContent = s.state;
@@ -455,14 +469,47 @@ function renderServices(status) {
 // A claim's holder and the time it has left, counted down between refreshes from its
 // `until` (docs/ARCHITECTURE.md, "Claims").
 function renderClaims(cell, claims) {
-  cell.append(...claims.map((c) => el("div", { class: "claim", "data-holder": c.holder, "data-until": c.until })));
-  tickClaims(cell);
+  cell.append(...claims.map((c) => countdownOf("claim", c.holder, Date.parse(c.until))));
+  tickCountdowns(cell);
 }
 
-function tickClaims(root) {
-  for (const claim of root.querySelectorAll(".claim")) {
-    const left = Math.max(0, Date.parse(claim.dataset.until) - Date.now());
-    claim.textContent = `${claim.dataset.holder}: ${countdown(left)} left`;
+// A proxied service's listen address, its requests in flight and waiting, and its
+// demand: counted down like a claim while it would end by itself (docs/ARCHITECTURE.md,
+// "The demand proxy"). The status gives no end while requests are under way.
+function renderProxy(cell, proxy) {
+  if (!proxy) {
+    cell.textContent = "-";
+    return;
+  }
+  cell.title = `forwards to ${proxy.upstream}` +
+    (proxy.last_request_ms ? `; last request at ${clock(proxy.last_request_ms)}` : "");
+  const traffic = [`${proxy.in_flight} in flight`, `${proxy.waiting} waiting`];
+  if (proxy.upgraded) traffic.push(`${proxy.upgraded} upgraded`);
+  let demand;
+  if (!proxy.demanded) demand = el("div", { class: "demand", text: "not demanded" });
+  else if (proxy.demanded_until_ms === null) {
+    const inUse = proxy.in_flight + proxy.waiting + proxy.upgraded > 0;
+    demand = el("div", { class: "demand", text: inUse ? "demanded while in use" : "demanded, no end (idle_ms: null)" });
+  } else demand = countdownOf("demand", "demanded", proxy.demanded_until_ms);
+  cell.replaceChildren(
+    el("div", { class: "proxy-listen", text: proxy.listen }),
+    el("div", { class: "proxy-traffic", "data-in-flight": proxy.in_flight, "data-waiting": proxy.waiting,
+      text: traffic.join(" · ") }),
+    demand);
+  tickCountdowns(cell);
+}
+
+// An element that `tickCountdowns` keeps saying `LABEL: m:ss left` until `untilMs`, a
+// time on the daemon's clock.
+function countdownOf(cls, label, untilMs) {
+  return el("div", { class: `${cls} countdown`, "data-label": label, "data-until-ms": untilMs });
+}
+
+function tickCountdowns(root) {
+  const now = daemonNow();
+  for (const node of root.querySelectorAll(".countdown")) {
+    const left = Math.max(0, Number(node.dataset.untilMs) - now);
+    node.textContent = `${node.dataset.label}: ${countdown(left)} left`;
   }
 }
 
@@ -585,7 +632,7 @@ function start() {
   refreshStatus().then(loadHistory);
   connectEvents();
   setInterval(refreshStatus, REFRESH_MS);
-  setInterval(() => tickClaims(byId("services")), 1000);
+  setInterval(() => tickCountdowns(byId("services")), 1000);
 }
 
 start();

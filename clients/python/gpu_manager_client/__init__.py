@@ -9,6 +9,7 @@ and stopped so that what is wanted fits in VRAM.
     gm.stop("comfyui", force=True)    # skip draining: its work in flight is lost
     with gm.claim("comfyui", ttl=600, holder="render-job-42"):  # never taken away meanwhile
         render()
+    gm.proxies()["ollama"].in_flight  # a proxied service's traffic and demand
     with gpu_lock("redis://127.0.0.1:6379"):   # the v1 redis-py Lock, unchanged
         run_my_gpu_job()
 
@@ -22,6 +23,7 @@ import json
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, Dict, Iterator, List, Optional, Type
 
@@ -38,6 +40,7 @@ __all__ = [
     "CannotFit",
     "Claimed",
     "ClaimSession",
+    "ProxyStatus",
     "Busy",
     "Superseded",
     "LeaseHeld",
@@ -191,6 +194,35 @@ def _error_from(response: requests.Response) -> GpuManagerError:
     return cls(message, status=response.status_code, kind=kind, body=body)
 
 
+@dataclass(frozen=True)
+class ProxyStatus:
+    """A proxied service's demand proxy, as ``status()["services"][NAME]["proxy"]``
+    carries it (a service with a ``proxy:`` key; see the README's "Demand proxy").
+
+    ``listen`` is where its consumers connect and ``upstream`` where the service itself
+    listens; ``in_flight`` counts requests forwarded and not yet answered in full,
+    ``waiting`` those waiting for it to be ready, ``upgraded`` open WebSockets.
+    ``demanded``: wanted because it is used, beside the phase and the pins, until
+    ``demanded_until_ms`` (ms since the epoch; None while requests are under way, or when
+    ``idle_ms`` is null). ``last_request_ms``: when the last request came (None: never).
+    """
+
+    listen: str
+    upstream: str
+    in_flight: int
+    waiting: int
+    demanded: bool
+    demanded_until_ms: Optional[int]
+    last_request_ms: Optional[int]
+    upgraded: int = 0
+
+    @classmethod
+    def from_json(cls, body: Dict[str, Any]) -> "ProxyStatus":
+        """From the status's ``proxy`` object; keys a newer daemon adds are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in body.items() if key in known})
+
+
 class GpuManager:
     """A gpu-manager daemon's HTTP API.
 
@@ -253,8 +285,18 @@ class GpuManager:
         )
 
     def status(self) -> Dict[str, Any]:
-        """``GET /gpu/status``: ``vram``, ``services.NAME.state``, ``lock.holder``..."""
+        """``GET /gpu/status``: ``vram``, ``services.NAME.state`` (and ``.claims``, and
+        ``.proxy`` for a proxied service: see :meth:`proxies`), ``lock.holder``..."""
         return self._json("GET", "/gpu/status")
+
+    def proxies(self) -> Dict[str, ProxyStatus]:
+        """The services behind a demand proxy, each with its proxy's traffic and demand
+        (from ``status()``); services without ``proxy:`` are left out."""
+        return {
+            name: ProxyStatus.from_json(service["proxy"])
+            for name, service in self.status()["services"].items()
+            if service.get("proxy")
+        }
 
     def can_fit_detail(self, mb: int, priority: Optional[int] = None) -> Dict[str, Any]:
         """``GET /gpu/can-fit``: ``fits``, ``free_mb``, ``budget_mb``, ``would_preempt``

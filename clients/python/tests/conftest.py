@@ -96,9 +96,12 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
 
 class Daemon:
     def __init__(self, folder: Path, url: str, process: subprocess.Popen, gpu: Path,
-                 redis_url: str, lease_key: str, service_ports: Dict[str, int]):
+                 redis_url: str, lease_key: str, service_ports: Dict[str, int],
+                 proxy_ports: Dict[str, int]):
         self.folder = folder
         self.service_ports = service_ports
+        # Where each proxied service's demand proxy listens.
+        self.proxy_ports = proxy_ports
         self.url = url
         self.redis_url = redis_url
         self.lease_key = lease_key
@@ -129,7 +132,11 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
+def daemon(binaries, redis_url, tmp_path, request) -> Iterator[Daemon]:
+    """The daemon with the services above. Parametrized indirectly with
+    ``{"proxy": {NAME: "more proxy keys"}}``, those services get a ``proxy:`` on a free
+    port (``Daemon.proxy_ports``)."""
+    proxied: Dict[str, str] = getattr(request, "param", {}).get("proxy", {})
     gpu = tmp_path / "gpu"
     (gpu / "alloc").mkdir(parents=True)
     (gpu / "oom.log").write_text("")
@@ -151,6 +158,7 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
         "services:",
     ]
     ports: Dict[str, int] = {}
+    proxy_ports: Dict[str, int] = {}
     for name, mb, priority, phases in SERVICES:
         service_port = free_port()
         ports[name] = service_port
@@ -168,6 +176,9 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
             "    start_timeout_ms: 15000",
             "    stop_timeout_ms: 5000",
         ]
+        if name in proxied:
+            proxy_ports[name] = free_port()
+            lines.append(f'    proxy: {{ listen: "127.0.0.1:{proxy_ports[name]}"{proxied[name]} }}')
         if name in DRAIN_MS:
             lines.append(
                 f'    drain: {{ url: "http://127.0.0.1:{service_port}/queue", '
@@ -181,7 +192,7 @@ def daemon(binaries, redis_url, tmp_path) -> Iterator[Daemon]:
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    the_daemon = Daemon(tmp_path, url, process, gpu, redis_url, key, ports)
+    the_daemon = Daemon(tmp_path, url, process, gpu, redis_url, key, ports, proxy_ports)
     # Ready as systemd is told: the first observation and adoption are done.
     wait_until("the daemon's first round",
                lambda: requests.get(url + "/gpu/status", timeout=1).json()["first_round_done"],

@@ -19,6 +19,7 @@ from gpu_manager_client import (
     InvalidConfig,
     LeaseHeld,
     NotFound,
+    ProxyStatus,
     Unreachable,
     gpu_lock,
 )
@@ -206,6 +207,39 @@ def test_a_claim_that_cannot_fit_raises_cannot_fit_with_the_blocking_claims(daem
         assert [c["holder"] for c in refused.value.claims] == ["render-job-42"]
         assert claim_holders(gm, "ollama") == []
     assert claim_holders(gm, "comfyui") == []
+
+
+@pytest.mark.parametrize("daemon", [{"proxy": {"vidi": ", idle_ms: 60000"}}], indirect=True)
+def test_a_proxied_service_status_carries_its_proxy_traffic_and_demand(daemon):
+    gm = GpuManager(daemon.url)
+    proxies = gm.proxies()
+    assert sorted(proxies) == ["vidi"], proxies
+    assert "proxy" not in gm.status()["services"]["cosyvoice"]
+    listen = f"127.0.0.1:{daemon.proxy_ports['vidi']}"
+    assert proxies["vidi"] == ProxyStatus(
+        listen=listen,
+        upstream=f"http://127.0.0.1:{daemon.service_ports['vidi']}",
+        in_flight=0, waiting=0, upgraded=0, demanded=False,
+        demanded_until_ms=None, last_request_ms=None,
+    )
+
+    # A request through the proxy starts the stopped vidi and leaves it demanded for
+    # its idle_ms (60 s) after the request ended.
+    asked_ms = time.time() * 1000
+    http = requests.Session()
+    http.trust_env = False
+    answer = http.get(f"http://{listen}/state", timeout=30)
+    assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 10
+    while gm.proxies()["vidi"].demanded_until_ms is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    used = gm.proxies()["vidi"]
+    assert used.demanded and (used.in_flight, used.waiting) == (0, 0), used
+    assert asked_ms - 1000 <= used.last_request_ms <= time.time() * 1000, used
+    assert used.demanded_until_ms is not None, used
+    left_ms = used.demanded_until_ms - time.time() * 1000
+    assert 45_000 < left_ms <= 61_000, used
+    assert gm.status()["services"]["vidi"]["state"] == "ready"
 
 
 def test_reload_reports_what_changed_and_a_broken_config_raises_invalid_config(daemon):
