@@ -226,7 +226,7 @@ fn a_phase_change_waits_for_a_streaming_request_and_cuts_nothing() {
     let api = h.serve("");
     assert_eq!(api.post("/gpu/prepare-phase/3").code, 200);
 
-    let mut reader = stream_under_way(listen);
+    let reader = stream_under_way(listen);
     let cosyvoice = pid(&api, "cosyvoice");
 
     // Phase 4 needs CosyVoice's memory: it drains until the stream has ended.
