@@ -365,8 +365,10 @@ mod tests {
 
     #[test]
     fn a_proxied_service_shows_its_proxy_traffic_and_demand_under_its_line() {
-        let mut status = Status::default();
-        status.observed_at_ms = UtcTime::parse("2026-12-03T10:10:00Z").unwrap().epoch_ms();
+        let mut status = Status {
+            observed_at_ms: UtcTime::parse("2026-12-03T10:10:00Z").unwrap().epoch_ms(),
+            ..Status::default()
+        };
         let proxy = ProxyStatus {
             listen: "127.0.0.1:11434".into(),
             upstream: "http://127.0.0.1:11435".into(),
