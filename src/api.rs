@@ -496,16 +496,30 @@ mod tests {
     use crate::status::{now_ms, Status};
     use tokio::sync::watch;
 
-    #[tokio::test]
-    async fn status_answers_the_latest_snapshot_with_its_age() {
-        let (commands, _received) = tokio::sync::mpsc::channel(1);
-        let (snapshots, status) = watch::channel(Status::default());
-        let handle = ReconcilerHandle {
+    /// A handle to no loop: the tests play the loop's part.
+    fn handle_of(
+        commands: tokio::sync::mpsc::Sender<Command>,
+        status: watch::Receiver<Status>,
+    ) -> ReconcilerHandle {
+        let config = crate::config::Config::parse(
+            std::path::Path::new("/etc/gpu-manager/config.yaml"),
+            "services:\n  vidi: { kind: native, command: [vidi], vram_mb: 1024 }\n",
+        )
+        .unwrap();
+        ReconcilerHandle {
             commands,
             status,
             feed: tokio::sync::broadcast::channel(1).0,
             traffic: Default::default(),
-        };
+            config: watch::channel(Arc::new(config)).1,
+        }
+    }
+
+    #[tokio::test]
+    async fn status_answers_the_latest_snapshot_with_its_age() {
+        let (commands, _received) = tokio::sync::mpsc::channel(1);
+        let (snapshots, status) = watch::channel(Status::default());
+        let handle = handle_of(commands, status);
         let routes = routes(handle, Auth { token: None });
         let get = || async {
             let reply = warp::test::request()
@@ -536,12 +550,7 @@ mod tests {
     #[tokio::test]
     async fn routing_and_authorization_errors_carry_a_kind() {
         let (commands, _received) = tokio::sync::mpsc::channel(1);
-        let handle = ReconcilerHandle {
-            commands,
-            status: watch::channel(Status::default()).1,
-            feed: tokio::sync::broadcast::channel(1).0,
-            traffic: Default::default(),
-        };
+        let handle = handle_of(commands, watch::channel(Status::default()).1);
         let token = Some(Arc::new(b"s3cret".to_vec()));
         let routes = routes(handle, Auth { token });
         for (method, path, code, kind) in [

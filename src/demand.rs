@@ -120,6 +120,24 @@ impl Demand {
             .min()
     }
 
+    /// A reload changed `service`'s `idle_ms`: a shorter one takes effect now (the
+    /// demand ends at the latest `idle` from now); a longer one from the next review,
+    /// which measures it from the service's traffic.
+    pub fn retime(&mut self, service: &ServiceName, idle: Option<Duration>, now: Instant) {
+        if let Some(hold) = self.holds.get_mut(service) {
+            hold.idle = idle;
+            if let Some(idle) = idle {
+                hold.until = hold.until.min(now + idle);
+            }
+        }
+    }
+
+    /// The service lost its proxy, or left the config: its demand ends now. Returns
+    /// whether it was demanded.
+    pub fn end(&mut self, service: &ServiceName) -> bool {
+        self.holds.remove(service).is_some()
+    }
+
     pub fn names(&self) -> BTreeSet<ServiceName> {
         self.holds.keys().cloned().collect()
     }
@@ -192,6 +210,32 @@ mod tests {
             demand.review(t0 + Duration::from_secs(5), never_used),
             vec![name("a")]
         );
+        assert_eq!(demand.names(), BTreeSet::new());
+    }
+
+    #[test]
+    fn a_reload_that_shortens_idle_ends_the_demand_sooner_and_one_that_lengthens_it_later() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let idle_since_0 = |_: &ServiceName| Activity::Idle { since: Some(t0) };
+        let mut demand = Demand::default();
+        demand.used(&name("a"), Some(Duration::from_secs(60)), t0);
+        demand.used(&name("b"), IDLE, t0);
+        demand.retime(&name("a"), IDLE, at(1));
+        assert_eq!(
+            demand.until(&name("a")),
+            Some(at(6)),
+            "at most 5 s from the reload"
+        );
+        demand.retime(&name("b"), Some(Duration::from_secs(60)), at(1));
+        assert_eq!(demand.review(at(6), idle_since_0), vec![name("a")]);
+        assert_eq!(
+            demand.until(&name("b")),
+            Some(at(60)),
+            "measured from its traffic"
+        );
+        assert!(demand.end(&name("b")));
+        assert!(!demand.end(&name("b")));
         assert_eq!(demand.names(), BTreeSet::new());
     }
 }

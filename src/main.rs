@@ -289,7 +289,7 @@ async fn run_daemon(config: &Path, mode: Mode, watch: ConfigWatch) -> anyhow::Re
     };
     // The demand proxies listen from startup (docs/ARCHITECTURE.md, "The demand proxy").
     let proxy_stop = CancellationToken::new();
-    let proxies = proxy::start(&config, &reconciler.handle(), proxy_stop.clone()).await?;
+    let proxies = proxy::start(&reconciler.handle(), proxy_stop.clone()).await?;
     tokio::spawn(forward_signals(shutdown.clone()));
     reconciler.run(shutdown).await;
     // The answers owed to waiting callers are on their way out: let the server finish
@@ -299,9 +299,7 @@ async fn run_daemon(config: &Path, mode: Mode, watch: ConfigWatch) -> anyhow::Re
     if let Some(api) = api {
         let _ = tokio::time::timeout(API_DRAIN, api).await;
     }
-    if let Some(proxies) = proxies {
-        let _ = tokio::time::timeout(API_DRAIN, proxies).await;
-    }
+    let _ = tokio::time::timeout(API_DRAIN, proxies).await;
     Ok(())
 }
 

@@ -176,6 +176,8 @@ pub struct ReconcilerHandle {
     pub feed: broadcast::Sender<DaemonEvent>,
     /// What the demand proxy sees of each service's requests: it writes, the loop reads.
     pub traffic: TrafficBoard,
+    /// The config in force: a reload sends the new one (the demand proxy follows it).
+    pub config: watch::Receiver<Arc<Config>>,
 }
 
 /// Whether the daemon is shutting down, and until when it waits for actions.
@@ -187,6 +189,8 @@ enum Lifecycle {
 
 pub struct Reconciler<E: ServiceEffects, L: LeaseBackend> {
     config: Arc<Config>,
+    /// `config`, for the handles (see `ReconcilerHandle::config`).
+    config_tx: watch::Sender<Arc<Config>>,
     /// Where the config in force came from, and how the last reload went.
     config_status: ConfigStatus,
     config_watch: ConfigWatch,
@@ -247,6 +251,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let parked_notes = parked::ParkedNotes::new(config.state_dir.clone());
         let config_status = ConfigStatus::at_start(&config.path, now_ms());
         let mut reconciler = Self {
+            config_tx: watch::Sender::new(config.clone()),
             config,
             config_status,
             config_watch: ConfigWatch::Off,
@@ -303,6 +308,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             status: self.status_tx.subscribe(),
             feed: self.feed.clone(),
             traffic: self.traffic.clone(),
+            config: self.config_tx.subscribe(),
         }
     }
 

@@ -255,6 +255,10 @@ pub enum TransitionError {
     /// A reload that changes keys only a restart applies (`api.listen`, `state_dir`...).
     #[error("{detail}")]
     NeedsRestart { keys: Vec<String>, detail: String },
+    /// A reload that gives a proxy a listen address this host will not let the daemon
+    /// bind (in use, not local): the detail names the key; the config in force stays.
+    #[error("{detail}")]
+    ListenFailed { service: String, detail: String },
 }
 
 impl From<LeaseError> for TransitionError {
@@ -305,7 +309,8 @@ impl TransitionError {
             | TransitionError::Claimed { .. }
             | TransitionError::Superseded { .. }
             | TransitionError::Busy { .. }
-            | TransitionError::NeedsRestart { .. } => 409,
+            | TransitionError::NeedsRestart { .. }
+            | TransitionError::ListenFailed { .. } => 409,
             TransitionError::InvalidConfig { .. } => 422,
             TransitionError::LeaseHeld { .. } => 423,
             TransitionError::BackendDown { .. } | TransitionError::ShuttingDown { .. } => 503,

@@ -53,6 +53,8 @@ fn run_browser(h: &mut Harness, api: &Api, artifacts_name: &str, extra: &[String
         .arg(api.url())
         .arg("--artifacts")
         .arg(artifacts(artifacts_name))
+        .arg("--config")
+        .arg(h.config_path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

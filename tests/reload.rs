@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use common::api::{Api, Reply};
-use common::{Harness, Standin};
+use common::{free_port, Harness, Standin};
 
 fn three() -> Vec<Standin> {
     vec![
@@ -217,6 +217,72 @@ fn a_removed_service_is_stopped_and_with_keep_removed_left_running_unmanaged() {
     assert!(h.is_ready("beta"), "beta keeps running");
     assert!(std::path::Path::new(&format!("/proc/{beta}")).exists());
     assert!(h.is_ready("alpha"));
+}
+
+/// GET `path` on 127.0.0.1:`port` (a proxy); None when nothing listens there.
+fn get_on(port: u16, path: &str) -> Option<Reply> {
+    Api { port, token: None }.try_request("GET", path, None)
+}
+
+#[test]
+fn a_proxy_moved_or_retuned_by_a_reload_serves_at_once_and_its_service_keeps_running() {
+    let (first, second) = (free_port(), free_port());
+    let mut services = three();
+    services[0].config_extra = format!("    proxy: {{ listen: \"127.0.0.1:{first}\" }}\n");
+    let (mut h, api) = serve(services);
+    let before = pids(&api);
+    assert_eq!(get_on(first, "/state").map(|r| r.code), Some(200));
+
+    // Another port and a shorter idle time: applied live, the old port closes.
+    h.services[0].config_extra =
+        format!("    proxy: {{ listen: \"127.0.0.1:{second}\", idle_ms: 5000 }}\n");
+    rewrite(&h, &api);
+    let report = code(&api.post("/gpu/reload"), 200);
+    assert_eq!(names(&report["changed"]), ["alpha"], "{report}");
+    assert_eq!(report["changed"][0]["keys"], serde_json::json!(["proxy"]));
+    assert!(names(&report["restarted"]).is_empty(), "{report}");
+    let status = api.status();
+    assert_eq!(
+        status["services"]["alpha"]["proxy"]["listen"],
+        format!("127.0.0.1:{second}"),
+        "{status}"
+    );
+    api_wait(&api, "the new port to serve", |_| {
+        get_on(second, "/state").is_some_and(|r| r.code == 200)
+    });
+    api_wait(&api, "the old port to close", |_| {
+        get_on(first, "/state").is_none()
+    });
+
+    // A port another program holds: refused whole, the proxy stays where it is.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    h.services[0].config_extra = format!("    proxy: {{ listen: \"127.0.0.1:{taken_port}\" }}\n");
+    rewrite(&h, &api);
+    let refused = code(&api.post("/gpu/reload"), 409);
+    assert_eq!(refused["kind"], "listen_failed", "{refused}");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "services.alpha.proxy.listen 127.0.0.1:{taken_port} cannot be bound"
+        )),
+        "{error}"
+    );
+    let status = api.status();
+    assert_eq!(status["config"]["generation"], 2, "{status}");
+    assert_eq!(status["config"]["error"], error, "{status}");
+    assert_eq!(get_on(second, "/state").map(|r| r.code), Some(200));
+
+    // The proxy removed: nothing listens, and no service was restarted through it all.
+    h.services[0].config_extra.clear();
+    rewrite(&h, &api);
+    code(&api.post("/gpu/reload"), 200);
+    api_wait(&api, "the proxy to close", |_| {
+        get_on(second, "/state").is_none()
+    });
+    assert_eq!(api.status()["services"]["alpha"]["proxy"], Value::Null);
+    assert_eq!(pids(&api), before);
+    drop(taken);
 }
 
 #[test]

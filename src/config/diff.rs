@@ -66,8 +66,6 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
             old.gpu.cuda_library == new.gpu.cuda_library,
         ),
         ("gpu.simulated", old.gpu.simulated == new.gpu.simulated),
-        // The proxies' listeners are bound at startup.
-        ("services.*.proxy", proxies(old) == proxies(new)),
     ]);
     if !fixed.is_empty() {
         return Err(NeedsRestart { keys: fixed });
@@ -103,15 +101,6 @@ pub fn diff(old: &Config, new: &Config) -> Result<ConfigDiff, NeedsRestart> {
     Ok(ConfigDiff { services, globals })
 }
 
-/// Every service's `proxy:`, by name.
-fn proxies(config: &Config) -> BTreeMap<&ServiceName, &super::ProxySpec> {
-    config
-        .inventory
-        .iter()
-        .filter_map(|s| Some((&s.name, s.proxy.as_ref()?)))
-        .collect()
-}
-
 /// How a service kept by the new config differs, if it does.
 fn service_change(old: &ServiceSpec, new: &ServiceSpec) -> Option<ServiceChange> {
     let launch = launch_keys(&old.runtime, &new.runtime);
@@ -125,6 +114,9 @@ fn service_change(old: &ServiceSpec, new: &ServiceSpec) -> Option<ServiceChange>
         ("stop_timeout_ms", old.stop_timeout == new.stop_timeout),
         ("park", old.park == new.park),
         ("drain", old.drain == new.drain),
+        // The proxy follows the config in force (docs/ARCHITECTURE.md, "Reloading the
+        // config"): a new listen address is bound before the reload is accepted.
+        ("proxy", old.proxy == new.proxy),
         ("log", !log_changed(&old.runtime, &new.runtime)),
     ]));
     match (launch.is_empty(), keys.is_empty()) {
@@ -220,6 +212,37 @@ mod tests {
                 ),
             ])
         );
+    }
+
+    #[test]
+    fn a_proxy_added_moved_or_retuned_applies_live() {
+        let proxied = |proxy: &str| {
+            BASE.replace(
+                "priority: 40, phases: [2]",
+                &format!("priority: 40, phases: [2], proxy: {{ {proxy} }}"),
+            )
+        };
+        let on_9100 = proxied("listen: \"127.0.0.1:9100\", upstream: \"http://127.0.0.1:9101\"");
+        let live = Some(ServiceChange::Live {
+            keys: vec!["proxy"],
+        });
+        assert_eq!(
+            diff_to(&on_9100)
+                .unwrap()
+                .services
+                .get(&name("vidi"))
+                .cloned(),
+            live
+        );
+        for changed in [
+            on_9100.replace("9100", "9200"),
+            on_9100.replace("9101", "9201"),
+            on_9100.replace("\" }", "\", max_queue: 3, idle_ms: 1000 }"),
+        ] {
+            let diff = diff(&config(&on_9100), &config(&changed)).unwrap();
+            assert_eq!(diff.services.get(&name("vidi")).cloned(), live, "{changed}");
+            assert!(diff.globals.is_empty());
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 use super::forward::Forwarder;
 use super::Gate;
@@ -18,11 +19,16 @@ use super::Gate;
 /// does not spin while the cause lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-pub(super) async fn accept_loop<G: Gate>(listener: TcpListener, forwarder: Arc<Forwarder<G>>) {
-    let shutdown = forwarder.shutdown().clone();
+/// Accepts until `stop` (a reload that changed the route, or the shutdown), then gives
+/// the listener back, so that a route moved to another upstream keeps its socket.
+pub(super) async fn accept_loop<G: Gate>(
+    listener: TcpListener,
+    forwarder: Arc<Forwarder<G>>,
+    stop: CancellationToken,
+) -> TcpListener {
     loop {
         let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = stop.cancelled() => return listener,
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -5,7 +5,7 @@
 //! become ready in time. It never touches the loop's records.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use tokio::time::Instant;
 
 use serde_json::{json, Map, Value};
@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::config::{Config, ProxySpec, ServiceName};
 use crate::reconcile::{Command, ReconcilerHandle};
 use crate::status::{ServiceState, ServiceStatus, Status};
-use crate::traffic::{ServiceTraffic, Traffic};
+use crate::traffic::{ServiceTraffic, Traffic, TrafficBoard};
 
 use super::{Gate, Refusal, RequestKind};
 
@@ -29,32 +29,63 @@ struct GateRoute {
     slots: Option<Arc<Semaphore>>,
 }
 
+impl GateRoute {
+    /// The route for `spec`, keeping the slots of the one it replaces where
+    /// `concurrency` did not change (the requests in flight hold them).
+    fn new(spec: ProxySpec, traffic: Arc<ServiceTraffic>, before: Option<&GateRoute>) -> Self {
+        let slots = match before {
+            Some(before) if before.spec.concurrency == spec.concurrency => before.slots.clone(),
+            _ => spec.concurrency.map(|n| Arc::new(Semaphore::new(n.get()))),
+        };
+        Self {
+            spec,
+            traffic,
+            slots,
+        }
+    }
+}
+
 pub struct DemandGate {
-    routes: BTreeMap<ServiceName, GateRoute>,
+    /// Replaced whole by a reload; a request keeps the route it was admitted by.
+    routes: RwLock<BTreeMap<ServiceName, Arc<GateRoute>>>,
+    traffic: TrafficBoard,
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
 }
 
 impl DemandGate {
     pub fn new(config: &Config, handle: &ReconcilerHandle) -> Self {
-        let routes = config
+        let gate = Self {
+            routes: RwLock::default(),
+            traffic: handle.traffic.clone(),
+            commands: handle.commands.clone(),
+            status: handle.status.clone(),
+        };
+        gate.reconfigure(config);
+        gate
+    }
+
+    /// Takes the limits of `config` (at start, and after each reload). A request
+    /// already waiting or in flight keeps the limits it was admitted with; a new
+    /// `concurrency` counts only the requests admitted from now on.
+    pub fn reconfigure(&self, config: &Config) {
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        let next = config
             .inventory
             .iter()
             .filter_map(|spec| Some((spec.name.clone(), spec.proxy.clone()?)))
             .map(|(name, proxy)| {
-                let route = GateRoute {
-                    slots: proxy.concurrency.map(|n| Arc::new(Semaphore::new(n.get()))),
-                    traffic: handle.traffic.of(&name),
-                    spec: proxy,
-                };
-                (name, route)
+                let traffic = self.traffic.of(&name);
+                let route = GateRoute::new(proxy, traffic, routes.get(&name).map(|r| &**r));
+                (name, Arc::new(route))
             })
             .collect();
-        Self {
-            routes,
-            commands: handle.commands.clone(),
-            status: handle.status.clone(),
-        }
+        *routes = next;
+    }
+
+    fn route(&self, service: &ServiceName) -> Option<Arc<GateRoute>> {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        routes.get(service).cloned()
     }
 
     /// Waits until the service is ready and, with `concurrency`, a slot is free.
@@ -149,23 +180,23 @@ impl Gate for DemandGate {
     type Pass = Pass;
 
     async fn admit(&self, service: &ServiceName, kind: RequestKind) -> Result<Pass, Refusal> {
-        let Some(route) = self.routes.get(service) else {
+        let Some(route) = self.route(service) else {
             return Err(refusal(service, "timed_out", "it has no proxy route"));
         };
-        let waiting = Waiting::enter(route)?;
+        let waiting = Waiting::enter(&route)?;
         let asked = Instant::now();
-        let ready = tokio::time::timeout(route.spec.max_wait, self.until_ready(service, route));
+        let ready = tokio::time::timeout(route.spec.max_wait, self.until_ready(service, &route));
         let outcome = ready.await;
         route.traffic.waited(asked.elapsed());
         match outcome {
             Ok(Ok(slot)) => Ok(waiting.into_pass(kind, slot)),
             Ok(Err(refusal)) => Err(refusal),
-            Err(_) => Err(self.timed_out(service, route)),
+            Err(_) => Err(self.timed_out(service, &route)),
         }
     }
 
     fn answered(&self, service: &ServiceName, status: hyper::StatusCode) {
-        if let Some(route) = self.routes.get(service) {
+        if let Some(route) = self.route(service) {
             route.traffic.answered(status.as_u16());
         }
     }

@@ -10,12 +10,14 @@ mod forward;
 pub mod gate;
 mod headers;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,7 +25,7 @@ use crate::config::{Config, ServiceName};
 use crate::reconcile::ReconcilerHandle;
 
 /// One proxied service: where consumers connect and where the service really listens.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub service: ServiceName,
     pub listen: SocketAddr,
@@ -126,41 +128,67 @@ pub fn routes(config: &Config) -> Vec<Route> {
         .collect()
 }
 
-/// Binds every proxied service's listener and serves them, admitted by the loop's
-/// gate, until `shutdown`; None when no service has a proxy.
+/// Binds every proxied service's listener and serves them, admitted by the loop's gate,
+/// until `shutdown`, following the config in force: a reload's new routes are bound and
+/// served, and its limits are the gate's (docs/ARCHITECTURE.md, "The demand proxy").
 pub async fn start(
-    config: &Config,
     handle: &ReconcilerHandle,
     shutdown: CancellationToken,
-) -> Result<Option<tokio::task::JoinHandle<()>>, ProxyError> {
-    let routes = routes(config);
-    if routes.is_empty() {
-        return Ok(None);
-    }
-    let listeners = bind(&routes).await?;
-    for route in &routes {
+) -> Result<tokio::task::JoinHandle<()>, ProxyError> {
+    let mut config = handle.config.clone();
+    let first = config.borrow_and_update().clone();
+    let listeners = bind(&routes(&first)).await?;
+    for (route, _) in &listeners.bound {
         tracing::info!(service = %route.service, listen = %route.listen, upstream = %route.upstream, "proxy listening");
     }
-    let gate = Arc::new(gate::DemandGate::new(config, handle));
-    Ok(Some(tokio::spawn(listeners.serve(gate, shutdown))))
+    let gate = Arc::new(gate::DemandGate::new(&first, handle));
+    let (routes_tx, routes_rx) = watch::channel(routes(&first));
+    tokio::spawn(follow_config(
+        config,
+        gate.clone(),
+        routes_tx,
+        shutdown.clone(),
+    ));
+    Ok(tokio::spawn(listeners.serve(gate, routes_rx, shutdown)))
+}
+
+/// Each config a reload puts in force: its limits to the gate, its routes to the
+/// listeners.
+async fn follow_config(
+    mut config: watch::Receiver<Arc<Config>>,
+    gate: Arc<gate::DemandGate>,
+    routes_tx: watch::Sender<Vec<Route>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = config.changed() => if changed.is_err() { return },
+        }
+        let config = config.borrow_and_update().clone();
+        gate.reconfigure(&config);
+        routes_tx.send_replace(routes(&config));
+    }
 }
 
 /// Binds every route's listen address; the first that cannot be bound is the error.
 pub async fn bind(routes: &[Route]) -> Result<Listeners, ProxyError> {
     let mut bound = Vec::with_capacity(routes.len());
     for route in routes {
-        forward::check_upstream(route)?;
-        let listener =
-            TcpListener::bind(route.listen)
-                .await
-                .map_err(|source| ProxyError::Bind {
-                    service: route.service.clone(),
-                    addr: route.listen,
-                    source,
-                })?;
-        bound.push((route.clone(), listener));
+        bound.push((route.clone(), bind_route(route).await?));
     }
     Ok(Listeners { bound })
+}
+
+async fn bind_route(route: &Route) -> Result<TcpListener, ProxyError> {
+    forward::check_upstream(route)?;
+    TcpListener::bind(route.listen)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            service: route.service.clone(),
+            addr: route.listen,
+            source,
+        })
 }
 
 impl Listeners {
@@ -172,23 +200,43 @@ impl Listeners {
             .and_then(|(_, listener)| listener.local_addr().ok())
     }
 
-    /// Serves until `shutdown`: then stops accepting, lets the requests under way finish
-    /// (closing each connection after its answer) for up to [`DRAIN_TIMEOUT`], and returns.
-    /// Tunnels (WebSockets) close at once: they have no end to wait for.
-    pub async fn serve<G: Gate>(self, gate: Arc<G>, shutdown: CancellationToken) {
+    /// Serves until `shutdown`, and each new set of `routes` from then on (see
+    /// [`Serving::follow`]); then stops accepting, lets the requests under way finish
+    /// (closing each connection after its answer) for up to [`DRAIN_TIMEOUT`], and
+    /// returns. Tunnels (WebSockets) close at once: they have no end to wait for.
+    pub async fn serve<G: Gate>(
+        self,
+        gate: Arc<G>,
+        mut routes: watch::Receiver<Vec<Route>>,
+        shutdown: CancellationToken,
+    ) {
         let tasks = TaskTracker::new();
-        let client = forward::upstream_client();
+        let mut serving = Serving {
+            gate,
+            client: forward::upstream_client(),
+            tasks: tasks.clone(),
+            shutdown: shutdown.clone(),
+            accepting: BTreeMap::new(),
+        };
         for (route, listener) in self.bound {
-            let forwarder = Arc::new(forward::Forwarder::new(
-                route,
-                gate.clone(),
-                client.clone(),
-                tasks.clone(),
-                shutdown.clone(),
-            ));
-            tasks.spawn(connection::accept_loop(listener, forwarder));
+            serving.accept(route, listener);
         }
-        shutdown.cancelled().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = routes.changed() => match changed {
+                    Ok(()) => {
+                        let next = routes.borrow_and_update().clone();
+                        serving.follow(next).await;
+                    }
+                    // No more changes: serve what is served until the shutdown.
+                    Err(_) => {
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                },
+            }
+        }
         tasks.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
             .await
@@ -198,6 +246,91 @@ impl Listeners {
                 connections = tasks.len(),
                 "proxy: requests still under way after {DRAIN_TIMEOUT:?} of shutdown are cut"
             );
+        }
+    }
+}
+
+/// The routes being served, each by its accept loop.
+struct Serving<G> {
+    gate: Arc<G>,
+    client: forward::UpstreamClient,
+    /// Accept loops, connections and tunnels, so that shutdown can wait for them.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+    accepting: BTreeMap<ServiceName, Accepting>,
+}
+
+/// One route's accept loop: stopped, it gives its listener back.
+struct Accepting {
+    route: Route,
+    stop: CancellationToken,
+    listener: tokio::task::JoinHandle<TcpListener>,
+}
+
+impl<G: Gate> Serving<G> {
+    fn accept(&mut self, route: Route, listener: TcpListener) {
+        let forwarder = Arc::new(forward::Forwarder::new(
+            route.clone(),
+            self.gate.clone(),
+            self.client.clone(),
+            self.tasks.clone(),
+            self.shutdown.clone(),
+        ));
+        let stop = self.shutdown.child_token();
+        let listener = self
+            .tasks
+            .spawn(connection::accept_loop(listener, forwarder, stop.clone()));
+        let service = route.service.clone();
+        let accepting = Accepting {
+            route,
+            stop,
+            listener,
+        };
+        self.accepting.insert(service, accepting);
+    }
+
+    /// Serves `routes` from now on. A route that did not change keeps its listener
+    /// untouched; one that changed stops accepting, and its address is bound again only
+    /// if the new routes no longer name it. Connections already open finish with the
+    /// route they came in by (a keep-alive one goes on with its old upstream until it
+    /// closes). An address that cannot be bound is logged, not fatal: the reload checked
+    /// it was free, so only a race with another program gets there.
+    async fn follow(&mut self, routes: Vec<Route>) {
+        let changed: Vec<ServiceName> = self
+            .accepting
+            .iter()
+            .filter(|(_, a)| !routes.contains(&a.route))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut freed = BTreeMap::new();
+        for name in changed {
+            let Some(accepting) = self.accepting.remove(&name) else {
+                continue;
+            };
+            accepting.stop.cancel();
+            if let Ok(listener) = accepting.listener.await {
+                freed.insert(accepting.route.listen, listener);
+            }
+        }
+        // Closed before anything is bound: a route may move from 0.0.0.0:P to
+        // 127.0.0.1:P.
+        freed.retain(|addr, _| routes.iter().any(|r| &r.listen == addr));
+        for route in routes {
+            if self.accepting.contains_key(&route.service) {
+                continue;
+            }
+            let listener = match freed.remove(&route.listen) {
+                Some(listener) => listener,
+                None => match bind_route(&route).await {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        tracing::error!(error = %err, "proxy: a reloaded route cannot be served: its consumers get \"connection refused\" until the next reload");
+                        continue;
+                    }
+                },
+            };
+            tracing::info!(service = %route.service, listen = %route.listen, upstream = %route.upstream, "proxy listening (reloaded)");
+            self.accept(route, listener);
         }
     }
 }

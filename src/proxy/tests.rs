@@ -17,7 +17,7 @@ use hyper::{header, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -163,25 +163,33 @@ async fn nothing_listening() -> SocketAddr {
 struct Proxy {
     addr: SocketAddr,
     gate: Arc<TestGate>,
+    /// What a reload would send.
+    routes: watch::Sender<Vec<Route>>,
     shutdown: CancellationToken,
     served: tokio::task::JoinHandle<()>,
 }
 
+fn ollama_route(listen: SocketAddr, upstream: SocketAddr) -> Route {
+    Route {
+        service: ollama(),
+        listen,
+        upstream: format!("http://{upstream}").parse().unwrap(),
+    }
+}
+
 impl Proxy {
     async fn start(upstream: SocketAddr, admission: Admission) -> Self {
-        let route = Route {
-            service: ollama(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            upstream: format!("http://{upstream}").parse().unwrap(),
-        };
-        let listeners = bind(&[route]).await.unwrap();
+        let route = ollama_route("127.0.0.1:0".parse().unwrap(), upstream);
+        let listeners = bind(std::slice::from_ref(&route)).await.unwrap();
         let addr = listeners.local_addr(&ollama()).unwrap();
         let gate = Arc::new(TestGate::new(admission));
         let shutdown = CancellationToken::new();
-        let served = tokio::spawn(listeners.serve(gate.clone(), shutdown.clone()));
+        let (routes, followed) = watch::channel(vec![route]);
+        let served = tokio::spawn(listeners.serve(gate.clone(), followed, shutdown.clone()));
         Self {
             addr,
             gate,
+            routes,
             shutdown,
             served,
         }
@@ -557,6 +565,64 @@ async fn a_client_that_goes_away_while_its_post_waits_drops_its_admit() {
           Content-Length: 17\r\n\r\n{\"model\":\"llama\"}",
     )
     .await;
+}
+
+/// Answers every request with `name`.
+async fn upstream_named(name: &'static str) -> SocketAddr {
+    upstream(move |_| async move { Response::new(text(name)) }).await
+}
+
+async fn get_text(url: &str) -> String {
+    let answer = within("the answer", reqwest::get(url)).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    answer.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn new_routes_move_a_service_to_another_address_and_upstream_without_a_restart() {
+    let (first, second) = (
+        upstream_named("first").await,
+        upstream_named("second").await,
+    );
+    let proxy = Proxy::start(first, Admission::Now).await;
+    assert_eq!(get_text(&proxy.url("/")).await, "first");
+
+    // Same address, another upstream: the listener is kept.
+    proxy
+        .routes
+        .send_replace(vec![ollama_route(proxy.addr, second)]);
+    eventually_async("the new upstream", || async {
+        get_text(&proxy.url("/")).await == "second"
+    })
+    .await;
+
+    // Another address: the old one is closed, the new one serves.
+    let moved = nothing_listening().await;
+    proxy.routes.send_replace(vec![ollama_route(moved, first)]);
+    eventually_async("the new address", || async {
+        TcpStream::connect(moved).await.is_ok()
+    })
+    .await;
+    assert_eq!(get_text(&format!("http://{moved}/")).await, "first");
+    eventually_async("the old address closed", || async {
+        TcpStream::connect(proxy.addr).await.is_err()
+    })
+    .await;
+
+    // No route any more: nothing listens.
+    proxy.routes.send_replace(Vec::new());
+    eventually_async("the last address closed", || async {
+        TcpStream::connect(moved).await.is_err()
+    })
+    .await;
+}
+
+async fn eventually_async<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]

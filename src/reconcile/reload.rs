@@ -6,9 +6,11 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use crate::clock::now_ms;
 use crate::config::diff::{self, ConfigDiff, ServiceChange};
-use crate::config::{Config, ServiceName};
+use crate::config::{Config, ProxySpec, ServiceName};
 use crate::lease::{LeaseBackend, LeaseRole};
 use crate::plan::{Action, Cause, Op};
 use crate::reload::{self, ConfigStatus, ReloadReport, ReloadTrigger, RemovedServices};
@@ -78,6 +80,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                 keys: e.keys.iter().map(|k| (*k).to_owned()).collect(),
                 detail: e.to_string(),
             })?;
+        check_new_listens(&self.config, &config)?;
         if let Some(desired) = &self.desired {
             desired
                 .check_against(&config.desired_state, &config.inventory)
@@ -127,13 +130,19 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
                         Event::Reconfigured(Box::new(Reconfigure::Relaunch { spec, keys })),
                     );
                 }
-                (ServiceChange::Live { .. }, Some(spec)) => {
+                (ServiceChange::Live { keys }, Some(spec)) => {
+                    if keys.contains(&"proxy") {
+                        self.follow_proxy_change(name, spec.proxy.as_ref());
+                    }
                     self.apply(name, Event::Reconfigured(Box::new(Reconfigure::Live(spec))));
                 }
                 (_, None) => {}
             }
         }
         self.config = Arc::new(config);
+        // The demand proxy follows the config in force: new listen addresses (checked
+        // free above), upstreams and limits.
+        self.config_tx.send_replace(self.config.clone());
         let generation = self.config_status.generation + u64::from(!diff.is_empty());
         self.config_status = ConfigStatus {
             path: self.config.path.clone(),
@@ -166,6 +175,22 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         report
     }
 
+    /// A reload changed `service`'s `proxy:`: a new `idle_ms` retimes its demand; without
+    /// a proxy any more, nothing can demand it and its demand ends.
+    fn follow_proxy_change(&mut self, service: &ServiceName, proxy: Option<&ProxySpec>) {
+        match proxy {
+            Some(proxy) => self.demand.retime(service, proxy.idle, Instant::now()),
+            None => {
+                if self.demand.end(service) {
+                    tracing::info!(%service, "demand ended: its proxy was removed from the config");
+                    let _ = self.feed.send(DaemonEvent::DemandEnded {
+                        service: service.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
     /// A service gone from the config: forgotten at once if nothing of it runs, or
     /// once its stop ends; with `keep_removed`, let go of where it is.
     fn remove_service(&mut self, name: &ServiceName, removed: RemovedServices) {
@@ -180,6 +205,7 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let Some(mut record) = self.records.remove(name) else {
             return;
         };
+        self.demand.end(name);
         record.stop_monitor();
         if let Some(flight) = record.in_flight() {
             // Left at a safe point, as at shutdown.
@@ -216,4 +242,33 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             self.parked_notes.forget(&name);
         }
     }
+}
+
+/// Every proxy listen address the new config adds must be free now, or the reload is
+/// refused whole: the demand proxy binds it once the config is in force, and a port
+/// taken meanwhile would leave the service's consumers with "connection refused". The
+/// addresses the config in force already names are the proxy's own: not checked.
+fn check_new_listens(old: &Config, new: &Config) -> Result<(), TransitionError> {
+    let ours: Vec<_> = old
+        .inventory
+        .iter()
+        .filter_map(|s| Some(s.proxy.as_ref()?.listen.port()))
+        .collect();
+    for spec in new.inventory.iter() {
+        let Some(proxy) = &spec.proxy else { continue };
+        if ours.contains(&proxy.listen.port()) {
+            continue;
+        }
+        if let Err(error) = std::net::TcpListener::bind(proxy.listen) {
+            let service = spec.name.to_string();
+            return Err(TransitionError::ListenFailed {
+                detail: format!(
+                    "services.{service}.proxy.listen {} cannot be bound: {error}; free that port or give the proxy another, then reload (the config in force stays)",
+                    proxy.listen
+                ),
+                service,
+            });
+        }
+    }
+    Ok(())
 }

@@ -121,10 +121,11 @@ def counts_down(read, label, total_s):
 
 
 class Run:
-    def __init__(self, url, artifacts, token):
+    def __init__(self, url, artifacts, token, config):
         self.url = url
         self.artifacts = artifacts
         self.token = token
+        self.config = config
         self.driver = browser()
 
     def shot(self, name):
@@ -255,11 +256,40 @@ class Run:
         self.ok("after a daemon restart the page reconnected by itself and follows the new daemon")
 
         self.claims()
+        self.config_line()
 
         violations = self.csp_violations()
         if violations:
             raise Check(f"no Content-Security-Policy violations, got {violations}")
         self.ok("no Content-Security-Policy violations in the console")
+
+    def config_line(self):
+        """The config line says when the config was loaded, and a refused reload's error
+        until a reload succeeds."""
+        d = self.driver
+        line = d.find_element(By.ID, "config-line")
+        if "generation 1" not in line.text or "loaded at" not in line.text:
+            raise Check(f"the config line names the generation and when it was loaded, got {line.text!r}")
+        with open(self.config, encoding="utf-8") as f:
+            good = f.read()
+        with open(self.config, "w", encoding="utf-8") as f:
+            f.write(good + "not_a_key: 1\n")
+        code, body = post(self.url, "/gpu/reload")
+        if code != 422:
+            raise Check(f"a reload of a config with an unknown key answers 422, got {code}: {body}")
+        wait_for("the refused reload on the config line",
+                 lambda: "last reload refused" in line.text and "not_a_key" in line.text, 2)
+        if "refused" not in (line.get_attribute("class") or ""):
+            raise Check(f"the refused config line is marked, got class {line.get_attribute('class')!r}")
+        self.ok(f"a refused reload shows on the config line: {line.text}")
+        self.shot("07-reload-refused")
+        with open(self.config, "w", encoding="utf-8") as f:
+            f.write(good)
+        code, body = post(self.url, "/gpu/reload")
+        if code != 200:
+            raise Check(f"a reload of the good config answers 200, got {code}: {body}")
+        wait_for("the config line clear again", lambda: "refused" not in line.text, 2)
+        self.ok("a good reload clears the config line's error")
 
     def claims(self):
         """A claim shows its holder and a countdown that runs between refreshes."""
@@ -435,11 +465,12 @@ def main():
     parser.add_argument("--url", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--token")
+    parser.add_argument("--config", required=True, help="the daemon's config file, for the reload check")
     parser.add_argument("--parking", metavar="COSYVOICE_URL")
     parser.add_argument("--proxy", metavar="OLLAMA_PROXY_URL")
     args = parser.parse_args()
     os.makedirs(args.artifacts, exist_ok=True)
-    run = Run(args.url, args.artifacts, args.token)
+    run = Run(args.url, args.artifacts, args.token, args.config)
     try:
         if args.token:
             run.tokened()

@@ -128,7 +128,13 @@ impl Api {
             .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer from {}", self.url()))
     }
 
-    fn try_request(&self, method: &str, path: &str, authorization: Option<&str>) -> Option<Reply> {
+    /// The answer, or None when nothing listens (or the connection broke).
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> Option<Reply> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(ANSWER_TIMEOUT)).ok()?;
         let auth = authorization

@@ -49,6 +49,7 @@ __all__ = [
     "TimedOut",
     "InvalidConfig",
     "NeedsRestart",
+    "ListenFailed",
     "LockNotAcquired",
     "gpu_lock",
 ]
@@ -155,6 +156,10 @@ class NeedsRestart(GpuManagerError):
     """A reload changing keys only a restart applies (409); ``body["keys"]`` names them."""
 
 
+class ListenFailed(GpuManagerError):
+    """A reload giving a proxy a listen address that cannot be bound (409); nothing changed."""
+
+
 class LockNotAcquired(Exception):
     """``gpu_lock`` could not take the lock within ``blocking_timeout``."""
 
@@ -175,6 +180,7 @@ _KINDS: Dict[str, Type[GpuManagerError]] = {
     "timed_out": TimedOut,
     "invalid_config": InvalidConfig,
     "needs_restart": NeedsRestart,
+    "listen_failed": ListenFailed,
 }
 
 
@@ -367,7 +373,7 @@ class GpuManager:
         changed; returns the report (``generation``, ``sha256``, ``added``, ``removed``,
         ``kept_removed``, ``restarted``, ``changed``, ``globals``). ``keep_removed=True``
         leaves the processes of removed services running, unmanaged. Raises
-        :class:`InvalidConfig` or :class:`NeedsRestart` when refused (nothing changed);
+        :class:`InvalidConfig`, :class:`NeedsRestart` or :class:`ListenFailed` when refused (nothing changed);
         ``status()["config"]`` says which config is in force."""
         return self._json("POST", "/gpu/reload", keep_removed="true" if keep_removed else None)
 
