@@ -237,7 +237,7 @@ mod tests {
         for changed in [
             on_9100.replace("9100", "9200"),
             on_9100.replace("9101", "9201"),
-            on_9100.replace("\" }", "\", max_queue: 3, idle_ms: 1000 }"),
+            on_9100.replace("9101\" }", "9101\", max_queue: 3, idle_ms: 1000 }"),
         ] {
             let diff = diff(&config(&on_9100), &config(&changed)).unwrap();
             assert_eq!(diff.services.get(&name("vidi")).cloned(), live, "{changed}");

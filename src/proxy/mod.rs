@@ -237,6 +237,7 @@ impl Listeners {
                 },
             }
         }
+        serving.close_listeners().await;
         tasks.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
             .await
@@ -287,6 +288,15 @@ impl<G: Gate> Serving<G> {
             listener,
         };
         self.accepting.insert(service, accepting);
+    }
+
+    /// At shutdown (whose token stops every accept loop): closes every listener at once,
+    /// so that no connection waits in a backlog that nobody accepts from.
+    async fn close_listeners(&mut self) {
+        for (_, accepting) in std::mem::take(&mut self.accepting) {
+            accepting.stop.cancel();
+            drop(accepting.listener.await);
+        }
     }
 
     /// Serves `routes` from now on. A route that did not change keeps its listener

@@ -179,7 +179,11 @@ fn ollama_route(listen: SocketAddr, upstream: SocketAddr) -> Route {
 
 impl Proxy {
     async fn start(upstream: SocketAddr, admission: Admission) -> Self {
-        let route = ollama_route("127.0.0.1:0".parse().unwrap(), upstream);
+        Self::start_on("127.0.0.1:0".parse().unwrap(), upstream, admission).await
+    }
+
+    async fn start_on(listen: SocketAddr, upstream: SocketAddr, admission: Admission) -> Self {
+        let route = ollama_route(listen, upstream);
         let listeners = bind(std::slice::from_ref(&route)).await.unwrap();
         let addr = listeners.local_addr(&ollama()).unwrap();
         let gate = Arc::new(TestGate::new(admission));
@@ -584,7 +588,7 @@ async fn new_routes_move_a_service_to_another_address_and_upstream_without_a_res
         upstream_named("first").await,
         upstream_named("second").await,
     );
-    let proxy = Proxy::start(first, Admission::Now).await;
+    let proxy = Proxy::start_on(nothing_listening().await, first, Admission::Now).await;
     assert_eq!(get_text(&proxy.url("/")).await, "first");
 
     // Same address, another upstream: the listener is kept.

@@ -347,7 +347,7 @@ impl LeaseBackend for FakeLease {
 // ---- the harness ----
 
 struct Test {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     desired: std::path::PathBuf,
     effects: FakeEffects,
     lease: FakeLease,
@@ -367,16 +367,23 @@ fn start(effects: FakeEffects, lease: FakeLease) -> Test {
     start_with(SERVICES, effects, lease)
 }
 
+/// The config file of a test in `dir`, with `services`.
+fn config_text(dir: &std::path::Path, services: &str) -> String {
+    format!(
+        "gpu: {{ total_mb: 24500, reserve_mb: 500 }}\ndesired_state: {}\nstate_dir: {}\nresync_ms: 500\nshutdown_timeout_ms: 5000\nservices:{services}",
+        dir.join("state.yaml").display(),
+        dir.join("state").display()
+    )
+}
+
 fn start_with(services: &str, effects: FakeEffects, lease: FakeLease) -> Test {
     let dir = tempfile::tempdir().unwrap();
     let desired = dir.path().join("state.yaml");
     std::fs::write(&desired, "phase: null\n").unwrap();
-    let yaml = format!(
-        "gpu: {{ total_mb: 24500, reserve_mb: 500 }}\ndesired_state: {}\nstate_dir: {}\nresync_ms: 500\nshutdown_timeout_ms: 5000\nservices:{services}",
-        desired.display(),
-        dir.path().join("state").display()
-    );
-    let config = Config::parse(&dir.path().join("c.yaml"), &yaml).unwrap();
+    let yaml = config_text(dir.path(), services);
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let config = Config::parse(&path, &yaml).unwrap();
     let gpu = GpuSource::Unavailable {
         reason: "fake".into(),
     };
@@ -385,7 +392,7 @@ fn start_with(services: &str, effects: FakeEffects, lease: FakeLease) -> Test {
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(reconciler.run(shutdown.clone()));
     Test {
-        _dir: dir,
+        dir,
         desired,
         effects,
         lease,
@@ -438,6 +445,20 @@ impl Test {
             .await
             .unwrap();
         answer
+    }
+
+    /// Rewrites the config file with `services` and reloads it.
+    async fn reload(&self, services: &str) -> Result<ReloadReport, TransitionError> {
+        let path = self.dir.path().join("c.yaml");
+        std::fs::write(&path, config_text(self.dir.path(), services)).unwrap();
+        let (reply, answer) = oneshot::channel();
+        let reload = Command::Reload {
+            removed: RemovedServices::Stop,
+            trigger: ReloadTrigger::Api,
+            reply,
+        };
+        self.handle.commands.send(reload).await.unwrap();
+        answer.await.unwrap()
     }
 
     async fn phase(
@@ -538,6 +559,62 @@ async fn a_newer_state_cancels_a_start_it_no_longer_wants() {
         .any(|a| a.service == "a" && a.failure == Some(FailureKind::Cancelled)));
     assert_eq!(t.state("a"), ServiceState::Stopped);
     assert_eq!(t.state("b"), ServiceState::Ready);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_removes_a_service_during_its_start_cancels_the_start_and_forgets_it() {
+    let effects = FakeEffects::default();
+    effects.behave(
+        "a",
+        Behaviour {
+            ready_after: Duration::from_secs(120),
+            stop_takes: Duration::from_secs(1),
+            ..Default::default()
+        },
+    );
+    let t = start(effects, FakeLease::default());
+    let first = t.transition(Change::Phase(1)).await;
+    t.until("a is starting", |t| t.state("a") == ServiceState::Starting)
+        .await;
+    // b takes over phase 1, which the desired state in force names.
+    let without_a: String = SERVICES
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("a:"))
+        .map(|line| {
+            format!("{line}\n").replace(
+                "phases: [2], health: { url: 'http://b/'",
+                "phases: [1, 2], health: { url: 'http://b/'",
+            )
+        })
+        .collect();
+    let asked = Instant::now();
+    let report = t.reload(&without_a).await.unwrap();
+    assert_eq!(report.removed, ["a"], "{report:?}");
+    assert_eq!(report.generation, 2);
+    t.until("a is forgotten", |t| {
+        !t.handle.status.borrow().services.contains_key("a")
+    })
+    .await;
+    // Its stop (1 s), not its 2-minute start.
+    assert!(
+        asked.elapsed() <= Duration::from_millis(1100),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        t.effects.count("stop a"),
+        1,
+        "the half-started a was stopped"
+    );
+    let superseded = first.await.unwrap().unwrap_err();
+    assert!(
+        matches!(superseded, TransitionError::Superseded { .. }),
+        "{superseded:?}"
+    );
+    t.until("b, now of phase 1, is ready", |t| {
+        t.state("b") == ServiceState::Ready
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
