@@ -28,9 +28,7 @@ use tokio::net::TcpListener;
 const USAGE: &str = "usage: proxy_upstream --port P [--start-delay-ms MS]";
 const HELLO: &[u8] = b"hello, world\n";
 
-type Chunks = StreamBody<
-    stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>,
->;
+type Chunks = StreamBody<stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
 type Body = Either<Full<Bytes>, Chunks>;
 
 fn main() {
@@ -124,9 +122,7 @@ fn options() -> Result<(u16, Duration), String> {
     let mut start_delay = Duration::ZERO;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number: u64 = value
             .parse()
             .map_err(|_| format!("{flag} {value:?} is not a number"))?;

@@ -49,6 +49,11 @@ impl<T: Copy + PartialOrd + std::fmt::Debug> Sorted<T> {
 /// beside the numbers: these benches share a small machine with builds.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_else(|_| "unknown".to_owned())
 }
