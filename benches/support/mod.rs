@@ -44,3 +44,16 @@ impl<T: Copy + PartialOrd + std::fmt::Debug> Sorted<T> {
         self.0.len()
     }
 }
+
+/// The machine's load average (1, 5 and 15 minutes) as /proc/loadavg gives it, to print
+/// beside the numbers: these benches share a small machine with builds.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
