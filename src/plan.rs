@@ -227,8 +227,9 @@ pub struct Action {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum Verdict {
-    /// Wanted and given room: it runs (or keeps running).
-    Run,
+    /// Wanted and given room: it runs (or keeps running). `reason`: why it is wanted
+    /// now ("wanted by phase 3", "demanded..."), which status shows while it runs.
+    Run { reason: String },
     /// Not wanted: it is stopped (or stays stopped).
     Idle,
     /// Wanted, but claimed or higher-priority wanted services take the room. `claims`:
@@ -244,6 +245,12 @@ pub enum Verdict {
     /// Its gate is closed (failed, or backing off), or it is unhealthy: no action is
     /// planned for it now but the stop of an unhealthy one.
     Held { reason: String },
+}
+
+impl Verdict {
+    pub fn runs(&self) -> bool {
+        matches!(self, Verdict::Run { .. })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -309,7 +316,7 @@ pub fn render(plan: &Plan) -> String {
             Verdict::Preempted { reason, .. } => ("preempted", reason),
             Verdict::Refused { reason, .. } => ("refused", reason),
             Verdict::Held { reason } => ("held back", reason),
-            Verdict::Run | Verdict::Idle => continue,
+            Verdict::Run { .. } | Verdict::Idle => continue,
         };
         out.push_str(&format!("{name} {label}: {reason}\n"));
     }
@@ -426,12 +433,14 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
             (Some(_), StartGate::Closed { reason }, _) => Verdict::Held {
                 reason: reason.clone(),
             },
-            (Some(_), StartGate::Open, _) => {
+            (Some(why), StartGate::Open, _) => {
                 let need = footprint(spec, view);
                 if need <= remaining {
                     remaining -= need;
                     kept.push((spec, need));
-                    Verdict::Run
+                    Verdict::Run {
+                        reason: start_reason(*why),
+                    }
                 } else {
                     let room = Room {
                         remaining,
@@ -449,7 +458,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     // running ones first, then those already parked, highest priority first. The rest
     // is stopped (docs/ARCHITECTURE.md, "Parking and draining").
     let will_not_run = |spec: &&ServiceSpec| {
-        verdicts[&spec.name] != Verdict::Run
+        !verdicts[&spec.name].runs()
             && !stuck(view_of(&spec.name))
             && may_park(spec, view_of(&spec.name), desired)
     };
@@ -485,7 +494,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     let mut give_back = |spec: &ServiceSpec, presences: &[Presence]| {
         let view = view_of(&spec.name);
         let verdict = &verdicts[&spec.name];
-        if !presences.contains(&view.presence) || stuck(view) || *verdict == Verdict::Run {
+        if !presences.contains(&view.presence) || stuck(view) || verdict.runs() {
             return;
         }
         let op = match stays_parked.contains(&spec.name) {
@@ -565,7 +574,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
             continue;
         };
         let idle = matches!(view.presence, Presence::Running | Presence::Parked);
-        if idle && !stuck(view) && verdicts[&spec.name] == Verdict::Run {
+        if idle && !stuck(view) && verdicts[&spec.name].runs() {
             actions.push(Action {
                 op: Op::Stop,
                 service: spec.name.clone(),
@@ -579,7 +588,7 @@ pub fn plan(inventory: &Inventory, desired: &DesiredState, observed: &Observatio
     let protected = desired
         .claims
         .iter()
-        .filter(|c| verdicts.get(&c.service) == Some(&Verdict::Run))
+        .filter(|c| verdicts.get(&c.service).is_some_and(Verdict::runs))
         .cloned()
         .collect();
     Plan {
@@ -820,7 +829,12 @@ pub(crate) mod tests {
         let stop = stop.expect("a stop of vidi");
         assert_eq!((stop.op, stop.cause), (Op::Stop, Cause::ConfigChanged));
         assert!(stop.reason.contains("command"), "{}", stop.reason);
-        assert_eq!(p.verdict(&name("vidi")), Some(&Verdict::Run));
+        assert_eq!(
+            p.verdict(&name("vidi")),
+            Some(&Verdict::Run {
+                reason: "wanted by phase 2".into()
+            })
+        );
         // Once stopped, it starts (the new way): a plain start.
         let stopped = rtx4090(&["cosyvoice"]);
         let p = plan(&mcn(), &phase(2), &stopped);
@@ -924,7 +938,7 @@ pub(crate) mod tests {
         let desired = claimed(phase(4), "cosyvoice", "render-job-42");
         let p = plan(&mcn(), &desired, &rtx4090(&["cosyvoice"]));
         assert!(p.is_empty(), "cosyvoice is not stopped: {:?}", p.actions);
-        assert_eq!(p.verdicts[&name("cosyvoice")], Verdict::Run);
+        assert!(p.verdicts[&name("cosyvoice")].runs());
         let Verdict::Preempted { reason, claims, .. } = &p.verdicts[&name("comfyui")] else {
             panic!("{:?}", p.verdicts[&name("comfyui")]);
         };
@@ -985,7 +999,7 @@ pub(crate) mod tests {
         assert_eq!(claims[0].holder.as_str(), "tts-batch");
         // With neither running, the higher priority goes first.
         let p = plan(&mcn(), &desired, &rtx4090(&[]));
-        assert_eq!(p.verdicts[&name("comfyui")], Verdict::Run);
+        assert!(p.verdicts[&name("comfyui")].runs());
     }
 
     fn phase(n: u32) -> DesiredState {
@@ -1399,7 +1413,7 @@ pub(crate) mod tests {
             prop_assume!(claimed_mb + stuck_mb <= observed.budget.usable_mb());
             let p = plan(&inv, &desired, &observed);
             for spec in claimed.iter().filter(|s| open(s)) {
-                prop_assert_eq!(&p.verdicts[&spec.name], &Verdict::Run);
+                prop_assert!(p.verdicts[&spec.name].runs(), "{:?}", p.verdicts[&spec.name]);
                 prop_assert!(!p.actions.iter().any(|a| a.service == spec.name && a.op.frees()), "{:?}", p.actions);
             }
             for verdict in p.verdicts.values() {

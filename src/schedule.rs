@@ -248,7 +248,7 @@ mod tests {
             prop_assert!(plan.is_empty(), "not converged: {:?}", plan.actions);
             for (name, verdict) in &plan.verdicts {
                 let running = world.services[name].presence == Presence::Running;
-                prop_assert_eq!(running, *verdict == Verdict::Run, "{}: {:?}", name, verdict);
+                prop_assert_eq!(running, verdict.runs(), "{}: {:?}", name, verdict);
             }
         }
     }

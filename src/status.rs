@@ -256,7 +256,15 @@ pub struct TransitionStats {
 
 impl Default for TransitionStats {
     fn default() -> Self {
-        let bucket_le_ms = vec![100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000];
+        Self::with_bounds_ms(vec![
+            100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+        ])
+    }
+}
+
+impl TransitionStats {
+    /// An empty histogram with these upper bounds (ms, ascending).
+    pub fn with_bounds_ms(bucket_le_ms: Vec<u64>) -> Self {
         Self {
             count: 0,
             sum_ms: 0,
@@ -264,9 +272,7 @@ impl Default for TransitionStats {
             bucket_le_ms,
         }
     }
-}
 
-impl TransitionStats {
     pub fn observe(&mut self, duration_ms: u64) {
         self.count += 1;
         self.sum_ms += duration_ms;

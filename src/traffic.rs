@@ -37,11 +37,26 @@ impl Traffic {
 }
 
 /// Counters for `/metrics`: answers by HTTP status, and how long requests waited for
-/// their service (the histogram's buckets are the transitions').
-#[derive(Debug, Clone, Default, PartialEq)]
+/// their service.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestMetrics {
     pub answered: BTreeMap<u16, u64>,
     pub waits: TransitionStats,
+}
+
+/// A request to a ready service waits about a millisecond, one to a stopped service its
+/// start: buckets from 1 ms up to the longest starts.
+const WAIT_BOUNDS_MS: [u64; 15] = [
+    1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+];
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            answered: BTreeMap::new(),
+            waits: TransitionStats::with_bounds_ms(WAIT_BOUNDS_MS.to_vec()),
+        }
+    }
 }
 
 /// One proxied service's shared counters.
@@ -145,12 +160,27 @@ mod tests {
         traffic.answered(200);
         traffic.answered(200);
         traffic.answered(503);
+        traffic.waited(Duration::from_micros(300));
         traffic.waited(Duration::from_millis(30));
         traffic.waited(Duration::from_secs(2));
         let metrics = traffic.metrics();
         assert_eq!(metrics.answered, BTreeMap::from([(200, 2), (503, 1)]));
-        assert_eq!(metrics.waits.count, 2);
-        assert_eq!(metrics.waits.bucket_counts[0], 1, "le 100 ms");
+        assert_eq!(metrics.waits.count, 3);
+        let at_most = |le_ms: u64| {
+            let i = metrics
+                .waits
+                .bucket_le_ms
+                .iter()
+                .position(|le| *le == le_ms);
+            metrics.waits.bucket_counts[i.unwrap()]
+        };
+        assert_eq!(
+            at_most(1),
+            1,
+            "a ready service's wait is in the first bucket"
+        );
+        assert_eq!((at_most(25), at_most(50)), (1, 2));
+        assert_eq!((at_most(1000), at_most(2500)), (2, 3));
         assert_eq!(metrics.waits.sum_ms, 2030);
     }
 

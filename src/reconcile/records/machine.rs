@@ -388,12 +388,19 @@ impl<I: Clone> Record<I> {
     /// called off (nothing was done yet).
     fn judged(&mut self, verdict: Verdict) {
         if let Some(flight) = &self.in_flight {
-            if verdict == Verdict::Run && self.state == ServiceState::Draining {
+            if verdict.runs() && self.state == ServiceState::Draining {
                 flight.supersede.cancel();
             }
             return;
         }
         if self.instance.is_some() {
+            // Kept running: say why it is wanted now (a phase that started it may have
+            // passed while a request or a claim keeps it).
+            if let Verdict::Run { reason } = verdict {
+                if self.state == ServiceState::Ready {
+                    self.reason = Some(reason);
+                }
+            }
             return;
         }
         match verdict {
@@ -401,7 +408,7 @@ impl<I: Clone> Record<I> {
                 self.reason = Some(reason);
                 self.move_to(ServiceState::Preempted);
             }
-            Verdict::Idle | Verdict::Run if self.state == ServiceState::Preempted => {
+            Verdict::Idle | Verdict::Run { .. } if self.state == ServiceState::Preempted => {
                 self.reason = None;
                 self.move_to(ServiceState::Stopped);
             }

@@ -440,9 +440,31 @@ fn from_unknown_and_preempted() {
 fn a_drain_of_a_service_wanted_again_is_called_off() {
     let mut record = ready();
     record.apply(began(Op::Stop, Cause::NotWanted, true));
-    record.apply(Event::Verdict(Verdict::Run));
+    record.apply(Event::Verdict(wanted_by("phase 2")));
     let flight = record.in_flight().unwrap();
     assert!(flight.supersede.is_cancelled());
+}
+
+fn wanted_by(why: &str) -> Verdict {
+    Verdict::Run {
+        reason: format!("wanted by {why}"),
+    }
+}
+
+#[test]
+fn a_running_service_says_why_it_is_wanted_now() {
+    let mut record = ready();
+    record.apply(Event::Verdict(wanted_by("phase 2")));
+    assert_eq!(record.reason(), Some("wanted by phase 2"));
+    // Phase 3 no longer wants it; a request through its proxy keeps it.
+    record.apply(Event::Verdict(Verdict::Run {
+        reason: "demanded: a request came through its proxy".into(),
+    }));
+    assert_eq!(
+        record.reason(),
+        Some("demanded: a request came through its proxy")
+    );
+    assert_eq!(record.state(), ServiceState::Ready);
 }
 
 #[test]
