@@ -63,9 +63,7 @@ mod tests {
     use super::*;
     use crate::config::{Inventory, ServiceSpec};
     use crate::desired::DesiredState;
-    use crate::plan::{
-        plan, Budget, Condition, Observation, Op, Presence, ServiceView, StartGate, Verdict,
-    };
+    use crate::plan::{plan, Budget, Condition, Observation, Op, Presence, ServiceView, StartGate};
 
     /// Service `s<index>`, priority `index * 10`.
     fn spec(index: usize, vram_mb: u64, phases: Vec<u32>) -> ServiceSpec {
