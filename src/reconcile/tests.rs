@@ -520,8 +520,12 @@ fn assert_between(took: Duration, at_least_ms: u64, below_ms: u64) {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_newer_state_cancels_a_start_it_no_longer_wants() {
+/// Phase 1 asked for, and its service a in a 2-minute start (its stop takes 1 s); the
+/// phase's answer is still owed.
+async fn a_starting_slowly() -> (
+    Test,
+    oneshot::Receiver<Result<crate::transition::TransitionReport, TransitionError>>,
+) {
     let effects = FakeEffects::default();
     effects.behave(
         "a",
@@ -535,6 +539,12 @@ async fn a_newer_state_cancels_a_start_it_no_longer_wants() {
     let first = t.transition(Change::Phase(1)).await;
     t.until("a is starting", |t| t.state("a") == ServiceState::Starting)
         .await;
+    (t, first)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_state_cancels_a_start_it_no_longer_wants() {
+    let (t, first) = a_starting_slowly().await;
     let asked = Instant::now();
     let second = t.phase(2).await.unwrap();
     // Served after a's stop (1 s) and the new starts (0 s): not after a's 2 minutes.
@@ -563,19 +573,7 @@ async fn a_newer_state_cancels_a_start_it_no_longer_wants() {
 
 #[tokio::test(start_paused = true)]
 async fn a_reload_that_removes_a_service_during_its_start_cancels_the_start_and_forgets_it() {
-    let effects = FakeEffects::default();
-    effects.behave(
-        "a",
-        Behaviour {
-            ready_after: Duration::from_secs(120),
-            stop_takes: Duration::from_secs(1),
-            ..Default::default()
-        },
-    );
-    let t = start(effects, FakeLease::default());
-    let first = t.transition(Change::Phase(1)).await;
-    t.until("a is starting", |t| t.state("a") == ServiceState::Starting)
-        .await;
+    let (t, first) = a_starting_slowly().await;
     // b takes over phase 1, which the desired state in force names.
     let without_a: String = SERVICES
         .lines()
