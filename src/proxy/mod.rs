@@ -137,12 +137,13 @@ pub async fn start(
 ) -> Result<tokio::task::JoinHandle<()>, ProxyError> {
     let mut config = handle.config.clone();
     let first = config.borrow_and_update().clone();
-    let listeners = bind(&routes(&first)).await?;
+    let first_routes = routes(&first);
+    let listeners = bind(&first_routes).await?;
     for (route, _) in &listeners.bound {
         tracing::info!(service = %route.service, listen = %route.listen, upstream = %route.upstream, "proxy listening");
     }
     let gate = Arc::new(gate::DemandGate::new(&first, handle));
-    let (routes_tx, routes_rx) = watch::channel(routes(&first));
+    let (routes_tx, routes_rx) = watch::channel(first_routes);
     tokio::spawn(follow_config(
         config,
         gate.clone(),
@@ -268,6 +269,14 @@ struct Accepting {
     listener: tokio::task::JoinHandle<TcpListener>,
 }
 
+impl Accepting {
+    /// Stops the accept loop; its listener, unless the loop panicked.
+    async fn stop(self) -> Option<TcpListener> {
+        self.stop.cancel();
+        self.listener.await.ok()
+    }
+}
+
 impl<G: Gate> Serving<G> {
     fn accept(&mut self, route: Route, listener: TcpListener) {
         let forwarder = Arc::new(forward::Forwarder::new(
@@ -294,8 +303,7 @@ impl<G: Gate> Serving<G> {
     /// so that no connection waits in a backlog that nobody accepts from.
     async fn close_listeners(&mut self) {
         for (_, accepting) in std::mem::take(&mut self.accepting) {
-            accepting.stop.cancel();
-            drop(accepting.listener.await);
+            drop(accepting.stop().await);
         }
     }
 
@@ -306,20 +314,15 @@ impl<G: Gate> Serving<G> {
     /// closes). An address that cannot be bound is logged, not fatal: the reload checked
     /// it was free, so only a race with another program gets there.
     async fn follow(&mut self, routes: Vec<Route>) {
-        let changed: Vec<ServiceName> = self
-            .accepting
-            .iter()
-            .filter(|(_, a)| !routes.contains(&a.route))
-            .map(|(name, _)| name.clone())
-            .collect();
+        let (kept, changed): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.accepting)
+            .into_iter()
+            .partition(|(_, a)| routes.contains(&a.route));
+        self.accepting = kept;
         let mut freed = BTreeMap::new();
-        for name in changed {
-            let Some(accepting) = self.accepting.remove(&name) else {
-                continue;
-            };
-            accepting.stop.cancel();
-            if let Ok(listener) = accepting.listener.await {
-                freed.insert(accepting.route.listen, listener);
+        for (_, accepting) in changed {
+            let listen = accepting.route.listen;
+            if let Some(listener) = accepting.stop().await {
+                freed.insert(listen, listener);
             }
         }
         // Closed before anything is bound: a route may move from 0.0.0.0:P to

@@ -44,11 +44,23 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
             None => Activity::Idle { since: None },
         };
         for service in self.demand.review(Instant::now(), activity) {
-            tracing::info!(%service, "demand ended: no request for its idle_ms");
-            let _ = self.feed.send(DaemonEvent::DemandEnded {
-                service: service.to_string(),
-            });
+            self.say_demand_ended(&service, "no request for its idle_ms");
         }
+    }
+
+    /// Ends `service`'s demand now, if it has one: its proxy, or the service itself, left
+    /// the config.
+    pub(super) fn end_demand(&mut self, service: &ServiceName, why: &str) {
+        if self.demand.end(service) {
+            self.say_demand_ended(service, why);
+        }
+    }
+
+    fn say_demand_ended(&self, service: &ServiceName, why: &str) {
+        tracing::info!(%service, "demand ended: {why}");
+        let _ = self.feed.send(DaemonEvent::DemandEnded {
+            service: service.to_string(),
+        });
     }
 
     /// A proxied service found running when this daemon began to lead may have been in

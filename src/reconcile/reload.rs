@@ -180,20 +180,14 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
     fn follow_proxy_change(&mut self, service: &ServiceName, proxy: Option<&ProxySpec>) {
         match proxy {
             Some(proxy) => self.demand.retime(service, proxy.idle, Instant::now()),
-            None => {
-                if self.demand.end(service) {
-                    tracing::info!(%service, "demand ended: its proxy was removed from the config");
-                    let _ = self.feed.send(DaemonEvent::DemandEnded {
-                        service: service.to_string(),
-                    });
-                }
-            }
+            None => self.end_demand(service, "its proxy was removed from the config"),
         }
     }
 
     /// A service gone from the config: forgotten at once if nothing of it runs, or
     /// once its stop ends; with `keep_removed`, let go of where it is.
     fn remove_service(&mut self, name: &ServiceName, removed: RemovedServices) {
+        self.end_demand(name, "removed from the config");
         let busy = self
             .records
             .get(name)
@@ -205,7 +199,6 @@ impl<E: ServiceEffects, L: LeaseBackend> Reconciler<E, L> {
         let Some(mut record) = self.records.remove(name) else {
             return;
         };
-        self.demand.end(name);
         record.stop_monitor();
         if let Some(flight) = record.in_flight() {
             // Left at a safe point, as at shutdown.
