@@ -7,6 +7,7 @@ use hyper::{Response, StatusCode};
 use serde_json::{Map, Value};
 
 use super::body::ProxyBody;
+use super::upstream::UpstreamError;
 use super::{Refusal, Route};
 use crate::config::ServiceName;
 
@@ -28,7 +29,7 @@ pub(super) fn refusal<P>(service: &ServiceName, refusal: Refusal) -> Response<Pr
 /// The upstream refused, or failed before its answer's headers: what happened, what to do.
 pub(super) fn bad_gateway<P>(
     route: &Route,
-    err: &hyper_util::client::legacy::Error,
+    err: &UpstreamError,
 ) -> Response<ProxyBody<P>> {
     let service = &route.service;
     // As the config writes it: a `Uri` prints a trailing `/`.
@@ -37,7 +38,7 @@ pub(super) fn bad_gateway<P>(
         _ => route.upstream.to_string(),
     };
     let cause = causes(err);
-    let error = if err.is_connect() {
+    let error = if let UpstreamError::Connect { .. } = err {
         format!(
             "{service} at {upstream} could not be reached ({cause}): check that it is running \
              and listening there (gpu-manager status {service}, and its log)"

@@ -659,3 +659,59 @@ async fn an_https_upstream_is_an_error_at_startup() {
         "{err}"
     );
 }
+
+/// An upstream that answers each request with the number of the connection it came on
+/// (1, 2, ...), and closes that connection after answering a request for `/close`.
+async fn numbered_connections() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for number in 1.. {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = service_fn(move |request: Request<Incoming>| async move {
+                let mut answer = Response::new(Full::new(Bytes::from(number.to_string())).boxed());
+                if request.uri().path() == "/close" {
+                    answer
+                        .headers_mut()
+                        .insert(header::CONNECTION, "close".parse().unwrap());
+                }
+                Ok::<_, Infallible>(answer)
+            });
+            tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_consumer_connection_keeps_its_upstream_connection_and_makes_another_when_it_closes() {
+    let proxy = Proxy::start(numbered_connections().await, Admission::Now).await;
+    // One keep-alive connection to the proxy (reqwest reuses its idle connection).
+    let client = reqwest::Client::new();
+    let get = |path: &'static str| {
+        let request = client.get(proxy.url(path)).send();
+        async move {
+            let answer = within("the answer", request).await.unwrap();
+            assert_eq!(answer.status(), StatusCode::OK);
+            answer.text().await.unwrap()
+        }
+    };
+    assert_eq!(get("/").await, "1");
+    assert_eq!(get("/").await, "1", "the upstream connection is kept alive");
+    assert_eq!(get("/close").await, "1");
+    assert_eq!(
+        get("/").await,
+        "2",
+        "the upstream closed its connection: a new one, not a 502"
+    );
+    assert_eq!(get("/").await, "2");
+    assert_eq!(
+        proxy.gate.answered(),
+        [StatusCode::OK; 5],
+        "no request failed on the way"
+    );
+
+    // Another consumer connection has its own upstream connection.
+    let other = reqwest::Client::new().get(proxy.url("/")).send().await;
+    assert_eq!(other.unwrap().text().await.unwrap(), "3");
+}
