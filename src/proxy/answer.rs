@@ -7,7 +7,6 @@ use hyper::{Response, StatusCode};
 use serde_json::{Map, Value};
 
 use super::body::ProxyBody;
-use super::upstream::UpstreamError;
 use super::{Refusal, Route};
 use crate::config::ServiceName;
 
@@ -29,7 +28,7 @@ pub(super) fn refusal<P>(service: &ServiceName, refusal: Refusal) -> Response<Pr
 /// The upstream refused, or failed before its answer's headers: what happened, what to do.
 pub(super) fn bad_gateway<P>(
     route: &Route,
-    err: &UpstreamError,
+    err: &hyper_util::client::legacy::Error,
 ) -> Response<ProxyBody<P>> {
     let service = &route.service;
     // As the config writes it: a `Uri` prints a trailing `/`.
@@ -38,7 +37,7 @@ pub(super) fn bad_gateway<P>(
         _ => route.upstream.to_string(),
     };
     let cause = causes(err);
-    let error = if let UpstreamError::Connect { .. } = err {
+    let error = if err.is_connect() {
         format!(
             "{service} at {upstream} could not be reached ({cause}): check that it is running \
              and listening there (gpu-manager status {service}, and its log)"

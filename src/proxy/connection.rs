@@ -47,7 +47,7 @@ pub(super) async fn accept_loop<G: Gate>(
     }
 }
 
-/// One consumer connection, with its own connection to the upstream. On shutdown the connection finishes the request under way
+/// One consumer connection. On shutdown the connection finishes the request under way
 /// and closes instead of waiting for the next.
 async fn serve<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: Arc<Forwarder<G>>) {
     // Small writes (an SSE event, a WebSocket frame) must leave at once, not wait for Nagle.
@@ -55,30 +55,20 @@ async fn serve<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: Arc<Forw
         tracing::debug!(error = %err, "proxy: TCP_NODELAY not set");
     }
     let shutdown = forwarder.shutdown().clone();
-    let (link, link_driver) = forwarder.link();
-    let link = Arc::new(link);
     let service = service_fn(move |request| {
-        let (forwarder, link) = (forwarder.clone(), link.clone());
-        async move { Ok::<_, Infallible>(forwarder.handle(peer, &link, request).await) }
+        let forwarder = forwarder.clone();
+        async move { Ok::<_, Infallible>(forwarder.handle(peer, request).await) }
     });
     let connection = http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(connection);
-    let serving = async {
-        tokio::select! {
-            served = connection.as_mut() => served,
-            _ = shutdown.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        }
-    };
-    // The upstream connection is polled here too: a request and its answer never wait
-    // for another task (see upstream.rs).
     let served = tokio::select! {
-        served = serving => served,
-        never = link_driver.run() => match never {},
+        served = connection.as_mut() => served,
+        _ = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
     };
     if let Err(err) = served {
         // A client gone mid-answer, or bytes that are not HTTP (answered 400 by hyper).

@@ -1,23 +1,31 @@
-//! One request: admitted by the gate, then forwarded to the upstream on its consumer
-//! connection's [`UpstreamLink`] and its answer streamed back; an upgrade (WebSocket)
-//! becomes a byte tunnel that holds its pass.
+//! One request: admitted by the gate, then forwarded to the upstream and its answer
+//! streamed back; an upgrade (WebSocket) becomes a byte tunnel that holds its pass.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{self, HeaderValue};
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::ProxyBody;
-use super::upstream::{LinkDriver, UpstreamLink};
 use super::{answer, headers, Gate, ProxyError, RequestKind, Route};
 use crate::config::ServiceName;
+
+/// One pool of keep-alive connections to every upstream, shared by all routes.
+pub(super) type UpstreamClient = Client<HttpConnector, Incoming>;
+
+pub(super) fn upstream_client() -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
 
 /// Only `http://host:port` can be forwarded (the connector speaks no TLS); said at startup.
 pub(super) fn check_upstream(route: &Route) -> Result<(), ProxyError> {
@@ -35,10 +43,8 @@ pub(super) fn check_upstream(route: &Route) -> Result<(), ProxyError> {
 /// What every request of one route needs.
 pub(super) struct Forwarder<G> {
     route: Route,
-    /// `host:port` to connect to, and the `Host` of every request sent there.
-    authority: String,
-    host: HeaderValue,
     gate: Arc<G>,
+    client: UpstreamClient,
     /// Connections and tunnels, so that shutdown can wait for them.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -48,19 +54,14 @@ impl<G: Gate> Forwarder<G> {
     pub(super) fn new(
         route: Route,
         gate: Arc<G>,
+        client: UpstreamClient,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Self {
-        let upstream = &route.upstream;
-        let host = upstream.host().unwrap_or_default();
-        let authority = format!("{host}:{}", upstream.port_u16().unwrap_or(80));
-        let host = HeaderValue::from_str(&authority)
-            .expect("a URI's host and port are visible ASCII, valid in a header");
         Self {
             route,
-            authority,
-            host,
             gate,
+            client,
             tasks,
             shutdown,
         }
@@ -78,16 +79,10 @@ impl<G: Gate> Forwarder<G> {
         &self.shutdown
     }
 
-    /// The way to the upstream for one consumer connection, and what drives it.
-    pub(super) fn link(&self) -> (UpstreamLink, LinkDriver) {
-        UpstreamLink::new(self.authority.clone())
-    }
-
     /// Admit, forward, answer; every answer is reported to the gate.
     pub(super) async fn handle(
         &self,
         peer: SocketAddr,
-        link: &UpstreamLink,
         request: Request<Incoming>,
     ) -> Response<ProxyBody<G::Pass>> {
         let kind = if headers::wants_upgrade(request.headers()) {
@@ -98,8 +93,8 @@ impl<G: Gate> Forwarder<G> {
         let response = match self.gate.admit(self.service(), kind).await {
             Err(refusal) => answer::refusal(self.service(), refusal),
             Ok(pass) => match kind {
-                RequestKind::Plain => self.forward(peer, link, request, pass).await,
-                RequestKind::Upgrade => self.upgrade(peer, link, request, pass).await,
+                RequestKind::Plain => self.forward(peer, request, pass).await,
+                RequestKind::Upgrade => self.upgrade(peer, request, pass).await,
             },
         };
         self.gate.answered(self.service(), response.status());
@@ -109,11 +104,14 @@ impl<G: Gate> Forwarder<G> {
     async fn forward(
         &self,
         peer: SocketAddr,
-        link: &UpstreamLink,
         request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
-        match link.send(self.to_upstream(peer, request, false)).await {
+        match self
+            .client
+            .request(self.to_upstream(peer, request, false))
+            .await
+        {
             Ok(response) => streamed_back(response, pass),
             Err(err) => answer::bad_gateway(&self.route, &err),
         }
@@ -125,13 +123,13 @@ impl<G: Gate> Forwarder<G> {
     async fn upgrade(
         &self,
         peer: SocketAddr,
-        link: &UpstreamLink,
         mut request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
         let consumer = hyper::upgrade::on(&mut request);
-        let mut response = match link
-            .send_upgrade(self.to_upstream(peer, request, true))
+        let mut response = match self
+            .client
+            .request(self.to_upstream(peer, request, true))
             .await
         {
             Ok(response) => response,
@@ -154,8 +152,8 @@ impl<G: Gate> Forwarder<G> {
         Response::from_parts(parts, ProxyBody::full(Bytes::new()))
     }
 
-    /// The consumer's request, for the upstream: same method, path, query and body
-    /// (streamed), headers fit for the next hop, `Host` the upstream's.
+    /// The consumer's request, addressed to the upstream: same method, path, query and
+    /// body (streamed), headers fit for the next hop.
     fn to_upstream(
         &self,
         peer: SocketAddr,
@@ -163,16 +161,19 @@ impl<G: Gate> Forwarder<G> {
         upgrade: bool,
     ) -> Request<Incoming> {
         let (mut parts, body) = request.into_parts();
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::from(path_and_query);
+        let mut uri = self.route.upstream.clone().into_parts();
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        parts.uri = Uri::from_parts(uri)
+            .expect("check_upstream: the upstream has a scheme and an authority");
         // HTTP/1.1 upstream whatever the consumer spoke: keep-alive to the upstream.
         parts.version = Version::HTTP_11;
         headers::for_upstream(&mut parts.headers, peer.ip(), upgrade);
-        parts.headers.insert(header::HOST, self.host.clone());
         Request::from_parts(parts, body)
     }
 }

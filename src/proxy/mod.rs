@@ -9,7 +9,6 @@ mod connection;
 mod forward;
 pub mod gate;
 mod headers;
-mod upstream;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -215,6 +214,7 @@ impl Listeners {
         let tasks = TaskTracker::new();
         let mut serving = Serving {
             gate,
+            client: forward::upstream_client(),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             accepting: BTreeMap::new(),
@@ -255,6 +255,7 @@ impl Listeners {
 /// The routes being served, each by its accept loop.
 struct Serving<G> {
     gate: Arc<G>,
+    client: forward::UpstreamClient,
     /// Accept loops, connections and tunnels, so that shutdown can wait for them.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -281,6 +282,7 @@ impl<G: Gate> Serving<G> {
         let forwarder = Arc::new(forward::Forwarder::new(
             route.clone(),
             self.gate.clone(),
+            self.client.clone(),
             self.tasks.clone(),
             self.shutdown.clone(),
         ));
