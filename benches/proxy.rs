@@ -12,7 +12,11 @@
 //! - wrk, `GET /` (a 13-byte answer), 1 connection (`-t1`) and 64 (`-t2`), `ROUNDS`
 //!   rounds of `RUN` each, the three targets in turn in each round, medians over the
 //!   rounds: throughput at 64 connections, proxy >= 0.9 x nginx; the latency each proxy
-//!   adds to direct at p50 and p99, at 1 and 64 connections, proxy <= 1.2 x nginx;
+//!   adds to direct at p50 and p99, at 1 and 64 connections, proxy <= 1.2 x nginx; and,
+//!   to explain them, the CPU time (user + system, all threads) each target's own
+//!   processes spent per request at 64 connections (direct: the upstream; nginx: its
+//!   workers; gpu-manager: the daemon): on a machine that wrk, the upstream and the
+//!   proxy share, throughput follows the sum of those costs;
 //! - time to the first streamed byte (`GET /stream?chunks=2&ms=20`, its first chunk sent
 //!   with the head, the second 20 ms later), `TTFB_SAMPLES` requests on one keep-alive
 //!   connection: proxy p50 <= direct p50 + 1 ms (p99 shown too);
@@ -88,19 +92,24 @@ impl Target {
     }
 }
 
-/// Where each target listens.
-struct Ports {
-    direct: u16,
-    nginx: u16,
-    proxy: u16,
+/// Where a target listens, and the processes that serve it there.
+struct Endpoint {
+    port: u16,
+    pids: Vec<u32>,
 }
 
-impl Ports {
-    fn of(&self, target: Target) -> u16 {
+struct Endpoints {
+    direct: Endpoint,
+    nginx: Endpoint,
+    proxy: Endpoint,
+}
+
+impl Endpoints {
+    fn of(&self, target: Target) -> &Endpoint {
         match target {
-            Target::Direct => self.direct,
-            Target::Nginx => self.nginx,
-            Target::Proxy => self.proxy,
+            Target::Direct => &self.direct,
+            Target::Nginx => &self.nginx,
+            Target::Proxy => &self.proxy,
         }
     }
 }
@@ -112,6 +121,8 @@ struct WrkRun {
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+    /// The target's own processes' CPU time over the run, per request.
+    cpu_us_per_request: f64,
 }
 
 fn main() {
@@ -159,13 +170,22 @@ fn main() {
         started.elapsed().as_millis()
     );
     let nginx = Nginx::start(harness.path("nginx"), fast_port);
-    let ports = Ports {
-        direct: fast_port,
-        nginx: nginx.port,
-        proxy: proxy_port,
+    let endpoints = Endpoints {
+        direct: Endpoint {
+            port: fast_port,
+            pids: upstream_pids(&upstream, fast_port),
+        },
+        nginx: Endpoint {
+            port: nginx.port,
+            pids: children(nginx.child.id()),
+        },
+        proxy: Endpoint {
+            port: proxy_port,
+            pids: vec![daemon_pid],
+        },
     };
     for target in TARGETS {
-        let (code, body) = http_get(ports.of(target), "/").expect("an answer");
+        let (code, body) = http_get(endpoints.of(target).port, "/").expect("an answer");
         assert_eq!(
             (code, body.as_str()),
             (200, "hello, world\n"),
@@ -178,20 +198,21 @@ fn main() {
     std::fs::write(&script, WRK_SCRIPT).expect("write the wrk script");
     // Warm-up: every path's connections, pools and caches.
     for target in TARGETS {
-        wrk(&script, ports.of(target), 64, Duration::from_secs(1));
+        wrk(&script, endpoints.of(target), 64, Duration::from_secs(1));
     }
     let mut runs: Vec<[[WrkRun; 3]; 2]> = Vec::new();
     for round in 1..=ROUNDS {
         let mut round_runs = [[None; 3]; 2];
         for (c, connections) in [1, 64].into_iter().enumerate() {
             for (t, target) in TARGETS.into_iter().enumerate() {
-                let run = wrk(&script, ports.of(target), connections, RUN);
+                let run = wrk(&script, endpoints.of(target), connections, RUN);
                 println!(
-                    "round {round}, {connections:>2} conn, {:<11} {:>8.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  errors {}",
+                    "round {round}, {connections:>2} conn, {:<11} {:>8.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  cpu {:>5.1} us/request  errors {}",
                     target.name(),
                     run.rps,
                     run.p50_us,
                     run.p99_us,
+                    run.cpu_us_per_request,
                     run.errors
                 );
                 round_runs[c][t] = Some(run);
@@ -210,7 +231,7 @@ fn main() {
 
     let ttfb: Vec<Sorted<f64>> = TARGETS
         .into_iter()
-        .map(|target| first_byte_ms(ports.of(target)))
+        .map(|target| first_byte_ms(endpoints.of(target).port))
         .collect();
 
     let cold = cold_starts(&api, cold_proxy_port);
@@ -238,6 +259,13 @@ fn main() {
     row("p99, 1 connection", 0, |r| r.p99_us, " us", 1.0);
     row("p50, 64 connections", 1, |r| r.p50_us, " us", 1.0);
     row("p99, 64 connections", 1, |r| r.p99_us, " us", 1.0);
+    row(
+        "CPU per request, 64 connections",
+        1,
+        |r| r.cpu_us_per_request,
+        " us",
+        1.0,
+    );
     for (label, quantile) in [
         ("first streamed byte, p50", 0.5),
         ("first streamed byte, p99", 0.99),
@@ -379,32 +407,84 @@ struct Upstreams {
 
 impl Drop for Upstreams {
     fn drop(&mut self) {
-        let binary = self.binary.display().to_string();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
+        for port in &self.ports {
+            for pid in upstream_pids(&self.binary, *port) {
+                // SAFETY: kill(2) on a pid read from /proc; no memory is involved.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// The processes running `binary --port PORT`.
+fn upstream_pids(binary: &Path, port: u16) -> Vec<u32> {
+    let binary = binary.display().to_string();
+    processes()
+        .filter(|(_, path)| {
+            let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+                return false;
             };
             let args: Vec<String> = cmdline
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            let ours = args.first() == Some(&binary)
-                && self.ports.iter().any(|p| {
-                    args.windows(2)
-                        .any(|w| w[0] == "--port" && w[1] == p.to_string())
-                });
-            if ours {
-                // SAFETY: kill(2) on a pid read from /proc; no memory is involved.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
+            args.first() == Some(&binary)
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "--port" && w[1] == port.to_string())
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The processes whose parent is `parent` (nginx's workers).
+fn children(parent: u32) -> Vec<u32> {
+    processes()
+        .filter(|(_, path)| {
+            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+            // After the command name in parentheses: state, then the parent's pid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            ppid == Some(parent)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Every process: its pid and its /proc folder.
+fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
+/// The CPU time (user + system, all threads) `pids` have used, in microseconds.
+fn cpu_time_us(pids: &[u32]) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks: u64 = pids
+        .iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_else(|err| panic!("/proc/{pid}/stat: {err}"));
+            // After the command name: state is field 3, utime 14 and stime 15.
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or("", |(_, rest)| rest)
+                .split_whitespace()
+                .collect();
+            let field = |n: usize| fields[n - 3].parse::<u64>().expect("a tick count");
+            field(14) + field(15)
+        })
+        .sum();
+    ticks as f64 / ticks_per_s * 1e6
 }
 
 /// nginx in the foreground as a plain reverse proxy to `upstream`; stopped on drop.
@@ -515,8 +595,10 @@ fn raise_fd_limit() {
 }
 
 /// wrk with the report script: its requests/s and latency percentiles.
-fn wrk(script: &Path, port: u16, connections: usize, duration: Duration) -> WrkRun {
+fn wrk(script: &Path, endpoint: &Endpoint, connections: usize, duration: Duration) -> WrkRun {
     let threads = connections.min(2);
+    let port = endpoint.port;
+    let cpu_before = cpu_time_us(&endpoint.pids);
     let output = Command::new("wrk")
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
@@ -526,6 +608,7 @@ fn wrk(script: &Path, port: u16, connections: usize, duration: Duration) -> WrkR
         .arg(format!("http://127.0.0.1:{port}/"))
         .output()
         .expect("run wrk");
+    let cpu_us = cpu_time_us(&endpoint.pids) - cpu_before;
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -547,6 +630,7 @@ fn wrk(script: &Path, port: u16, connections: usize, duration: Duration) -> WrkR
         p50_us,
         p99_us,
         errors: errors as u64,
+        cpu_us_per_request: cpu_us / requests.max(1.0),
     }
 }
 
