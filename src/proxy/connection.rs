@@ -10,7 +10,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use super::forward::Forwarder;
 use super::Gate;
@@ -19,16 +18,16 @@ use super::Gate;
 /// does not spin while the cause lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts until `stop` (a reload that changed the route, or the shutdown), then gives
-/// the listener back, so that a route moved to another upstream keeps its socket.
+/// Accepts until the route is retired (a reload that changed it, or the shutdown), then
+/// gives the listener back, so that a route moved to another upstream keeps its socket.
 pub(super) async fn accept_loop<G: Gate>(
     listener: TcpListener,
     forwarder: Arc<Forwarder<G>>,
-    stop: CancellationToken,
 ) -> TcpListener {
+    let retired = forwarder.retired().clone();
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return listener,
+            _ = retired.cancelled() => return listener,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -47,14 +46,15 @@ pub(super) async fn accept_loop<G: Gate>(
     }
 }
 
-/// One consumer connection. On shutdown the connection finishes the request under way
-/// and closes instead of waiting for the next.
+/// One consumer connection. Once its route is retired (a reload changed it, or the
+/// shutdown) the connection finishes the request under way and closes instead of
+/// waiting for the next: a keep-alive client then reconnects, to the route in force.
 async fn serve<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: Arc<Forwarder<G>>) {
     // Small writes (an SSE event, a WebSocket frame) must leave at once, not wait for Nagle.
     if let Err(err) = stream.set_nodelay(true) {
         tracing::debug!(error = %err, "proxy: TCP_NODELAY not set");
     }
-    let shutdown = forwarder.shutdown().clone();
+    let retired = forwarder.retired().clone();
     let service = service_fn(move |request| {
         let forwarder = forwarder.clone();
         async move { Ok::<_, Infallible>(forwarder.handle(peer, request).await) }
@@ -65,7 +65,7 @@ async fn serve<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: Arc<Forw
     tokio::pin!(connection);
     let served = tokio::select! {
         served = connection.as_mut() => served,
-        _ = shutdown.cancelled() => {
+        _ = retired.cancelled() => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }

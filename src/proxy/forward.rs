@@ -47,6 +47,10 @@ pub(super) struct Forwarder<G> {
     client: UpstreamClient,
     /// Connections and tunnels, so that shutdown can wait for them.
     tasks: TaskTracker,
+    /// Cancelled when this route is no longer served as it is (a reload changed it, or
+    /// the daemon shuts down): its connections close after the answer under way.
+    retired: CancellationToken,
+    /// The daemon's shutdown, which alone ends a tunnel.
     shutdown: CancellationToken,
 }
 
@@ -56,6 +60,7 @@ impl<G: Gate> Forwarder<G> {
         gate: Arc<G>,
         client: UpstreamClient,
         tasks: TaskTracker,
+        retired: CancellationToken,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -63,6 +68,7 @@ impl<G: Gate> Forwarder<G> {
             gate,
             client,
             tasks,
+            retired,
             shutdown,
         }
     }
@@ -75,8 +81,8 @@ impl<G: Gate> Forwarder<G> {
         &self.tasks
     }
 
-    pub(super) fn shutdown(&self) -> &CancellationToken {
-        &self.shutdown
+    pub(super) fn retired(&self) -> &CancellationToken {
+        &self.retired
     }
 
     /// Admit, forward, answer; every answer is reported to the gate.

@@ -262,7 +262,8 @@ struct Serving<G> {
     accepting: BTreeMap<ServiceName, Accepting>,
 }
 
-/// One route's accept loop: stopped, it gives its listener back.
+/// One route's accept loop: stopped, it gives its listener back, and the route's
+/// connections close after their answers under way.
 struct Accepting {
     route: Route,
     stop: CancellationToken,
@@ -279,17 +280,18 @@ impl Accepting {
 
 impl<G: Gate> Serving<G> {
     fn accept(&mut self, route: Route, listener: TcpListener) {
+        let stop = self.shutdown.child_token();
         let forwarder = Arc::new(forward::Forwarder::new(
             route.clone(),
             self.gate.clone(),
             self.client.clone(),
             self.tasks.clone(),
+            stop.clone(),
             self.shutdown.clone(),
         ));
-        let stop = self.shutdown.child_token();
         let listener = self
             .tasks
-            .spawn(connection::accept_loop(listener, forwarder, stop.clone()));
+            .spawn(connection::accept_loop(listener, forwarder));
         let service = route.service.clone();
         let accepting = Accepting {
             route,
@@ -309,10 +311,11 @@ impl<G: Gate> Serving<G> {
 
     /// Serves `routes` from now on. A route that did not change keeps its listener
     /// untouched; one that changed stops accepting, and its address is bound again only
-    /// if the new routes no longer name it. Connections already open finish with the
-    /// route they came in by (a keep-alive one goes on with its old upstream until it
-    /// closes). An address that cannot be bound is logged, not fatal: the reload checked
-    /// it was free, so only a race with another program gets there.
+    /// if the new routes no longer name it. Connections already open on a changed route
+    /// finish the answer under way and close, so a keep-alive client reconnects to the
+    /// new route rather than going on to the old upstream. An address that cannot be
+    /// bound is logged, not fatal: the reload checked it was free, so only a race with
+    /// another program gets there.
     async fn follow(&mut self, routes: Vec<Route>) {
         let (kept, changed): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(&mut self.accepting)
             .into_iter()

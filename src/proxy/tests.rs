@@ -621,6 +621,41 @@ async fn new_routes_move_a_service_to_another_address_and_upstream_without_a_res
     .await;
 }
 
+#[tokio::test]
+async fn a_changed_route_closes_its_keep_alive_connections_after_their_answer() {
+    let (first, second) = (
+        upstream_named("first").await,
+        upstream_named("second").await,
+    );
+    let proxy = Proxy::start(first, Admission::Now).await;
+    // One client: its idle keep-alive connection would be reused for every request. A
+    // request may meet that connection as the proxy closes it (a client's retry, as
+    // with any server that closes idle connections): `None`, not a failure.
+    let client = reqwest::Client::new();
+    let get = || async {
+        let answer = within("the answer", client.get(proxy.url("/")).send())
+            .await
+            .ok()?;
+        answer.text().await.ok()
+    };
+    assert_eq!(get().await.as_deref(), Some("first"));
+    assert_eq!(get().await.as_deref(), Some("first"));
+
+    proxy
+        .routes
+        .send_replace(vec![ollama_route(proxy.addr, second)]);
+    eventually_async(
+        "the kept-alive client to reach the new upstream",
+        || async { get().await.as_deref() == Some("second") },
+    )
+    .await;
+    assert!(
+        proxy.gate.answered().iter().all(|s| *s == StatusCode::OK),
+        "no request failed on the way: {:?}",
+        proxy.gate.answered()
+    );
+}
+
 async fn eventually_async<F: Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
     let deadline = Instant::now() + WAIT;
     while !check().await {
