@@ -1,5 +1,5 @@
 //! Accepting consumers' connections and serving HTTP/1 on each (with upgrades, for
-//! WebSockets), until shutdown.
+//! WebSockets), until the route is retired (a reload changed it, or the shutdown).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
