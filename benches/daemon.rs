@@ -17,6 +17,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use common::process_stats::{cpu_seconds, usage};
 use common::{mcn_inventory, Harness};
 use support::{prepare_phase, Sorted};
 
@@ -100,24 +101,7 @@ fn main() {
 
 /// CPU seconds used so far and resident memory (KB) of a process.
 fn cpu_and_rss(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("daemon stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .expect("stat")
-        .1
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of stat; here indexes 11 and 12 after the ")".
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf takes a constant name and touches no memory of ours.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
-    let rss_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    (ticks / hz, rss_kb)
+    (cpu_seconds(pid), usage(pid).rss_kb)
 }
 
 fn row(name: &str, samples: Vec<f64>, target: &str) {

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use common::api::Api;
-use common::process_stats::usage;
+use common::process_stats::{children, cpu_seconds, pids, usage};
 use common::{free_port, http_get, target_dir, Harness, Standin};
 use support::{load_average, Sorted};
 
@@ -177,7 +177,10 @@ fn main() {
         },
         nginx: Endpoint {
             port: nginx.port,
-            pids: children(nginx.child.id()),
+            pids: children(nginx.child.id())
+                .into_iter()
+                .map(|child| child.pid)
+                .collect(),
         },
         proxy: Endpoint {
             port: proxy_port,
@@ -419,9 +422,9 @@ impl Drop for Upstreams {
 /// The processes running `binary --port PORT`.
 fn upstream_pids(binary: &Path, port: u16) -> Vec<u32> {
     let binary = binary.display().to_string();
-    processes()
-        .filter(|(_, path)| {
-            let Ok(cmdline) = std::fs::read(path.join("cmdline")) else {
+    pids()
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
                 return false;
             };
             let args: Vec<String> = cmdline
@@ -433,58 +436,12 @@ fn upstream_pids(binary: &Path, port: u16) -> Vec<u32> {
                     .windows(2)
                     .any(|w| w[0] == "--port" && w[1] == port.to_string())
         })
-        .map(|(pid, _)| pid)
         .collect()
-}
-
-/// The processes whose parent is `parent` (nginx's workers).
-fn children(parent: u32) -> Vec<u32> {
-    processes()
-        .filter(|(_, path)| {
-            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-            // After the command name in parentheses: state, then the parent's pid.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            ppid == Some(parent)
-        })
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
-/// Every process: its pid and its /proc folder.
-fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse().ok()?;
-            Some((pid, entry.path()))
-        })
 }
 
 /// The CPU time (user + system, all threads) `pids` have used, in microseconds.
 fn cpu_time_us(pids: &[u32]) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let ticks: u64 = pids
-        .iter()
-        .map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .unwrap_or_else(|err| panic!("/proc/{pid}/stat: {err}"));
-            // After the command name: state is field 3, utime 14 and stime 15.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map_or("", |(_, rest)| rest)
-                .split_whitespace()
-                .collect();
-            let field = |n: usize| fields[n - 3].parse::<u64>().expect("a tick count");
-            field(14) + field(15)
-        })
-        .sum();
-    ticks as f64 / ticks_per_s * 1e6
+    pids.iter().map(|pid| cpu_seconds(*pid)).sum::<f64>() * 1e6
 }
 
 /// nginx in the foreground as a plain reverse proxy to `upstream`; stopped on drop.

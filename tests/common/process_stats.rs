@@ -42,26 +42,62 @@ pub fn usage(pid: u32) -> Usage {
 
 /// The pids of `parent`'s children that have exited but are not reaped yet.
 pub fn zombie_children(parent: u32) -> BTreeSet<u32> {
-    let mut zombies = BTreeSet::new();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // After the command name in parentheses: state, then the parent's pid.
-        let mut fields = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace();
-        let state = fields.next();
-        let ppid: Option<u32> = fields.next().and_then(|p| p.parse().ok());
-        if state == Some("Z") && ppid == Some(parent) {
-            zombies.insert(pid);
-        }
-    }
-    zombies
+    children(parent)
+        .into_iter()
+        .filter(|child| child.state == "Z")
+        .map(|child| child.pid)
+        .collect()
+}
+
+/// One child process, as its `stat` says.
+pub struct ChildProcess {
+    pub pid: u32,
+    /// "R", "S", "Z" (exited, not reaped)...
+    pub state: String,
+}
+
+/// `parent`'s child processes.
+pub fn children(parent: u32) -> Vec<ChildProcess> {
+    pids()
+        .filter_map(|pid| {
+            let fields = stat_fields(pid)?;
+            let ppid: u32 = fields.get(1)?.parse().ok()?;
+            (ppid == parent).then(|| ChildProcess {
+                pid,
+                state: fields[0].clone(),
+            })
+        })
+        .collect()
+}
+
+/// Every process's pid.
+pub fn pids() -> impl Iterator<Item = u32> {
+    fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+}
+
+/// The CPU time (user + system, all threads) `pid` has used so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let fields = stat_fields(pid).unwrap_or_else(|| panic!("/proc/{pid}/stat"));
+    // utime and stime are fields 14 and 15 of stat.
+    let ticks: u64 = [&fields[11], &fields[12]]
+        .iter()
+        .map(|field| field.parse::<u64>().expect("a tick count"))
+        .sum();
+    // SAFETY: sysconf takes a constant name and touches no memory of ours.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / ticks_per_s
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which may hold spaces and
+/// parentheses): `[0]` is field 3, the state, `[1]` the parent's pid. None once the
+/// process is gone.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
 /// The value of an unlabelled metric from `GET /metrics`.
