@@ -1,5 +1,6 @@
 //! Accepting consumers' connections and serving HTTP/1 on each (with upgrades, for
-//! WebSockets), until the route is retired (a reload changed it, or the shutdown).
+//! WebSockets) on one of the proxy's workers, until the route is retired (a reload
+//! changed it, or the shutdown).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::forward::Forwarder;
+use super::forward::{Forwarder, UpstreamClient};
 use super::Gate;
 
 /// After a failed accept (out of file descriptors, as a rule), a pause, so that the loop
@@ -31,13 +32,7 @@ pub(super) async fn accept_loop<G: Gate>(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let forwarder = forwarder.clone();
-                forwarder
-                    .tasks()
-                    .clone()
-                    .spawn(serve(stream, peer, forwarder));
-            }
+            Ok((stream, peer)) => hand_to_a_worker(stream, peer, &forwarder),
             Err(err) => {
                 tracing::warn!(service = %forwarder.service(), error = %err, "proxy: accept failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -46,32 +41,79 @@ pub(super) async fn accept_loop<G: Gate>(
     }
 }
 
-/// One consumer connection. Once its route is retired (a reload changed it, or the
-/// shutdown) the connection finishes the request under way and closes instead of
-/// waiting for the next: a keep-alive client then reconnects, to the route in force.
-async fn serve<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: Arc<Forwarder<G>>) {
-    // Small writes (an SSE event, a WebSocket frame) must leave at once, not wait for Nagle.
-    if let Err(err) = stream.set_nodelay(true) {
-        tracing::debug!(error = %err, "proxy: TCP_NODELAY not set");
-    }
-    let retired = forwarder.retired().clone();
-    let service = service_fn(move |request| {
-        let forwarder = forwarder.clone();
-        async move { Ok::<_, Infallible>(forwarder.handle(peer, request).await) }
-    });
-    let connection = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        _ = retired.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+/// The connection leaves this runtime's reactor for its worker's.
+fn hand_to_a_worker<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: &Arc<Forwarder<G>>) {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::debug!(%peer, error = %err, "proxy: an accepted connection could not be handed over");
+            return;
         }
     };
-    if let Err(err) = served {
-        // A client gone mid-answer, or bytes that are not HTTP (answered 400 by hyper).
-        tracing::debug!(%peer, error = %err, "proxy: connection ended with an error");
+    let tasks = forwarder.tasks();
+    forwarder.workers().spawn(|client| {
+        let connection = ConsumerConnection {
+            forwarder: forwarder.clone(),
+            client,
+            peer,
+        };
+        tasks.track_future(connection.serve(stream))
+    });
+}
+
+/// What each request of one consumer connection is forwarded with.
+struct ConsumerConnection<G> {
+    forwarder: Arc<Forwarder<G>>,
+    /// The pool of the worker this connection is served on.
+    client: UpstreamClient,
+    peer: SocketAddr,
+}
+
+impl<G: Gate> ConsumerConnection<G> {
+    /// Serves the connection on the worker it was given to (whose reactor it joins). Once
+    /// its route is retired (a reload changed it, or the shutdown) the connection finishes
+    /// the request under way and closes instead of waiting for the next: a keep-alive client
+    /// then reconnects, to the route in force.
+    async fn serve(self, stream: std::net::TcpStream) {
+        let peer = self.peer;
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(%peer, error = %err, "proxy: a connection could not join its worker");
+                return;
+            }
+        };
+        // Small writes (an SSE event, a WebSocket frame) must leave at once, not wait for Nagle.
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "proxy: TCP_NODELAY not set");
+        }
+        let retired = self.forwarder.retired().clone();
+        let connection = Arc::new(self);
+        let service = service_fn(move |request| {
+            let connection = connection.clone();
+            async move {
+                let ConsumerConnection {
+                    forwarder,
+                    client,
+                    peer,
+                } = &*connection;
+                Ok::<_, Infallible>(forwarder.handle(client, *peer, request).await)
+            }
+        });
+        let http = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(http);
+        let served = tokio::select! {
+            served = http.as_mut() => served,
+            _ = retired.cancelled() => {
+                http.as_mut().graceful_shutdown();
+                http.await
+            }
+        };
+        if let Err(err) = served {
+            // A client gone mid-answer, or bytes that are not HTTP (answered 400 by hyper).
+            tracing::debug!(%peer, error = %err, "proxy: connection ended with an error");
+        }
     }
 }

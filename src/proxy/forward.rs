@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::ProxyBody;
+use super::workers::Workers;
 use super::{answer, headers, Gate, ProxyError, RequestKind, Route};
 use crate::config::ServiceName;
 
-/// One pool of keep-alive connections to every upstream, shared by all routes.
+/// One worker's pool of keep-alive connections to every upstream, shared by all routes.
 pub(super) type UpstreamClient = Client<HttpConnector, Incoming>;
 
 pub(super) fn upstream_client() -> UpstreamClient {
@@ -44,7 +45,8 @@ pub(super) fn check_upstream(route: &Route) -> Result<(), ProxyError> {
 pub(super) struct Forwarder<G> {
     route: Route,
     gate: Arc<G>,
-    client: UpstreamClient,
+    /// The threads connections are served on.
+    workers: Arc<Workers>,
     /// Connections and tunnels, so that shutdown can wait for them.
     tasks: TaskTracker,
     /// Cancelled when this route is no longer served as it is (a reload changed it, or
@@ -58,7 +60,7 @@ impl<G: Gate> Forwarder<G> {
     pub(super) fn new(
         route: Route,
         gate: Arc<G>,
-        client: UpstreamClient,
+        workers: Arc<Workers>,
         tasks: TaskTracker,
         retired: CancellationToken,
         shutdown: CancellationToken,
@@ -66,7 +68,7 @@ impl<G: Gate> Forwarder<G> {
         Self {
             route,
             gate,
-            client,
+            workers,
             tasks,
             retired,
             shutdown,
@@ -81,13 +83,19 @@ impl<G: Gate> Forwarder<G> {
         &self.tasks
     }
 
+    pub(super) fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
     pub(super) fn retired(&self) -> &CancellationToken {
         &self.retired
     }
 
-    /// Admit, forward, answer; every answer is reported to the gate.
+    /// Admit, forward through `client` (the connection's worker's), answer; every answer
+    /// is reported to the gate.
     pub(super) async fn handle(
         &self,
+        client: &UpstreamClient,
         peer: SocketAddr,
         request: Request<Incoming>,
     ) -> Response<ProxyBody<G::Pass>> {
@@ -99,8 +107,8 @@ impl<G: Gate> Forwarder<G> {
         let response = match self.gate.admit(self.service(), kind).await {
             Err(refusal) => answer::refusal(self.service(), refusal),
             Ok(pass) => match kind {
-                RequestKind::Plain => self.forward(peer, request, pass).await,
-                RequestKind::Upgrade => self.upgrade(peer, request, pass).await,
+                RequestKind::Plain => self.forward(client, peer, request, pass).await,
+                RequestKind::Upgrade => self.upgrade(client, peer, request, pass).await,
             },
         };
         self.gate.answered(self.service(), response.status());
@@ -109,15 +117,12 @@ impl<G: Gate> Forwarder<G> {
 
     async fn forward(
         &self,
+        client: &UpstreamClient,
         peer: SocketAddr,
         request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
-        match self
-            .client
-            .request(self.to_upstream(peer, request, false))
-            .await
-        {
+        match client.request(self.to_upstream(peer, request, false)).await {
             Ok(response) => streamed_back(response, pass),
             Err(err) => answer::bad_gateway(&self.route, &err),
         }
@@ -128,16 +133,13 @@ impl<G: Gate> Forwarder<G> {
     /// passed back like a plain one.
     async fn upgrade(
         &self,
+        client: &UpstreamClient,
         peer: SocketAddr,
         mut request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
         let consumer = hyper::upgrade::on(&mut request);
-        let mut response = match self
-            .client
-            .request(self.to_upstream(peer, request, true))
-            .await
-        {
+        let mut response = match client.request(self.to_upstream(peer, request, true)).await {
             Ok(response) => response,
             Err(err) => return answer::bad_gateway(&self.route, &err),
         };

@@ -9,6 +9,7 @@ mod connection;
 mod forward;
 pub mod gate;
 mod headers;
+mod workers;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -86,6 +87,8 @@ pub enum ProxyError {
         service: ServiceName,
         upstream: hyper::Uri,
     },
+    #[error("the proxy's worker threads cannot start: {0} (see the daemon's limits on threads)")]
+    Workers(#[source] io::Error),
 }
 
 /// The common causes in words ("address in use"), the rest as the OS says them.
@@ -103,10 +106,11 @@ fn bind_reason(err: &io::Error) -> String {
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Every route's listener, bound at startup so that a port in use fails the daemon
-/// clearly before anything else starts.
+/// clearly before anything else starts, and the worker threads that will serve them.
 #[derive(Debug)]
 pub struct Listeners {
     bound: Vec<(Route, TcpListener)>,
+    workers: workers::Workers,
 }
 
 /// Every service with a `proxy:` key, as a route.
@@ -172,13 +176,17 @@ async fn follow_config(
     }
 }
 
-/// Binds every route's listen address; the first that cannot be bound is the error.
+/// Binds every route's listen address (the first that cannot be bound is the error) and
+/// starts the workers.
 pub async fn bind(routes: &[Route]) -> Result<Listeners, ProxyError> {
     let mut bound = Vec::with_capacity(routes.len());
     for route in routes {
         bound.push((route.clone(), bind_route(route).await?));
     }
-    Ok(Listeners { bound })
+    let workers = workers::Workers::start()
+        .await
+        .map_err(ProxyError::Workers)?;
+    Ok(Listeners { bound, workers })
 }
 
 async fn bind_route(route: &Route) -> Result<TcpListener, ProxyError> {
@@ -214,7 +222,7 @@ impl Listeners {
         let tasks = TaskTracker::new();
         let mut serving = Serving {
             gate,
-            client: forward::upstream_client(),
+            workers: Arc::new(self.workers),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
             accepting: BTreeMap::new(),
@@ -255,7 +263,7 @@ impl Listeners {
 /// The routes being served, each by its accept loop.
 struct Serving<G> {
     gate: Arc<G>,
-    client: forward::UpstreamClient,
+    workers: Arc<workers::Workers>,
     /// Accept loops, connections and tunnels, so that shutdown can wait for them.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -284,7 +292,7 @@ impl<G: Gate> Serving<G> {
         let forwarder = Arc::new(forward::Forwarder::new(
             route.clone(),
             self.gate.clone(),
-            self.client.clone(),
+            self.workers.clone(),
             self.tasks.clone(),
             stop.clone(),
             self.shutdown.clone(),
