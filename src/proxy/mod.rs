@@ -87,7 +87,10 @@ pub enum ProxyError {
         service: ServiceName,
         upstream: hyper::Uri,
     },
-    #[error("the proxy's worker threads cannot start: {0} (see the daemon's limits on threads)")]
+    #[error(
+        "the proxy's worker threads cannot start: {0}; raise the daemon's limit on threads \
+         (ulimit -u, or TasksMax= in its systemd unit) and start it again"
+    )]
     Workers(#[source] io::Error),
 }
 
