@@ -5,7 +5,7 @@
 //! become ready in time. It never touches the loop's records.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use tokio::time::Instant;
 
 use serde_json::{json, Map, Value};
@@ -84,15 +84,21 @@ impl DemandGate {
     }
 
     fn route(&self, service: &ServiceName) -> Option<Arc<GateRoute>> {
-        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        routes.get(service).cloned()
+        self.routes().get(service).cloned()
     }
 
-    /// Waits until the service is ready and, with `concurrency`, a slot is free.
+    fn routes(&self) -> RwLockReadGuard<'_, BTreeMap<ServiceName, Arc<GateRoute>>> {
+        self.routes.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until the service is ready and, with `concurrency`, a slot is free. The
+    /// request goes from in flight to waiting only when it must wait: a request to a
+    /// ready service changes its service's counts once on arrival and once at its end.
     async fn until_ready(
         &self,
         service: &ServiceName,
         route: &GateRoute,
+        counted: &mut Counted,
     ) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
         let mut status = self.status.clone();
         loop {
@@ -105,6 +111,10 @@ impl DemandGate {
                 Now::Ready => match &route.slots {
                     None => return Ok(None),
                     Some(slots) => {
+                        if let Ok(slot) = slots.clone().try_acquire_owned() {
+                            return Ok(Some(slot));
+                        }
+                        counted.wait(route.spec.max_queue)?;
                         let slot = slots.clone().acquire_owned().await.map_err(|_| {
                             refusal(service, "shutting_down", "the proxy is shutting down")
                         })?;
@@ -114,7 +124,7 @@ impl DemandGate {
                         }
                     }
                 },
-                Now::NotYet => {}
+                Now::NotYet => counted.wait(route.spec.max_queue)?,
             }
             if status.changed().await.is_err() {
                 return Err(refusal(
@@ -183,40 +193,93 @@ impl Gate for DemandGate {
         let Some(route) = self.route(service) else {
             return Err(refusal(service, "timed_out", "it has no proxy route"));
         };
-        let waiting = Waiting::enter(&route)?;
+        // Counted before the readiness is read, so that the service is never seen
+        // unused by a stop decided in between.
+        let mut counted = Counted::arrived(route.traffic.clone(), Count::from(kind));
         let asked = Instant::now();
-        let ready = tokio::time::timeout(route.spec.max_wait, self.until_ready(service, &route));
-        let outcome = ready.await;
+        let ready = self.until_ready(service, &route, &mut counted);
+        let outcome = tokio::time::timeout(route.spec.max_wait, ready).await;
         route.traffic.waited(asked.elapsed());
         match outcome {
-            Ok(Ok(slot)) => Ok(waiting.into_pass(kind, slot)),
+            Ok(Ok(slot)) => {
+                counted.go(kind);
+                Ok(Pass {
+                    _counted: counted,
+                    _slot: slot,
+                })
+            }
             Ok(Err(refusal)) => Err(refusal),
             Err(_) => Err(self.timed_out(service, &route)),
         }
     }
 
     fn answered(&self, service: &ServiceName, status: hyper::StatusCode) {
-        if let Some(route) = self.route(service) {
+        // Under the lock, not through a clone of the route: its count is shared by every
+        // worker thread.
+        if let Some(route) = self.routes().get(service) {
             route.traffic.answered(status.as_u16());
         }
     }
 }
 
-/// A request waiting for its service: counted until it goes in flight or is dropped
-/// (a refusal, or the client gone).
-struct Waiting {
-    traffic: Arc<ServiceTraffic>,
+/// Where a request counts in its service's [`Traffic`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Count {
+    /// Forwarded, or about to be: work in flight.
+    InFlight,
+    /// An upgraded connection (WebSocket): keeps the service demanded, not work in flight.
+    Upgraded,
+    /// Waiting for the service to be ready (or for a concurrency slot).
+    Waiting,
 }
 
-impl Waiting {
-    fn enter(route: &GateRoute) -> Result<Self, Refusal> {
-        let max_queue = route.spec.max_queue;
+impl From<RequestKind> for Count {
+    fn from(kind: RequestKind) -> Self {
+        match kind {
+            RequestKind::Plain => Count::InFlight,
+            RequestKind::Upgrade => Count::Upgraded,
+        }
+    }
+}
+
+impl Count {
+    fn of(self, traffic: &mut Traffic) -> &mut usize {
+        match self {
+            Count::InFlight => &mut traffic.in_flight,
+            Count::Upgraded => &mut traffic.upgraded,
+            Count::Waiting => &mut traffic.waiting,
+        }
+    }
+}
+
+/// A request in its service's counts from its arrival until dropped (answered, refused,
+/// or the client gone); it moves between counts in one change, so that the service is
+/// never seen unused in between.
+struct Counted {
+    traffic: Arc<ServiceTraffic>,
+    count: Count,
+}
+
+impl Counted {
+    fn arrived(traffic: Arc<ServiceTraffic>, count: Count) -> Self {
+        traffic.change(|t| {
+            *count.of(t) += 1;
+            t.arrived();
+        });
+        Self { traffic, count }
+    }
+
+    /// Into the queue, unless `max_queue` requests already wait there.
+    fn wait(&mut self, max_queue: usize) -> Result<(), Refusal> {
+        if self.count == Count::Waiting {
+            return Ok(());
+        }
         let mut full = false;
-        route.traffic.change(|t| {
+        self.traffic.change(|t| {
             full = t.waiting >= max_queue;
             if !full {
+                *self.count.of(t) -= 1;
                 t.waiting += 1;
-                t.arrived();
             }
         });
         if full {
@@ -230,30 +293,30 @@ impl Waiting {
                 detail: Map::new(),
             });
         }
-        Ok(Self {
-            traffic: route.traffic.clone(),
-        })
+        self.count = Count::Waiting;
+        Ok(())
     }
 
-    /// In flight from now: counted there before it leaves the queue, so the service is
-    /// never seen unused in between.
-    fn into_pass(self, kind: RequestKind, slot: Option<OwnedSemaphorePermit>) -> Pass {
-        self.traffic.change(|t| match kind {
-            RequestKind::Plain => t.in_flight += 1,
-            RequestKind::Upgrade => t.upgraded += 1,
-        });
-        Pass {
-            traffic: self.traffic.clone(),
-            kind,
-            _slot: slot,
+    /// Out of the queue (if it waited), in flight or upgraded from now.
+    fn go(&mut self, kind: RequestKind) {
+        let next = Count::from(kind);
+        if self.count == next {
+            return;
         }
+        let before = self.count;
+        self.traffic.change(|t| {
+            *before.of(t) -= 1;
+            *next.of(t) += 1;
+        });
+        self.count = next;
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Counted {
     fn drop(&mut self) {
+        let count = self.count;
         self.traffic.change(|t| {
-            t.waiting -= 1;
+            *count.of(t) -= 1;
             t.ended();
         });
     }
@@ -261,21 +324,8 @@ impl Drop for Waiting {
 
 /// Held while a request is in flight (or an upgraded connection open).
 pub struct Pass {
-    traffic: Arc<ServiceTraffic>,
-    kind: RequestKind,
+    _counted: Counted,
     _slot: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for Pass {
-    fn drop(&mut self) {
-        self.traffic.change(|t| {
-            match self.kind {
-                RequestKind::Plain => t.in_flight -= 1,
-                RequestKind::Upgrade => t.upgraded -= 1,
-            }
-            t.ended();
-        });
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,6 +450,33 @@ mod tests {
             status.desired.held.push("ollama".into());
         }
         status
+    }
+
+    #[test]
+    fn a_request_moves_between_counts_and_leaves_none_behind() {
+        let traffic = Arc::new(ServiceTraffic::default());
+        let counts = |traffic: &ServiceTraffic| {
+            let t = traffic.current();
+            (t.in_flight, t.waiting, t.upgraded)
+        };
+        let mut first = Counted::arrived(traffic.clone(), Count::InFlight);
+        assert_eq!(counts(&traffic), (1, 0, 0), "in flight from its arrival");
+        first.wait(1).expect("room in the queue");
+        assert_eq!(counts(&traffic), (0, 1, 0), "waiting instead, never both");
+        let mut second = Counted::arrived(traffic.clone(), Count::Upgraded);
+        let full = second.wait(1).expect_err("max_queue 1 is taken");
+        assert_eq!(full.kind, "queue_full");
+        assert_eq!(
+            counts(&traffic),
+            (0, 1, 1),
+            "a refused request stays where it was"
+        );
+        drop(second);
+        first.go(RequestKind::Plain);
+        assert_eq!(counts(&traffic), (1, 0, 0), "out of the queue, in flight");
+        drop(first);
+        assert_eq!(counts(&traffic), (0, 0, 0));
+        assert!(traffic.current().last_request_ms.is_some());
     }
 
     #[test]
