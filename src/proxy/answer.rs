@@ -7,6 +7,7 @@ use hyper::{Response, StatusCode};
 use serde_json::{Map, Value};
 
 use super::body::ProxyBody;
+use super::upstream::UpstreamError;
 use super::{Refusal, Route};
 use crate::config::ServiceName;
 
@@ -26,10 +27,7 @@ pub(super) fn refusal<P>(service: &ServiceName, refusal: Refusal) -> Response<Pr
 }
 
 /// The upstream refused, or failed before its answer's headers: what happened, what to do.
-pub(super) fn bad_gateway<P>(
-    route: &Route,
-    err: &hyper_util::client::legacy::Error,
-) -> Response<ProxyBody<P>> {
+pub(super) fn bad_gateway<P>(route: &Route, err: &UpstreamError) -> Response<ProxyBody<P>> {
     let service = &route.service;
     // As the config writes it: a `Uri` prints a trailing `/`.
     let upstream = match (route.upstream.scheme_str(), route.upstream.authority()) {
@@ -37,7 +35,7 @@ pub(super) fn bad_gateway<P>(
         _ => route.upstream.to_string(),
     };
     let cause = causes(err);
-    let error = if err.is_connect() {
+    let error = if let UpstreamError::Connect(_) = err {
         format!(
             "{service} at {upstream} could not be reached ({cause}): check that it is running \
              and listening there (gpu-manager status {service}, and its log)"
@@ -55,8 +53,8 @@ pub(super) fn bad_gateway<P>(
     json(StatusCode::BAD_GATEWAY, body)
 }
 
-/// The error and its sources in one line: hyper's own message alone ("client error
-/// (Connect)") does not say that the connection was refused.
+/// The error and its sources in one line: the error alone ("the connection failed") does
+/// not say that the connection was refused.
 fn causes(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -1,6 +1,7 @@
 //! The body of every answer the proxy gives: the upstream's streamed body or one of our own
 //! JSON bodies, carrying the gate's pass so that a request counts as in flight exactly until
-//! its answer has been sent (or the client went away and hyper dropped the body).
+//! its answer has been sent (or the client went away and hyper dropped the body), and the
+//! upstream connection it comes on, given back to its pool only once read to the end.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,20 +9,28 @@ use std::task::{Context, Poll};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 
+use super::upstream::Lent;
+
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub(super) struct ProxyBody<P> {
     inner: Either<Incoming, Full<Bytes>>,
     /// Released at the body's last frame, its error, or its drop, whichever comes first.
     pass: Option<P>,
+    /// The upstream connection the body is read from.
+    upstream: Option<Lent>,
+    /// Read to its end: the connection is free for the next request.
+    ended: bool,
 }
 
 impl<P> ProxyBody<P> {
     /// The upstream's body, streamed frame by frame as it arrives.
-    pub(super) fn streamed(upstream: Incoming, pass: P) -> Self {
+    pub(super) fn streamed(body: Incoming, pass: P, upstream: Lent) -> Self {
         Self {
-            inner: Either::Left(upstream),
+            inner: Either::Left(body),
             pass: Some(pass),
+            upstream: Some(upstream),
+            ended: false,
         }
     }
 
@@ -30,6 +39,8 @@ impl<P> ProxyBody<P> {
         Self {
             inner: Either::Right(Full::new(bytes)),
             pass: None,
+            upstream: None,
+            ended: true,
         }
     }
 }
@@ -46,8 +57,17 @@ impl<P> Body for ProxyBody<P> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-            self.pass = None;
+        match polled {
+            Poll::Ready(None) => {
+                self.ended = true;
+                self.pass = None;
+            }
+            Poll::Ready(Some(Err(_))) => {
+                // The connection is not fit to be lent again.
+                self.upstream = None;
+                self.pass = None;
+            }
+            _ => {}
         }
         polled
     }
@@ -58,5 +78,17 @@ impl<P> Body for ProxyBody<P> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<P> Drop for ProxyBody<P> {
+    /// hyper drops a body without polling it again once it says it has ended (a
+    /// `Content-Length` body's last bytes, as a rule).
+    fn drop(&mut self) {
+        let ended = self.ended || self.inner.is_end_stream();
+        // Cut short, the connection is dropped, which closes it.
+        if let (Some(upstream), true) = (self.upstream.take(), ended) {
+            upstream.give_back();
+        }
     }
 }

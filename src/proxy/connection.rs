@@ -12,7 +12,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::forward::{Forwarder, UpstreamClient};
+use super::forward::Forwarder;
+use super::upstream::UpstreamPool;
 use super::Gate;
 
 /// After a failed accept (out of file descriptors, as a rule), a pause, so that the loop
@@ -51,10 +52,10 @@ fn hand_to_a_worker<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: &Ar
         }
     };
     let tasks = forwarder.tasks();
-    forwarder.workers().spawn(|client| {
+    forwarder.workers().spawn(|upstream| {
         let connection = ConsumerConnection {
             forwarder: forwarder.clone(),
-            client,
+            upstream,
             peer,
         };
         tasks.track_future(connection.serve(stream))
@@ -65,7 +66,7 @@ fn hand_to_a_worker<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: &Ar
 struct ConsumerConnection<G> {
     forwarder: Arc<Forwarder<G>>,
     /// The pool of the worker this connection is served on.
-    client: UpstreamClient,
+    upstream: UpstreamPool,
     peer: SocketAddr,
 }
 
@@ -94,10 +95,10 @@ impl<G: Gate> ConsumerConnection<G> {
             async move {
                 let ConsumerConnection {
                     forwarder,
-                    client,
+                    upstream,
                     peer,
                 } = &*connection;
-                Ok::<_, Infallible>(forwarder.handle(client, *peer, request).await)
+                Ok::<_, Infallible>(forwarder.handle(upstream, *peer, request).await)
             }
         });
         let http = http1::Builder::new()

@@ -5,28 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::{Bytes, Incoming};
-use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::header::{self, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::ProxyBody;
+use super::upstream::{Lent, UpstreamPool};
 use super::workers::Workers;
 use super::{answer, headers, Gate, ProxyError, RequestKind, Route};
 use crate::config::ServiceName;
-
-/// One worker's pool of keep-alive connections to every upstream, shared by all routes.
-pub(super) type UpstreamClient = Client<HttpConnector, Incoming>;
-
-pub(super) fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(connector)
-}
 
 /// Only `http://host:port` can be forwarded (the connector speaks no TLS); said at startup.
 pub(super) fn check_upstream(route: &Route) -> Result<(), ProxyError> {
@@ -44,6 +35,9 @@ pub(super) fn check_upstream(route: &Route) -> Result<(), ProxyError> {
 /// What every request of one route needs.
 pub(super) struct Forwarder<G> {
     route: Route,
+    /// The upstream's `host:port`, and the same as the `Host` of every request sent there.
+    upstream: Authority,
+    upstream_host: HeaderValue,
     gate: Arc<G>,
     /// The threads connections are served on.
     workers: Arc<Workers>,
@@ -65,8 +59,17 @@ impl<G: Gate> Forwarder<G> {
         retired: CancellationToken,
         shutdown: CancellationToken,
     ) -> Self {
+        let upstream = route
+            .upstream
+            .authority()
+            .cloned()
+            .expect("check_upstream: the upstream has an authority");
+        let upstream_host = HeaderValue::from_str(upstream.as_str())
+            .expect("an authority is made of characters a header value may hold");
         Self {
             route,
+            upstream,
+            upstream_host,
             gate,
             workers,
             tasks,
@@ -91,11 +94,11 @@ impl<G: Gate> Forwarder<G> {
         &self.retired
     }
 
-    /// Admit, forward through `client` (the connection's worker's), answer; every answer
-    /// is reported to the gate.
+    /// Admit, forward through `upstream` (the connection's worker's pool), answer; every
+    /// answer is reported to the gate.
     pub(super) async fn handle(
         &self,
-        client: &UpstreamClient,
+        upstream: &UpstreamPool,
         peer: SocketAddr,
         request: Request<Incoming>,
     ) -> Response<ProxyBody<G::Pass>> {
@@ -107,8 +110,8 @@ impl<G: Gate> Forwarder<G> {
         let response = match self.gate.admit(self.service(), kind).await {
             Err(refusal) => answer::refusal(self.service(), refusal),
             Ok(pass) => match kind {
-                RequestKind::Plain => self.forward(client, peer, request, pass).await,
-                RequestKind::Upgrade => self.upgrade(client, peer, request, pass).await,
+                RequestKind::Plain => self.forward(upstream, peer, request, pass).await,
+                RequestKind::Upgrade => self.upgrade(upstream, peer, request, pass).await,
             },
         };
         self.gate.answered(self.service(), response.status());
@@ -117,13 +120,14 @@ impl<G: Gate> Forwarder<G> {
 
     async fn forward(
         &self,
-        client: &UpstreamClient,
+        upstream: &UpstreamPool,
         peer: SocketAddr,
         request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
-        match client.request(self.to_upstream(peer, request, false)).await {
-            Ok(response) => streamed_back(response, pass),
+        let request = self.to_upstream(peer, request, false);
+        match upstream.send(&self.upstream, request).await {
+            Ok((response, lent)) => streamed_back(response, pass, lent),
             Err(err) => answer::bad_gateway(&self.route, &err),
         }
     }
@@ -133,19 +137,22 @@ impl<G: Gate> Forwarder<G> {
     /// passed back like a plain one.
     async fn upgrade(
         &self,
-        client: &UpstreamClient,
+        upstream: &UpstreamPool,
         peer: SocketAddr,
         mut request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
         let consumer = hyper::upgrade::on(&mut request);
-        let mut response = match client.request(self.to_upstream(peer, request, true)).await {
-            Ok(response) => response,
+        let request = self.to_upstream(peer, request, true);
+        let (mut response, lent) = match upstream.send(&self.upstream, request).await {
+            Ok(sent) => sent,
             Err(err) => return answer::bad_gateway(&self.route, &err),
         };
         if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return streamed_back(response, pass);
+            return streamed_back(response, pass, lent);
         }
+        // The connection is the tunnel's from now on, never lent again.
+        drop(lent);
         let upstream = hyper::upgrade::on(&mut response);
         self.tasks.spawn(tunnel(
             self.route.service.clone(),
@@ -161,7 +168,7 @@ impl<G: Gate> Forwarder<G> {
     }
 
     /// The consumer's request, addressed to the upstream: same method, path, query and
-    /// body (streamed), headers fit for the next hop.
+    /// body (streamed), headers fit for the next hop, `Host` the upstream's.
     fn to_upstream(
         &self,
         peer: SocketAddr,
@@ -169,27 +176,27 @@ impl<G: Gate> Forwarder<G> {
         upgrade: bool,
     ) -> Request<Incoming> {
         let (mut parts, body) = request.into_parts();
-        let mut uri = self.route.upstream.clone().into_parts();
-        uri.path_and_query = Some(
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        parts.uri = Uri::from_parts(uri)
-            .expect("check_upstream: the upstream has a scheme and an authority");
+        // Origin form (`/path?query`): the connection already goes to the upstream.
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path_and_query);
         // HTTP/1.1 upstream whatever the consumer spoke: keep-alive to the upstream.
         parts.version = Version::HTTP_11;
         headers::for_upstream(&mut parts.headers, peer.ip(), upgrade);
+        parts
+            .headers
+            .insert(header::HOST, self.upstream_host.clone());
         Request::from_parts(parts, body)
     }
 }
 
-fn streamed_back<P>(response: Response<Incoming>, pass: P) -> Response<ProxyBody<P>> {
+fn streamed_back<P>(response: Response<Incoming>, pass: P, lent: Lent) -> Response<ProxyBody<P>> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ProxyBody::streamed(body, pass))
+    Response::from_parts(parts, ProxyBody::streamed(body, pass, lent))
 }
 
 /// Bytes both ways until either side closes (or the daemon shuts down); the pass, and so

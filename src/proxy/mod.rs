@@ -9,6 +9,7 @@ mod connection;
 mod forward;
 pub mod gate;
 mod headers;
+mod upstream;
 mod workers;
 
 use std::collections::BTreeMap;

@@ -129,12 +129,34 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<TestBody>> + Send + 'static,
 {
+    counted_upstream(handler, KeepAlive::On).await.0
+}
+
+#[derive(Clone, Copy)]
+enum KeepAlive {
+    On,
+    /// Every connection closes after its first answer.
+    Off,
+}
+
+/// [`upstream`], and how many connections it has accepted.
+async fn counted_upstream<F, Fut>(
+    handler: F,
+    keep_alive: KeepAlive,
+) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
     let handler = Arc::new(handler);
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
             let handler = handler.clone();
             let service = service_fn(move |request| {
                 let answer = handler(request);
@@ -142,12 +164,13 @@ where
             });
             tokio::spawn(
                 http1::Builder::new()
+                    .keep_alive(matches!(keep_alive, KeepAlive::On))
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades(),
             );
         }
     });
-    addr
+    (addr, accepted)
 }
 
 /// An address where nothing listens.
@@ -345,6 +368,81 @@ async fn a_streamed_answer_reaches_the_client_chunk_by_chunk() {
     assert_eq!(second.as_deref(), Some(&b"two"[..]));
     assert_eq!(within("the end", response.chunk()).await.unwrap(), None);
     eventually("the pass to be dropped", || proxy.gate.live() == 0).await;
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_upstream_connection() {
+    let (upstream, accepted) = counted_upstream(
+        |_request| async { Response::new(text("ok")) },
+        KeepAlive::On,
+    )
+    .await;
+    let proxy = Proxy::start(upstream, Admission::Now).await;
+
+    // One consumer connection, so one worker and its pool.
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_answer_cut_short_closes_its_upstream_connection() {
+    let (closed_tx, mut closed) = mpsc::unbounded_channel();
+    let upstream = upstream(move |request: Request<Incoming>| {
+        let closed_tx = closed_tx.clone();
+        async move {
+            if request.uri().path() != "/stream" {
+                return Response::new(text("ok"));
+            }
+            let (chunks, body) = mpsc::channel::<Bytes>(1);
+            tokio::spawn(async move {
+                chunks.send(Bytes::from_static(b"one")).await.unwrap();
+                // Ends when hyper drops the body: its connection closed.
+                chunks.closed().await;
+                closed_tx.send(()).unwrap();
+            });
+            let frames = ReceiverStream::new(body).map(|chunk| Ok(Frame::data(chunk)));
+            Response::new(StreamBody::new(frames).boxed())
+        }
+    })
+    .await;
+    let proxy = Proxy::start(upstream, Admission::Now).await;
+
+    let client = reqwest::Client::new();
+    let mut cut = client.get(proxy.url("/stream")).send().await.unwrap();
+    let first = within("the first chunk", cut.chunk()).await.unwrap();
+    assert_eq!(first.as_deref(), Some(&b"one"[..]));
+    drop(cut);
+    within("the upstream to see its connection closed", closed.recv()).await;
+    eventually("the pass of the cut answer to end", || {
+        proxy.gate.live() == 0
+    })
+    .await;
+
+    let response = client.get(proxy.url("/")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_is_replaced() {
+    let (upstream, accepted) = counted_upstream(
+        |_request| async { Response::new(text("ok")) },
+        KeepAlive::Off,
+    )
+    .await;
+    let proxy = Proxy::start(upstream, Admission::Now).await;
+
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.text().await.unwrap(), "ok");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(proxy.gate.answered(), [StatusCode::OK; 3]);
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::runtime::{Builder, Handle};
 use tokio::sync::oneshot;
 
-use super::forward::{upstream_client, UpstreamClient};
+use super::upstream::UpstreamPool;
 
 /// The worker threads; dropped, each finishes its runtime, which drops the tasks still
 /// there (the proxy drops them only after its shutdown has let the answers under way end).
@@ -28,7 +28,7 @@ pub(super) struct Workers {
 struct Worker {
     runtime: Handle,
     /// This worker's keep-alive connections to every upstream.
-    client: UpstreamClient,
+    upstream: UpstreamPool,
     /// Its thread runs until this is dropped.
     _running: oneshot::Sender<()>,
 }
@@ -47,15 +47,15 @@ impl Workers {
         })
     }
 
-    /// Runs `task`, given its worker's upstream client, on the next worker.
+    /// Runs `task`, given its worker's upstream pool, on the next worker.
     pub(super) fn spawn<T, F>(&self, task: T)
     where
-        T: FnOnce(UpstreamClient) -> F,
+        T: FnOnce(UpstreamPool) -> F,
         F: Future<Output = ()> + Send + 'static,
     {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let worker = &self.workers[index];
-        worker.runtime.spawn(task(worker.client.clone()));
+        worker.runtime.spawn(task(worker.upstream.clone()));
     }
 }
 
@@ -85,7 +85,7 @@ impl Worker {
             .map_err(|_| io::Error::other("the proxy worker thread ended before its runtime"))??;
         Ok(Self {
             runtime,
-            client: upstream_client(),
+            upstream: UpstreamPool::default(),
             _running: running,
         })
     }
@@ -104,7 +104,7 @@ mod tests {
         let (ran_on, mut threads) = tokio::sync::mpsc::unbounded_channel();
         for _ in 0..2 * count {
             let ran_on = ran_on.clone();
-            workers.spawn(|_client| async move {
+            workers.spawn(|_upstream| async move {
                 let thread = std::thread::current().name().map(str::to_owned);
                 ran_on.send(thread).unwrap();
             });
@@ -123,7 +123,7 @@ mod tests {
     async fn dropped_workers_end_their_threads_and_tasks() {
         let workers = Workers::start().await.unwrap();
         let (ended_tx, ended) = oneshot::channel::<()>();
-        workers.spawn(|_client| async move {
+        workers.spawn(|_upstream| async move {
             // Never ends by itself: only the worker's runtime dropping it drops `ended_tx`.
             let _ended = ended_tx;
             std::future::pending::<()>().await;
