@@ -370,22 +370,37 @@ async fn a_streamed_answer_reaches_the_client_chunk_by_chunk() {
     eventually("the pass to be dropped", || proxy.gate.live() == 0).await;
 }
 
-#[tokio::test]
-async fn requests_one_after_another_share_one_upstream_connection() {
-    let (upstream, accepted) = counted_upstream(
-        |_request| async { Response::new(text("ok")) },
-        KeepAlive::On,
-    )
-    .await;
+/// Three requests, one after another on one consumer connection (so one worker and its
+/// pool), each answered "ok": how many connections the upstream accepted for them.
+async fn upstream_connections_for_three_requests(keep_alive: KeepAlive) -> usize {
+    let (upstream, accepted) =
+        counted_upstream(|_request| async { Response::new(text("ok")) }, keep_alive).await;
     let proxy = Proxy::start(upstream, Admission::Now).await;
-
-    // One consumer connection, so one worker and its pool.
     let client = reqwest::Client::new();
     for _ in 0..3 {
         let response = client.get(proxy.url("/")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.text().await.unwrap(), "ok");
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(proxy.gate.answered(), [StatusCode::OK; 3]);
+    accepted.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_upstream_connection() {
+    assert_eq!(
+        upstream_connections_for_three_requests(KeepAlive::On).await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_is_replaced() {
+    assert_eq!(
+        upstream_connections_for_three_requests(KeepAlive::Off).await,
+        3,
+        "each request on a new connection, none answered 502"
+    );
 }
 
 #[tokio::test]
@@ -424,25 +439,6 @@ async fn an_answer_cut_short_closes_its_upstream_connection() {
 
     let response = client.get(proxy.url("/")).send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "ok");
-}
-
-#[tokio::test]
-async fn a_connection_the_upstream_closed_is_replaced() {
-    let (upstream, accepted) = counted_upstream(
-        |_request| async { Response::new(text("ok")) },
-        KeepAlive::Off,
-    )
-    .await;
-    let proxy = Proxy::start(upstream, Admission::Now).await;
-
-    let client = reqwest::Client::new();
-    for _ in 0..3 {
-        let response = client.get(proxy.url("/")).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(response.text().await.unwrap(), "ok");
-    }
-    assert_eq!(accepted.load(Ordering::SeqCst), 3);
-    assert_eq!(proxy.gate.answered(), [StatusCode::OK; 3]);
 }
 
 #[tokio::test]
