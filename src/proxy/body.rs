@@ -17,10 +17,9 @@ pub(super) struct ProxyBody<P> {
     inner: Either<Incoming, Full<Bytes>>,
     /// Released at the body's last frame, its error, or its drop, whichever comes first.
     pass: Option<P>,
-    /// The upstream connection the body is read from.
+    /// The upstream connection the body is read from: given back to its pool once the body
+    /// has been read to its end, closed (dropped) if it is cut short.
     upstream: Option<Lent>,
-    /// Read to its end: the connection is free for the next request.
-    ended: bool,
 }
 
 impl<P> ProxyBody<P> {
@@ -30,7 +29,6 @@ impl<P> ProxyBody<P> {
             inner: Either::Left(body),
             pass: Some(pass),
             upstream: Some(upstream),
-            ended: false,
         }
     }
 
@@ -40,12 +38,18 @@ impl<P> ProxyBody<P> {
             inner: Either::Right(Full::new(bytes)),
             pass: None,
             upstream: None,
-            ended: true,
+        }
+    }
+
+    fn give_back_upstream(&mut self) {
+        if let Some(upstream) = self.upstream.take() {
+            upstream.give_back();
         }
     }
 }
 
-// `pass` is never pinned: only `inner` is polled, and both of its sides are `Unpin`.
+// `pass` and `upstream` are never pinned: only `inner` is polled, and both of its sides
+// are `Unpin`.
 impl<P> Unpin for ProxyBody<P> {}
 
 impl<P> Body for ProxyBody<P> {
@@ -59,8 +63,8 @@ impl<P> Body for ProxyBody<P> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match polled {
             Poll::Ready(None) => {
-                self.ended = true;
                 self.pass = None;
+                self.give_back_upstream();
             }
             Poll::Ready(Some(Err(_))) => {
                 // The connection is not fit to be lent again.
@@ -83,12 +87,11 @@ impl<P> Body for ProxyBody<P> {
 
 impl<P> Drop for ProxyBody<P> {
     /// hyper drops a body without polling it again once it says it has ended (a
-    /// `Content-Length` body's last bytes, as a rule).
+    /// `Content-Length` body's last bytes, as a rule); any other body dropped here was cut
+    /// short, and its connection closes with it.
     fn drop(&mut self) {
-        let ended = self.ended || self.inner.is_end_stream();
-        // Cut short, the connection is dropped, which closes it.
-        if let (Some(upstream), true) = (self.upstream.take(), ended) {
-            upstream.give_back();
+        if self.inner.is_end_stream() {
+            self.give_back_upstream();
         }
     }
 }
