@@ -10,8 +10,8 @@
 //!
 //! Measured, with targets (a MISS is reported, not a failure):
 //! - wrk, `GET /` (a 13-byte answer), 1 connection (`-t1`) and 64 (`-t2`), `ROUNDS`
-//!   rounds of `RUN` each, the three targets in turn in each round, medians over the
-//!   rounds: throughput at 64 connections, proxy >= 0.9 x nginx; the latency each proxy
+//!   rounds of `RUN` each, the three targets in turn in each round (each round beginning
+//!   with the next), medians over the rounds: throughput at 64 connections, proxy >= 0.9 x nginx; the latency each proxy
 //!   adds to direct at p50 and p99, at 1 and 64 connections, proxy <= 1.2 x nginx; and,
 //!   to explain them, the CPU time (user + system, all threads) each target's own
 //!   processes spent per request at 64 connections (direct: the upstream; nginx: its
@@ -48,7 +48,7 @@ use common::process_stats::{children, cpu_seconds, pids, usage};
 use common::{free_port, http_get, target_dir, Harness, Standin};
 use support::{load_average, Sorted};
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const RUN: Duration = Duration::from_secs(4);
 const TTFB_SAMPLES: usize = 100;
 const STREAM_PATH: &str = "/stream?chunks=2&ms=20";
@@ -207,7 +207,10 @@ fn main() {
     for round in 1..=ROUNDS {
         let mut round_runs = [[None; 3]; 2];
         for (c, connections) in [1, 64].into_iter().enumerate() {
-            for (t, target) in TARGETS.into_iter().enumerate() {
+            // Each round begins with another target, so that none always runs after
+            // the same one (a machine's drift then lands on every target alike).
+            for t in (0..TARGETS.len()).map(|i| (i + round) % TARGETS.len()) {
+                let target = TARGETS[t];
                 let run = wrk(&script, endpoints.of(target), connections, RUN);
                 println!(
                     "round {round}, {connections:>2} conn, {:<11} {:>8.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  cpu {:>5.1} us/request  errors {}",

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::forward::Forwarder;
+use super::headers::Peer;
 use super::upstream::UpstreamPool;
 use super::Gate;
 
@@ -56,7 +57,7 @@ fn hand_to_a_worker<G: Gate>(stream: TcpStream, peer: SocketAddr, forwarder: &Ar
         let connection = ConsumerConnection {
             forwarder: forwarder.clone(),
             upstream,
-            peer,
+            peer: Peer::new(peer),
         };
         tasks.track_future(connection.serve(stream))
     });
@@ -67,7 +68,7 @@ struct ConsumerConnection<G> {
     forwarder: Arc<Forwarder<G>>,
     /// The pool of the worker this connection is served on.
     upstream: UpstreamPool,
-    peer: SocketAddr,
+    peer: Peer,
 }
 
 impl<G: Gate> ConsumerConnection<G> {
@@ -76,7 +77,7 @@ impl<G: Gate> ConsumerConnection<G> {
     /// the request under way and closes instead of waiting for the next: a keep-alive client
     /// then reconnects, to the route in force.
     async fn serve(self, stream: std::net::TcpStream) {
-        let peer = self.peer;
+        let peer = self.peer.address;
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(err) => {
@@ -98,7 +99,7 @@ impl<G: Gate> ConsumerConnection<G> {
                     upstream,
                     peer,
                 } = &*connection;
-                Ok::<_, Infallible>(forwarder.handle(upstream, *peer, request).await)
+                Ok::<_, Infallible>(forwarder.handle(upstream, peer, request).await)
             }
         });
         let http = http1::Builder::new()

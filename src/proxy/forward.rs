@@ -1,7 +1,6 @@
 //! One request: admitted by the gate, then forwarded to the upstream and its answer
 //! streamed back; an upgrade (WebSocket) becomes a byte tunnel that holds its pass.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::{Bytes, Incoming};
@@ -14,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::ProxyBody;
+use super::headers::{self, Peer};
 use super::upstream::{Lent, UpstreamPool};
 use super::workers::Workers;
-use super::{answer, headers, Gate, ProxyError, RequestKind, Route};
+use super::{answer, Gate, ProxyError, RequestKind, Route};
 use crate::config::ServiceName;
 
 /// Only `http://host:port` can be forwarded (the connector speaks no TLS); said at startup.
@@ -99,7 +99,7 @@ impl<G: Gate> Forwarder<G> {
     pub(super) async fn handle(
         &self,
         upstream: &UpstreamPool,
-        peer: SocketAddr,
+        peer: &Peer,
         request: Request<Incoming>,
     ) -> Response<ProxyBody<G::Pass>> {
         let kind = if headers::wants_upgrade(request.headers()) {
@@ -121,7 +121,7 @@ impl<G: Gate> Forwarder<G> {
     async fn forward(
         &self,
         upstream: &UpstreamPool,
-        peer: SocketAddr,
+        peer: &Peer,
         request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
@@ -138,7 +138,7 @@ impl<G: Gate> Forwarder<G> {
     async fn upgrade(
         &self,
         upstream: &UpstreamPool,
-        peer: SocketAddr,
+        peer: &Peer,
         mut request: Request<Incoming>,
         pass: G::Pass,
     ) -> Response<ProxyBody<G::Pass>> {
@@ -171,7 +171,7 @@ impl<G: Gate> Forwarder<G> {
     /// body (streamed), headers fit for the next hop, `Host` the upstream's.
     fn to_upstream(
         &self,
-        peer: SocketAddr,
+        peer: &Peer,
         request: Request<Incoming>,
         upgrade: bool,
     ) -> Request<Incoming> {
@@ -185,7 +185,7 @@ impl<G: Gate> Forwarder<G> {
         parts.uri = Uri::from(path_and_query);
         // HTTP/1.1 upstream whatever the consumer spoke: keep-alive to the upstream.
         parts.version = Version::HTTP_11;
-        headers::for_upstream(&mut parts.headers, peer.ip(), upgrade);
+        headers::for_upstream(&mut parts.headers, peer, upgrade);
         parts
             .headers
             .insert(header::HOST, self.upstream_host.clone());

@@ -193,12 +193,13 @@ impl Gate for DemandGate {
         let Some(route) = self.route(service) else {
             return Err(refusal(service, "timed_out", "it has no proxy route"));
         };
+        // One reading of the clock for the arrival, the wait's deadline and its length.
+        let asked = Instant::now();
         // Counted before the readiness is read, so that the service is never seen
         // unused by a stop decided in between.
-        let mut counted = Counted::arrived(route.traffic.clone(), Count::from(kind));
-        let asked = Instant::now();
+        let mut counted = Counted::arrived(route.traffic.clone(), Count::from(kind), asked);
         let ready = self.until_ready(service, &route, &mut counted);
-        let outcome = tokio::time::timeout(route.spec.max_wait, ready).await;
+        let outcome = tokio::time::timeout_at(asked + route.spec.max_wait, ready).await;
         route.traffic.waited(asked.elapsed());
         match outcome {
             Ok(Ok(slot)) => {
@@ -261,10 +262,10 @@ struct Counted {
 }
 
 impl Counted {
-    fn arrived(traffic: Arc<ServiceTraffic>, count: Count) -> Self {
+    fn arrived(traffic: Arc<ServiceTraffic>, count: Count, at: Instant) -> Self {
         traffic.change(|t| {
             *count.of(t) += 1;
-            t.arrived();
+            t.arrived(at);
         });
         Self { traffic, count }
     }
@@ -416,9 +417,9 @@ fn refusal(service: &ServiceName, kind: &'static str, error: &str) -> Refusal {
 }
 
 impl Traffic {
-    fn arrived(&mut self) {
+    fn arrived(&mut self, at: Instant) {
         self.last_request_ms = Some(crate::clock::now_ms());
-        self.last_active = Some(Instant::now());
+        self.last_active = Some(at);
     }
 
     fn ended(&mut self) {
@@ -459,11 +460,11 @@ mod tests {
             let t = traffic.current();
             (t.in_flight, t.waiting, t.upgraded)
         };
-        let mut first = Counted::arrived(traffic.clone(), Count::InFlight);
+        let mut first = Counted::arrived(traffic.clone(), Count::InFlight, Instant::now());
         assert_eq!(counts(&traffic), (1, 0, 0), "in flight from its arrival");
         first.wait(1).expect("room in the queue");
         assert_eq!(counts(&traffic), (0, 1, 0), "waiting instead, never both");
-        let mut second = Counted::arrived(traffic.clone(), Count::Upgraded);
+        let mut second = Counted::arrived(traffic.clone(), Count::Upgraded, Instant::now());
         let full = second.wait(1).expect_err("max_queue 1 is taken");
         assert_eq!(full.kind, "queue_full");
         assert_eq!(

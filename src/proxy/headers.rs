@@ -1,7 +1,7 @@
 //! Headers across the proxy: hop-by-hop ones stay on their own hop (RFC 9110 7.6.1), and
 //! the upstream learns who really asked (`X-Forwarded-*`).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -41,10 +41,33 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The consumer at the other end of one connection, with its `X-Forwarded-For` value made
+/// once for every request the connection carries.
+#[derive(Debug)]
+pub(super) struct Peer {
+    pub(super) address: SocketAddr,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub(super) fn new(address: SocketAddr) -> Self {
+        let forwarded_for = HeaderValue::from_str(&address.ip().to_string())
+            .expect("an IP address is made of characters a header value may hold");
+        Self {
+            address,
+            forwarded_for,
+        }
+    }
+
+    fn ip(&self) -> IpAddr {
+        self.address.ip()
+    }
+}
+
 /// A request for the upstream: hop-by-hop headers gone (an upgrade keeps its `Upgrade` and
 /// says so in `Connection`), `Host` removed for the forwarder to set to the upstream's
 /// authority, and the consumer's address, scheme and host in `X-Forwarded-*`.
-pub(super) fn for_upstream(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool) {
+pub(super) fn for_upstream(headers: &mut HeaderMap, peer: &Peer, upgrade: bool) {
     let upgrade_to = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(headers);
     if let (true, Some(protocol)) = (upgrade, upgrade_to) {
@@ -52,10 +75,10 @@ pub(super) fn for_upstream(headers: &mut HeaderMap, peer: IpAddr, upgrade: bool)
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::to_str) {
-        Some(Ok(earlier)) => format!("{earlier}, {peer}"),
-        _ => peer.to_string(),
+        Some(Ok(earlier)) => HeaderValue::from_str(&format!("{earlier}, {}", peer.ip())).ok(),
+        _ => Some(peer.forwarded_for.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     // A TLS terminator in front of us knows the scheme and host better than we do.

@@ -4,7 +4,6 @@
 //! answer has been read to its end. Only the worker's own thread uses its pool, so the
 //! lock is never contended.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hyper::body::Incoming;
@@ -32,7 +31,16 @@ type Sender = SendRequest<Incoming>;
 /// A worker's idle connections, by upstream.
 #[derive(Debug, Clone, Default)]
 pub(super) struct UpstreamPool {
-    idle: Arc<Mutex<HashMap<Authority, Vec<Sender>>>>,
+    /// One entry per upstream, found by a scan: a daemon proxies a handful of services,
+    /// fewer than a hash of the authority would pay for on every request.
+    idle: Arc<Mutex<Vec<IdleTo>>>,
+}
+
+/// The idle connections to one upstream.
+#[derive(Debug)]
+struct IdleTo {
+    upstream: Authority,
+    senders: Vec<Sender>,
 }
 
 /// A connection lent to one request; given back with [`Lent::give_back`] once its answer
@@ -55,7 +63,17 @@ impl Lent {
             return;
         }
         let mut idle = pool.lock();
-        let senders = idle.entry(upstream).or_default();
+        let index = match idle.iter().position(|to| to.upstream == upstream) {
+            Some(index) => index,
+            None => {
+                idle.push(IdleTo {
+                    upstream,
+                    senders: Vec::new(),
+                });
+                idle.len() - 1
+            }
+        };
+        let senders = &mut idle[index].senders;
         if senders.len() < MAX_IDLE_PER_UPSTREAM {
             senders.push(sender);
         }
@@ -101,11 +119,11 @@ impl UpstreamPool {
 
     fn take_idle(&self, upstream: &Authority) -> Option<Sender> {
         let mut idle = self.lock();
-        let senders = idle.get_mut(upstream)?;
-        std::iter::from_fn(|| senders.pop()).find(|sender| !sender.is_closed())
+        let to = idle.iter_mut().find(|to| to.upstream == *upstream)?;
+        std::iter::from_fn(|| to.senders.pop()).find(|sender| !sender.is_closed())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Authority, Vec<Sender>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleTo>> {
         // A pool is plain data: still usable after a panic elsewhere.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
