@@ -27,7 +27,7 @@
 //!   proxy, each having made one request: <= 40 MB.
 //!
 //! Run: `benches/proxy.sh` (installs wrk and nginx-light when missing and root, builds the
-//! release workspace and the upstream, then `cargo bench --bench proxy`); about 2.5 minutes.
+//! release workspace and the upstream, then `cargo bench --bench proxy`); about 3.5 minutes.
 //! It only talks to 127.0.0.1 and stops what it starts. It fails only when it cannot
 //! measure (wrk, nginx or the upstream missing, a request not answered).
 

@@ -2,7 +2,7 @@
 # The demand proxy against nginx as a plain reverse proxy, on the same upstream (README
 # "Measured", "The demand proxy against nginx"): throughput and added latency with wrk,
 # time to the first streamed byte, a request to a stopped service, RSS with 1,000 idle
-# connections. About 2.5 minutes once built; talks only to 127.0.0.1 and stops the
+# connections. About 3.5 minutes once built; talks only to 127.0.0.1 and stops the
 # daemon, upstreams and nginx it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
