@@ -99,3 +99,34 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .map(str::trim)
         .filter(|token| !token.is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn x_forwarded_for_names_the_peer_after_the_hops_before_it() {
+        let peer = Peer::new("10.0.0.7:51000".parse().unwrap());
+        let mut direct = HeaderMap::new();
+        direct.insert(header::HOST, HeaderValue::from_static("gpu-box:11434"));
+        for_upstream(&mut direct, &peer, false);
+        assert_eq!(direct[&X_FORWARDED_FOR], "10.0.0.7");
+        assert_eq!(direct[&X_FORWARDED_HOST], "gpu-box:11434");
+        assert_eq!(direct[&X_FORWARDED_PROTO], "http");
+        assert!(!direct.contains_key(header::HOST), "the forwarder sets it");
+
+        // The same connection's next request, relayed by another proxy before us.
+        let mut relayed = HeaderMap::new();
+        relayed.insert(&X_FORWARDED_FOR, HeaderValue::from_static("192.0.2.1"));
+        for_upstream(&mut relayed, &peer, false);
+        assert_eq!(relayed[&X_FORWARDED_FOR], "192.0.2.1, 10.0.0.7");
+
+        let mut over_ipv6 = HeaderMap::new();
+        for_upstream(
+            &mut over_ipv6,
+            &Peer::new("[::1]:8080".parse().unwrap()),
+            false,
+        );
+        assert_eq!(over_ipv6[&X_FORWARDED_FOR], "::1");
+    }
+}
