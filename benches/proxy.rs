@@ -11,8 +11,9 @@
 //! Measured, with targets (a MISS is reported, not a failure):
 //! - wrk, `GET /` (a 13-byte answer), 1 connection (`-t1`) and 64 (`-t2`), `ROUNDS`
 //!   rounds of `RUN` each, the three targets in turn in each round (each round beginning
-//!   with the next), medians over the rounds: throughput at 64 connections, proxy >= 0.9 x nginx; the latency each proxy
-//!   adds to direct at p50 and p99, at 1 and 64 connections, proxy <= 1.2 x nginx; and,
+//!   with the next), medians over the rounds: throughput at 64 connections, proxy >= 0.9
+//!   x nginx; the latency each proxy adds to direct at p50 and p99, at 1 and 64
+//!   connections, proxy <= 1.2 x nginx; and,
 //!   to explain them, the CPU time (user + system, all threads) each target's own
 //!   processes spent per request at 64 connections (direct: the upstream; nginx: its
 //!   workers; gpu-manager: the daemon): on a machine that wrk, the upstream and the

@@ -193,7 +193,8 @@ impl Gate for DemandGate {
         let Some(route) = self.route(service) else {
             return Err(refusal(service, "timed_out", "it has no proxy route"));
         };
-        // One reading of the clock for the arrival, the wait's deadline and its length.
+        // One reading of the clock for the arrival, the wait's deadline and the start of
+        // its length.
         let asked = Instant::now();
         // Counted before the readiness is read, so that the service is never seen
         // unused by a stop decided in between.

@@ -32,7 +32,7 @@ type Sender = SendRequest<Incoming>;
 #[derive(Debug, Clone, Default)]
 pub(super) struct UpstreamPool {
     /// One entry per upstream, found by a scan: a daemon proxies a handful of services,
-    /// fewer than a hash of the authority would pay for on every request.
+    /// and comparing a few authorities costs less than hashing one twice a request.
     idle: Arc<Mutex<Vec<IdleTo>>>,
 }
 
